@@ -1,0 +1,57 @@
+"""rosa_kernels: sparse kernels and a drop-in RoSA layer for PyTorch.
+
+Raw ops (call-compatible with ``spops``): :func:`spmm`, :func:`sddmm`, :func:`csr_transpose`,
+:func:`csr_add`; CSR helpers in :mod:`rosa_kernels.csr`.
+"""
+
+from __future__ import annotations
+
+import torch  # noqa: F401  (torch's libraries must be loaded before the extension)
+
+from . import _C
+from .csr import (
+    CSR,
+    csr_from_dense,
+    csr_from_mask,
+    csr_from_scipy,
+    csr_from_torch_sparse,
+    csr_to_dense,
+    csr_to_scipy,
+    csr_to_torch_sparse,
+    row_order,
+    validate_csr,
+)
+from .ops import csr_add, csr_transpose, sddmm, spmm
+
+__version__ = "0.1.0"
+
+
+def cuda_built() -> bool:
+    """True when this build of rosa_kernels contains the CUDA kernels."""
+    return bool(_C.cuda_built())
+
+
+def cuda_available() -> bool:
+    """True when the CUDA kernels are built and a CUDA device is present."""
+    return cuda_built() and torch.cuda.is_available()
+
+
+__all__ = [
+    "__version__",
+    "cuda_built",
+    "cuda_available",
+    "spmm",
+    "sddmm",
+    "csr_transpose",
+    "csr_add",
+    "row_order",
+    "validate_csr",
+    "CSR",
+    "csr_from_dense",
+    "csr_from_mask",
+    "csr_from_scipy",
+    "csr_from_torch_sparse",
+    "csr_to_dense",
+    "csr_to_scipy",
+    "csr_to_torch_sparse",
+]

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Sets up .venv, builds rosa_kernels and runs the whole test suite (CPU; CUDA tests skip without a GPU).
+# Extra arguments go to pytest.
+set -euo pipefail
+. "$(dirname "$0")/setup_env.sh"
+python -m pytest tests -q "$@"
