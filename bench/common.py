@@ -740,8 +740,8 @@ def measure(fn: Callable[[], Any], device, *, budget: float = 0.1, min_reps: int
     return {"median": statistics.median(times), "min": min(times), "reps": reps}
 
 
-def measure_ceilings(device, *, quick: bool = False) -> dict:
-    """The machine's measured copy bandwidth (read + write bytes) and dense matmul peaks."""
+def measure_ceilings(device, *, quick: bool = False, dtypes=("float32", "bfloat16")) -> dict:
+    """The machine's measured copy bandwidth (read + write bytes) and dense matmul peaks per dtype."""
     device = torch.device(device)
     cuda = device.type == "cuda"
     copy_bytes = (256 << 20 if quick else 1 << 30) if cuda else (64 << 20 if quick else 256 << 20)
@@ -750,8 +750,8 @@ def measure_ceilings(device, *, quick: bool = False) -> dict:
     copy_time = measure(lambda: target.copy_(source), device, budget=0.3, min_reps=5)["median"]
     del source, target
     peaks = {}
-    for dtype in ("float32", "bfloat16"):
-        size = (4096 if quick else 8192) if cuda else (512 if quick else 1024)
+    for dtype in dict.fromkeys(("float32", *dtypes)):
+        size = (4096 if quick else 8192) if cuda else (512 if quick or dtype != "float32" else 1024)
         gen = _generator(device, 8)
         a = _random((size, size), _DTYPES[dtype], device, gen)
         b = _random((size, size), _DTYPES[dtype], device, gen)
