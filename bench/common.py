@@ -522,9 +522,20 @@ def _prepare_csr_add(case: Case) -> Prepared:
     b.add(OURS, lambda: (
         _rotating(lambda v, d: rosa_kernels.csr_add(v, offsets, order, cols, d, validate=False), inputs),
         _as_float64, None))
-    b.add("torch.sparse", lambda: (
-        _rotating(lambda a, d: d + a, [(torch.sparse_csr_tensor(offsets, cols, v, size=(m, n), check_invariants=False), d) for v, d in inputs]),
-        _as_float64, None))
+    csr_inputs = [(torch.sparse_csr_tensor(offsets, cols, v, size=(m, n), check_invariants=False), d) for v, d in inputs]
+
+    def torch_sparse_add():
+        try:
+            call = _rotating(lambda a, d: d + a, csr_inputs)
+            call()
+            return call, _as_float64, None
+        except (RuntimeError, NotImplementedError) as error:
+            # No dense + CSR kernel on this device: what remains to a user is densifying A.
+            reason = str(error).splitlines()[0][:100]
+            return (_rotating(lambda a, d: a.to_dense().add_(d), csr_inputs), _as_float64,
+                    f"A.to_dense() + D (no dense + CSR kernel: {reason})")
+
+    b.add("torch.sparse", torch_sparse_add)
     b.add("index_add", lambda: (_rotating(index_add, inputs), _as_float64, None))
     b.add("dense", lambda: (_rotating(torch.add, [(d, _dense_of(v, mask, m, n)) for v, d in inputs]), _as_float64, None))
 
@@ -603,7 +614,12 @@ def make_layer(implementation: str, case: LayerCase) -> torch.nn.Module:
     if implementation == OURS:
         layer = rosa_linear_class()(case.n, case.m, bias=False, rank=LORA_RANK, density=case.density,
                                     alpha=16.0, dropout=0.05, device=device, dtype=dtype)
-        layer.set_mask(mask_csr(case.mask, case.m, case.n, case.density, case.device))
+        mask = mask_csr(case.mask, case.m, case.n, case.density, case.device)
+        try:
+            layer.set_mask(mask)
+        except (TypeError, ValueError):
+            # The contract also allows a boolean (out x in) mask; some builds may accept only that.
+            layer.set_mask(rosa_kernels.csr_to_dense(mask.values, mask.row_offsets, mask.col_indices, mask.shape) != 0)
     elif implementation == "lora":
         layer = LoraLinear(case.n, case.m, rank=LORA_RANK, device=device, dtype=dtype)
     elif implementation == "full":

@@ -216,7 +216,8 @@ def speedups(record: dict, alternatives) -> tuple[dict, float | None]:
 
 
 def op_table(op: str, records: list[dict]) -> str:
-    alternatives = common.ALTERNATIVES[op]
+    # Columns only for alternatives that ran somewhere in the table (no scipy column on a GPU).
+    alternatives = [a for a in common.ALTERNATIVES[op] if any(a in r["times"] for r in records)]
     header = (["op", "shape", "density", "mask", "dtype", "ours ms"] + [f"{a} ms" for a in alternatives]
               + [f"× {a}" for a in alternatives] + ["× best", "floor ms", "floor frac"])
     lines = [f"### {OP_TITLES[op]}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

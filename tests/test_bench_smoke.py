@@ -6,6 +6,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+import rosa_kernels
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
 pytest.importorskip("scipy")
@@ -39,3 +42,40 @@ def test_report_runs_on_a_tiny_configuration(tmp_path, capsys):
     assert "| spmm | 96x80x24 | 0.05 | uniform | float32 |" in table
     assert "× best" in table and "floor frac" in table
     assert results["ops"][0]["op"] == "spmm"
+
+
+class _ContractRosaLinear(torch.nn.Module):
+    """A stand-in with RosaLinear's constructor and set_mask (API_CONTRACTS.md), so the layer-step
+    harness is exercised before (or without) the real class: y = base(x) + LoRA(x) + x S^T."""
+
+    def __init__(self, in_features, out_features, bias=True, *, rank=16, density=0.006, alpha=16.0,
+                 dropout=0.05, device=None, dtype=None):
+        super().__init__()
+        self.lora = common.LoraLinear(in_features, out_features, rank=rank, alpha=alpha, dropout=dropout,
+                                      bias=bias, device=device, dtype=dtype)
+        self.out_features = out_features
+        self.phase = "warmup"
+
+    def set_mask(self, mask):
+        assert isinstance(mask, rosa_kernels.CSR) and mask.shape == (self.out_features, self.lora.base.in_features)
+        self.register_buffer("row_offsets", mask.row_offsets)
+        self.register_buffer("row_indices", mask.row_indices)
+        self.register_buffer("col_indices", mask.col_indices)
+        self.sparse_values = torch.nn.Parameter(torch.zeros(mask.nnz, dtype=self.lora.base.weight.dtype))
+        self.phase = "sparse"
+
+    def forward(self, x):
+        sparse = rosa_kernels.spmm(self.sparse_values, self.row_offsets, self.row_indices, self.col_indices,
+                                   x.t().contiguous(), self.out_features)
+        return self.lora(x) + sparse.t()
+
+
+def test_layer_step_harness_with_a_contract_layer(monkeypatch):
+    monkeypatch.setattr(rosa_kernels, "RosaLinear", _ContractRosaLinear, raising=False)
+    case = common.LayerCase(48, 40, 16, 0.05, "rosa", "float32", "cpu")
+    prepared = common.prepare_layer(case)
+    assert set(prepared.calls) == set(common.LAYER_IMPLEMENTATIONS), prepared.unavailable
+    layer = common.make_layer(common.OURS, case)
+    assert layer.phase == "sparse" and bool(layer.sparse_values.abs().sum() > 0)
+    for call in prepared.calls.values():
+        call()
