@@ -44,7 +44,7 @@ def pytest_generate_tests(metafunc):
     if "case" not in metafunc.fixturenames:
         return
     config = metafunc.config
-    gpu = config.getoption("--gpu-sweep")
+    gpu = config.getoption("--gpu-sweep") or (config.getoption("markexpr", "") or "").strip() == "gpu_sweep"
     marker = pytest.mark.gpu_sweep if gpu else pytest.mark.cpu_set
     if getattr(metafunc.module, "LAYER", False):
         cases = (common.gpu_layer_cases(_dtypes(config, ("bfloat16",))) if gpu
@@ -66,7 +66,7 @@ def pytest_generate_tests(metafunc):
 
 @pytest.fixture(scope="session")
 def bench_device(request):
-    if request.config.getoption("--gpu-sweep"):
+    if request.config.getoption("--gpu-sweep") or (request.config.getoption("markexpr", "") or "").strip() == "gpu_sweep":
         if not torch.cuda.is_available():
             pytest.skip("--gpu-sweep needs a CUDA device")
         return torch.device("cuda")
