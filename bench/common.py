@@ -804,6 +804,11 @@ def device_name(device) -> str:
 
 
 def versions(device) -> dict:
+    return dict(_versions(str(torch.device(device))))
+
+
+@functools.lru_cache(maxsize=4)
+def _versions(device: str) -> tuple:
     info = {
         "torch": torch.__version__,
         "rosa_kernels": rosa_kernels.__version__,
@@ -819,7 +824,7 @@ def versions(device) -> dict:
     except ImportError:
         info["scipy"] = None
     info["git"] = os.environ.get("ROSA_BENCH_GIT", _git_revision())
-    return info
+    return tuple(info.items())
 
 
 def _git_revision() -> str | None:

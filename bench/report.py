@@ -372,7 +372,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--dtypes", help="override: comma-separated dtypes (float32, bfloat16)")
     parser.add_argument("--budget", type=float, help="seconds of timed calls per measurement")
     parser.add_argument("--no-layer", action="store_true", help="skip the layer step and the memory stack")
+    parser.add_argument("--no-plot", action="store_true", help="do not write bench.png")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads for the CPU (default: torch's choice)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
@@ -383,7 +387,7 @@ def main(argv=None) -> dict:
     (out / "bench.json").write_text(json.dumps(results, indent=1, default=str))
     table = markdown(results)
     (out / "bench.md").write_text(table)
-    plotted = plot(results, out / "bench.png")
+    plotted = False if args.no_plot else plot(results, out / "bench.png")
     log(f"wrote {out / 'bench.json'}, {out / 'bench.md'}" + (f", {out / 'bench.png'}" if plotted else "")
         + f" in {results['elapsed_s']:.0f} s")
     sys.stdout.flush()
