@@ -333,8 +333,12 @@ def _scipy_csr(values, row_offsets, col_indices, shape):
     return sp.csr_matrix((values.cpu().numpy(), col_indices.cpu().numpy(), row_offsets.cpu().numpy()), shape=shape)
 
 
+def _csr_tensor(row_offsets, col_indices, values, m, n) -> torch.Tensor:
+    return torch.sparse_csr_tensor(row_offsets, col_indices, values, size=(m, n), check_invariants=False)
+
+
 def _dense_of(values, mask, m, n):
-    return torch.sparse_csr_tensor(mask.row_offsets, mask.col_indices, values, size=(m, n), check_invariants=False).to_dense()
+    return _csr_tensor(mask.row_offsets, mask.col_indices, values, m, n).to_dense()
 
 
 def _as_float64(x) -> torch.Tensor:
@@ -366,7 +370,7 @@ def _prepare_spmm(case: Case) -> Prepared:
         dense_result, None))
 
     def torch_sparse(dt):
-        args = [(torch.sparse_csr_tensor(offsets, cols, v.to(dt), size=(m, n), check_invariants=False), d.to(dt)) for v, d in inputs]
+        args = [(_csr_tensor(offsets, cols, v.to(dt), m, n), d.to(dt)) for v, d in inputs]
         return _rotating(torch.sparse.mm, args), dense_result
 
     b.add("torch.sparse", lambda: _first_working(case, torch_sparse))
@@ -423,7 +427,7 @@ def _prepare_sddmm(case: Case) -> Prepared:
         values_result, None))
 
     def torch_sparse(dt):
-        pattern = torch.sparse_csr_tensor(offsets, cols, mask.values.to(dt), size=(m, n), check_invariants=False)
+        pattern = _csr_tensor(offsets, cols, mask.values.to(dt), m, n)
         args = [(pattern, a.to(dt), bt.to(dt).t()) for a, bt in inputs]
         return (_rotating(lambda s, a, b_: torch.sparse.sampled_addmm(s, a, b_, beta=0.0).values(), args),
                 values_result)
@@ -482,7 +486,7 @@ def _prepare_csr_transpose(case: Case) -> Prepared:
     b.add(OURS, lambda: (
         _rotating(lambda v: rosa_kernels.csr_transpose(v, offsets, cols, m, n, validate=False), [(v,) for v in inputs]),
         structure_result, None))
-    csr_tensors = [(torch.sparse_csr_tensor(offsets, cols, v, size=(m, n), check_invariants=False),) for v in inputs]
+    csr_tensors = [(_csr_tensor(offsets, cols, v, m, n),) for v in inputs]
     b.add("torch.sparse", lambda: (_rotating(lambda a: a.to_sparse_csc(), csr_tensors), torch_result, None))
     b.add("argsort", lambda: (
         _rotating(lambda v: _transpose_by_sort(v, offsets, cols, m, n), [(v,) for v in inputs]),
@@ -522,7 +526,7 @@ def _prepare_csr_add(case: Case) -> Prepared:
     b.add(OURS, lambda: (
         _rotating(lambda v, d: rosa_kernels.csr_add(v, offsets, order, cols, d, validate=False), inputs),
         _as_float64, None))
-    csr_inputs = [(torch.sparse_csr_tensor(offsets, cols, v, size=(m, n), check_invariants=False), d) for v, d in inputs]
+    csr_inputs = [(_csr_tensor(offsets, cols, v, m, n), d) for v, d in inputs]
 
     def torch_sparse_add():
         try:
@@ -537,7 +541,8 @@ def _prepare_csr_add(case: Case) -> Prepared:
 
     b.add("torch.sparse", torch_sparse_add)
     b.add("index_add", lambda: (_rotating(index_add, inputs), _as_float64, None))
-    b.add("dense", lambda: (_rotating(torch.add, [(d, _dense_of(v, mask, m, n)) for v, d in inputs]), _as_float64, None))
+    dense_inputs = [(d, _dense_of(v, mask, m, n)) for v, d in inputs]
+    b.add("dense", lambda: (_rotating(torch.add, dense_inputs), _as_float64, None))
 
     def scipy_add():
         _scipy_dtype_check(case)

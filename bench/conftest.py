@@ -34,6 +34,11 @@ def pytest_configure(config):
     config.addinivalue_line("filterwarnings", "ignore:Sparse CSR tensor support is in beta")
 
 
+def _gpu_sweep(config) -> bool:
+    """--gpu-sweep, or exactly ``-m gpu_sweep``."""
+    return config.getoption("--gpu-sweep") or (config.getoption("markexpr", "") or "").strip() == "gpu_sweep"
+
+
 def _dtypes(config, default):
     option = config.getoption("--bench-dtypes")
     return tuple(option.split(",")) if option else default
@@ -44,7 +49,7 @@ def pytest_generate_tests(metafunc):
     if "case" not in metafunc.fixturenames:
         return
     config = metafunc.config
-    gpu = config.getoption("--gpu-sweep") or (config.getoption("markexpr", "") or "").strip() == "gpu_sweep"
+    gpu = _gpu_sweep(config)
     marker = pytest.mark.gpu_sweep if gpu else pytest.mark.cpu_set
     if getattr(metafunc.module, "LAYER", False):
         cases = (common.gpu_layer_cases(_dtypes(config, ("bfloat16",))) if gpu
@@ -66,7 +71,7 @@ def pytest_generate_tests(metafunc):
 
 @pytest.fixture(scope="session")
 def bench_device(request):
-    if request.config.getoption("--gpu-sweep") or (request.config.getoption("markexpr", "") or "").strip() == "gpu_sweep":
+    if _gpu_sweep(request.config):
         if not torch.cuda.is_available():
             pytest.skip("--gpu-sweep needs a CUDA device")
         return torch.device("cuda")
