@@ -4,9 +4,10 @@
     python bench/report.py [--device cpu|cuda] [--quick] [--out DIR]
 
 Measures the machine's ceilings first (copy bandwidth counting read + write bytes, dense matmul
-peaks in float32 and bfloat16), then runs the standard sweep of the device (CPU: the CPU shapes in
-float32; CUDA: the LLaMA-7B shapes in bfloat16 plus float32 at 4096x4096), the layer training step
-(RosaLinear vs plain LoRA vs full fine-tuning) and, on CUDA, the peak memory of a 32-layer stack.
+peaks in float32 and bfloat16), then the layer training step (RosaLinear vs plain LoRA vs full
+fine-tuning), on CUDA the peak memory of a 32-layer stack, and then the standard op sweep of the
+device (CPU: the CPU shapes in float32; CUDA: the LLaMA-7B shapes in bfloat16 plus float32 at
+4096x4096). Op cases still waiting when ``--time-limit`` has passed are listed as skipped.
 Progress goes to stderr; stdout gets the ceilings and then the Markdown tables, last. Writes
 ``DIR/bench.json`` (raw numbers), ``DIR/bench.md`` (the tables) and ``DIR/bench.png`` (time
 against density per op and shape; only when matplotlib is importable). See docs/benchmarks.md.
@@ -54,6 +55,7 @@ class Config:
     budget: float
     warmup: int = 2
     min_reps: int = 5
+    time_limit: float | None = None  # seconds after which the remaining op cases are skipped
 
 
 def standard_config(device: str, quick: bool) -> Config:
@@ -92,6 +94,8 @@ def custom_config(args, config: Config) -> Config:
             config.stack_case = None
     if args.budget is not None:
         config.budget = args.budget
+    default_limit = 270.0 if config.device == "cuda" else 160.0
+    config.time_limit = args.time_limit if args.time_limit is not None else default_limit
     if args.no_layer:
         config.layer_cases, config.stack_case = [], None
     return config
@@ -131,28 +135,6 @@ def run(config: Config) -> dict:
     results["ceilings"] = ceilings
     log(_ceilings_text(ceilings, results["versions"]))
 
-    results["ops"] = []
-    for index, case in enumerate(config.op_cases):
-        record = {**dataclasses.asdict(case), "shape": case.shape, "times": {}, "unavailable": {}, "notes": {}}
-        results["ops"].append(record)
-        try:
-            prepared = common.prepare(case)
-        except Exception as error:  # noqa: BLE001
-            record["error"] = _error_text(error)
-            log(f"[{index + 1}/{len(config.op_cases)}] {case.id}: {record['error']}")
-            continue
-        floor = common.floor_seconds(prepared.min_bytes, prepared.flops, case.dtype, ceilings)
-        record.update(nnz=prepared.nnz, min_bytes=prepared.min_bytes, flops=prepared.flops, floor_s=floor,
-                      input_sets=prepared.sets, unavailable=dict(prepared.unavailable), notes=dict(prepared.notes))
-        _measure_prepared(prepared, config, record)
-        del prepared
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        ours = record["times"].get(common.OURS)
-        log(f"[{index + 1}/{len(config.op_cases)}] {case.id}: "
-            + ", ".join(f"{k} {v * 1e3:.3g} ms" for k, v in record["times"].items())
-            + (f" (floor {floor * 1e3:.3g} ms)" if ours else f" (ours: {record['unavailable'].get(common.OURS)})"))
-
     results["layers"] = []
     for case in config.layer_cases:
         record = {**dataclasses.asdict(case), "shape": case.shape, "times": {}, "unavailable": {}, "notes": {}}
@@ -180,6 +162,32 @@ def run(config: Config) -> dict:
                 stack["unavailable"][implementation] = _error_text(error)
         results["stack"] = stack
         log(f"stack of {config.stack_depth}: {stack['memory']} {stack['unavailable']}")
+    results["ops"] = []
+    for index, case in enumerate(config.op_cases):
+        record = {**dataclasses.asdict(case), "shape": case.shape, "times": {}, "unavailable": {}, "notes": {}}
+        results["ops"].append(record)
+        if config.time_limit and time.perf_counter() - started > config.time_limit:
+            # A safety net: the report must print within the GPU check's time; say what was left out.
+            record["error"] = f"skipped: the report's time limit ({config.time_limit:.0f} s) was reached"
+            continue
+        try:
+            prepared = common.prepare(case)
+        except Exception as error:  # noqa: BLE001
+            record["error"] = _error_text(error)
+            log(f"[{index + 1}/{len(config.op_cases)}] {case.id}: {record['error']}")
+            continue
+        floor = common.floor_seconds(prepared.min_bytes, prepared.flops, case.dtype, ceilings)
+        record.update(nnz=prepared.nnz, min_bytes=prepared.min_bytes, flops=prepared.flops, floor_s=floor,
+                      input_sets=prepared.sets, unavailable=dict(prepared.unavailable), notes=dict(prepared.notes))
+        _measure_prepared(prepared, config, record)
+        del prepared
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        ours = record["times"].get(common.OURS)
+        log(f"[{index + 1}/{len(config.op_cases)}] {case.id}: "
+            + ", ".join(f"{k} {v * 1e3:.3g} ms" for k, v in record["times"].items())
+            + (f" (floor {floor * 1e3:.3g} ms)" if ours else f" (ours: {record['unavailable'].get(common.OURS)})"))
+
     results["elapsed_s"] = time.perf_counter() - started
     return results
 
@@ -374,6 +382,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--dtypes", help="override: comma-separated dtypes (float32, bfloat16)")
     parser.add_argument("--budget", type=float, help="seconds of timed calls per measurement")
     parser.add_argument("--no-layer", action="store_true", help="skip the layer step and the memory stack")
+    parser.add_argument("--time-limit", type=float,
+                        help="seconds after which remaining op cases are skipped (default: 270 on cuda, 160 on cpu)")
     parser.add_argument("--no-plot", action="store_true", help="do not write bench.png")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads for the CPU (default: torch's choice)")
     args = parser.parse_args(argv)
