@@ -1,0 +1,1 @@
+"""Benchmarks of rosa_kernels against the alternatives a user has (see docs/benchmarks.md)."""

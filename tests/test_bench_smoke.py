@@ -1,0 +1,86 @@
+"""The benchmark harness still runs: every alternative computes what our op computes, and the
+report runs end to end on a tiny CPU configuration (bench/report.py, bench/common.py)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import rosa_kernels
+
+pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+pytest.importorskip("scipy")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import common, report  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("mask", ["uniform", "rosa"])
+def test_alternatives_agree_with_ours(mask, dtype):
+    tolerance = 1e-3 if dtype == "float32" else 5e-2
+    for case in common.op_cases(common.OPS, [(67, 45, 19)], [0.08], [mask], [dtype], "cpu"):
+        prepared = common.prepare(case)
+        assert common.OURS in prepared.calls, prepared.unavailable
+        differences = common.check_prepared(prepared, rtol=tolerance, atol=tolerance)
+        assert {"torch.sparse", "dense"} <= set(differences), (case.id, prepared.unavailable)
+
+
+def test_report_runs_on_a_tiny_configuration(tmp_path, capsys):
+    # One thread: on a busy 2-core CI machine, tiny multi-threaded ops wait for descheduled workers.
+    threads = torch.get_num_threads()
+    try:
+        results = report.main(["--device", "cpu", "--quick", "--out", str(tmp_path), "--shapes", "96x80x24",
+                               "--densities", "0.05", "--budget", "0.001", "--threads", "1", "--no-plot"])
+    finally:
+        torch.set_num_threads(threads)
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert len(saved["ops"]) == 2 * len(common.OPS)  # two mask kinds
+    for record in saved["ops"]:
+        assert common.OURS in record["times"], record
+        assert record["floor_s"] > 0
+    assert saved["ceilings"]["bandwidth"] > 0
+    assert {"lora", "full"} <= set(saved["layers"][0]["times"])
+    table = capsys.readouterr().out
+    assert "| spmm | 96x80x24 | 0.05 | uniform | float32 |" in table
+    assert "× best" in table and "floor frac" in table
+    assert results["ops"][0]["op"] == "spmm"
+
+
+class _ContractRosaLinear(torch.nn.Module):
+    """A stand-in with RosaLinear's constructor and set_mask (API_CONTRACTS.md), so the layer-step
+    harness is exercised before (or without) the real class: y = base(x) + LoRA(x) + x S^T."""
+
+    def __init__(self, in_features, out_features, bias=True, *, rank=16, density=0.006, alpha=16.0,
+                 dropout=0.05, device=None, dtype=None):
+        super().__init__()
+        self.lora = common.LoraLinear(in_features, out_features, rank=rank, alpha=alpha, dropout=dropout,
+                                      bias=bias, device=device, dtype=dtype)
+        self.out_features = out_features
+        self.phase = "warmup"
+
+    def set_mask(self, mask):
+        assert isinstance(mask, rosa_kernels.CSR) and mask.shape == (self.out_features, self.lora.base.in_features)
+        self.register_buffer("row_offsets", mask.row_offsets)
+        self.register_buffer("row_indices", mask.row_indices)
+        self.register_buffer("col_indices", mask.col_indices)
+        self.sparse_values = torch.nn.Parameter(torch.zeros(mask.nnz, dtype=self.lora.base.weight.dtype))
+        self.phase = "sparse"
+
+    def forward(self, x):
+        sparse = rosa_kernels.spmm(self.sparse_values, self.row_offsets, self.row_indices, self.col_indices,
+                                   x.t().contiguous(), self.out_features)
+        return self.lora(x) + sparse.t()
+
+
+def test_layer_step_harness_with_a_contract_layer(monkeypatch):
+    monkeypatch.setattr(rosa_kernels, "RosaLinear", _ContractRosaLinear, raising=False)
+    case = common.LayerCase(48, 40, 16, 0.05, "rosa", "float32", "cpu")
+    prepared = common.prepare_layer(case)
+    assert set(prepared.calls) == set(common.LAYER_IMPLEMENTATIONS), prepared.unavailable
+    layer = common.make_layer(common.OURS, case)
+    assert layer.phase == "sparse" and bool(layer.sparse_values.abs().sum() > 0)
+    for call in prepared.calls.values():
+        call()
