@@ -72,7 +72,7 @@ at::Tensor spmm_cuda(const at::Tensor& values, const at::Tensor& row_offsets,
   const auto dense_rows = rows_contiguous(dense);
   const auto offsets = row_offsets.contiguous(), order = row_indices.contiguous(),
              cols = col_indices.contiguous(), vals = values.contiguous();
-  auto out = at::empty({m, dense.size(1)}, dense.options().memory_format(at::MemoryFormat::Contiguous));
+  auto out = at::empty({m, dense.size(1)}, dense.options());
   if (out.numel() == 0) return out;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   ROSA_DISPATCH_VALUES(values.scalar_type(), "rosa_kernels::spmm", [&] {
@@ -181,7 +181,8 @@ at::Tensor csr_add_cuda(const at::Tensor& values, const at::Tensor& row_offsets,
   check_cuda(values, "values");
   check_dense(values, dense, "dense", -1);
   const c10::cuda::CUDAGuard guard(values.device());
-  auto out = dense.contiguous().clone();
+  auto out = at::empty(dense.sizes(), dense.options());  // contiguous
+  out.copy_(dense);
   csr_add_inplace_cuda(values, row_offsets, row_indices, col_indices, out);
   return out;
 }
