@@ -74,12 +74,18 @@ at::Tensor spmm_cuda(const at::Tensor& values, const at::Tensor& row_offsets,
              cols = col_indices.contiguous(), vals = values.contiguous();
   auto out = at::empty({m, dense.size(1)}, dense.options());
   if (out.numel() == 0) return out;
+  const int64_t n = dense.size(0), k = dense.size(1), nnz = vals.size(0);
+  const auto kernel = cuda::spmm_select(spmm_kernel_choice(), m, n, k, nnz,
+                                        static_cast<int>(values.element_size()));
+  const size_t workspace_bytes =
+      cuda::spmm_workspace_bytes(kernel, m, nnz, static_cast<int>(values.element_size()));
+  auto workspace = at::empty({static_cast<int64_t>(workspace_bytes)}, values.options().dtype(at::kByte));
   const auto stream = c10::cuda::getCurrentCUDAStream();
   ROSA_DISPATCH_VALUES(values.scalar_type(), "rosa_kernels::spmm", [&] {
     cuda::spmm(cuda_ptr<scalar_t>(vals), offsets.const_data_ptr<int32_t>(),
                order.const_data_ptr<int32_t>(), cols.const_data_ptr<int32_t>(),
                cuda_ptr<scalar_t>(dense_rows), dense_rows.stride(0), cuda_mutable_ptr<scalar_t>(out),
-               m, dense.size(0), dense.size(1), vals.size(0), spmm_kernel_choice(), stream);
+               m, n, k, nnz, kernel, workspace.mutable_data_ptr(), workspace_bytes, stream);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;

@@ -208,7 +208,11 @@ def test_sddmm_layouts(dtype, layout):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES + [(3, 5000, 1, 0.01, 0.0), (2000, 3, 1, 0.5, 0.5)])
+@pytest.mark.parametrize(
+    "shape",
+    # n > 12288 takes the radix-sort path instead of count-scan-scatter.
+    SHAPES + [(3, 5000, 1, 0.01, 0.0), (2000, 3, 1, 0.5, 0.5), (5, 20000, 1, 0.002, 0.0), (700, 1, 1, 0.9, 0.0)],
+)
 def test_csr_transpose_matches_cpu_exactly(shape, dtype):
     m, n, _, density, empty = shape
     a = _csr(m, n, density, dtype, seed=m + 5 * n, empty_row_fraction=empty)
@@ -487,5 +491,7 @@ def test_sanitizer_subset(dtype, monkeypatch):
         sddmm(a.row_offsets, a.row_indices, a.col_indices, a_op, bt_op)
         sddmm(a.row_offsets, a.row_indices, a.col_indices, _randn(k, m, dtype=dtype).t(), _randn(k, n, dtype=dtype).t())
         csr_transpose(a.values, a.row_offsets, a.col_indices, m, n, return_permutation=True)
+        wide = _csr(3, 13000, 0.01, dtype, seed=46)
+        csr_transpose(wide.values, wide.row_offsets, wide.col_indices, 3, 13000, return_permutation=True)
         csr_add(a.values, a.row_offsets, a.row_indices, a.col_indices, _randn(m, n, dtype=dtype), inplace=True)
     torch.cuda.synchronize()

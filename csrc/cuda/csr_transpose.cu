@@ -1,12 +1,18 @@
-// CUDA CSR transpose as a stable sort. The nonzeros, numbered p = 0..nnz-1 in row-major order,
-// are sorted by column with cub's stable radix sort (keys = col_indices, items = p, only the
-// ceil(log2 n) low key bits): the sorted items are exactly the permutation of the transpose, and
-// stability keeps the old rows -- the new column indices -- ascending inside each new row. Then
-// one pass over the n + 1 new offsets (a binary search in the sorted columns) and one pass over
-// the nonzeros (a binary search of each p in row_offsets gives its old row; values are gathered)
-// finish the job. No atomics anywhere, so the result is deterministic; every size is known on the
-// host, so nothing synchronizes. Work: O(nnz * log(n) / 8 + (n + nnz) log) with all loads coalesced
-// except the gathers.
+// CUDA CSR transpose: count, scan, ordered scatter -- deterministic, no host synchronization.
+//
+// The nonzeros, numbered p = 0..nnz-1 in row-major order, are cut into B contiguous segments.
+//   1. `histogram`: each block counts its segment's columns in shared memory (order does not
+//      matter for counts) and writes its row of the B x n histogram; it also records the old row
+//      of every nonzero (a binary search in row_offsets).
+//   2. `column_prefix`: per column j, an exclusive scan over the segments gives where segment b's
+//      entries of column j start, relative to the column, and the column's total.
+//   3. `scan`: one block turns the n totals into row_offsets_t.
+//   4. `scatter`: one warp per segment walks its nonzeros in order, 32 at a time; lanes holding the
+//      same column find each other with __match_any_sync and take consecutive slots in p order,
+//      so every new row lists its entries by ascending old row, i.e. ascending column index.
+// Shared memory holds n counters, so this path serves n <= kMaxColumns; larger n falls back to a
+// stable cub radix sort of (column, p) pairs, which yields the same permutation.
+// Every output size (nnz, n + 1) is known on the host, so nothing synchronizes.
 //
 // Assumes a validated CSR. Index arithmetic is 64-bit; nnz, m, n may be 0.
 #include "cuda/csr_transpose.h"
@@ -21,6 +27,8 @@ namespace rosa::cuda {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int64_t kMaxColumns = 12288;  // n int32 counters in 48 KB of shared memory
+constexpr int kScanThreads = 1024;
 
 inline unsigned grid_for(int64_t count) {
   const int64_t blocks = (count + kThreads - 1) / kThreads;
@@ -77,6 +85,139 @@ __global__ void gather_kernel(const T* __restrict__ values, const int32_t* __res
   }
 }
 
+
+// The old row of nonzero p: the last i with row_offsets[i] <= p.
+__device__ __forceinline__ int64_t row_of(const int32_t* __restrict__ row_offsets, int64_t m,
+                                          int64_t p) {
+  int64_t low = 0, high = m - 1;
+  while (low < high) {
+    const int64_t mid = (low + high + 1) / 2;
+    if (row_offsets[mid] <= p) low = mid; else high = mid - 1;
+  }
+  return low;
+}
+
+__global__ void histogram_kernel(const int32_t* __restrict__ row_offsets, int64_t m,
+                                 const int32_t* __restrict__ col_indices, int64_t nnz,
+                                 int64_t segment, int64_t n, int32_t* __restrict__ histogram,
+                                 int32_t* __restrict__ old_rows) {
+  extern __shared__ int32_t counts[];
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) counts[j] = 0;
+  __syncthreads();
+  const int64_t begin = blockIdx.x * segment, end = std::min(nnz, begin + segment);
+  for (int64_t p = begin + threadIdx.x; p < end; p += blockDim.x) {
+    atomicAdd(&counts[col_indices[p]], 1);
+    old_rows[p] = static_cast<int32_t>(row_of(row_offsets, m, p));
+  }
+  __syncthreads();
+  int32_t* row = histogram + blockIdx.x * n;
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) row[j] = counts[j];
+}
+
+// histogram[b][j] becomes the number of column-j entries in segments before b; the column's total
+// goes to row_offsets_t[j + 1].
+__global__ void column_prefix_kernel(int32_t* __restrict__ histogram, int64_t segments, int64_t n,
+                                     int32_t* __restrict__ row_offsets_t) {
+  for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < n;
+       j += int64_t(gridDim.x) * blockDim.x) {
+    int32_t running = 0;
+    for (int64_t b = 0; b < segments; ++b) {
+      const int32_t count = histogram[b * n + j];
+      histogram[b * n + j] = running;
+      running += count;
+    }
+    row_offsets_t[j + 1] = running;
+  }
+}
+
+// In place: row_offsets_t[0] = 0 and row_offsets_t[1..n] (column totals) become their inclusive
+// prefix sums. One block; each thread owns a contiguous run.
+__global__ void __launch_bounds__(kScanThreads) offsets_scan_kernel(int32_t* __restrict__ row_offsets_t,
+                                                                    int64_t n) {
+  __shared__ int32_t run_sums[kScanThreads];
+  int32_t* totals = row_offsets_t + 1;
+  const int64_t per_thread = (n + kScanThreads - 1) / kScanThreads;
+  const int64_t begin = std::min(n, threadIdx.x * per_thread);
+  const int64_t end = std::min(n, begin + per_thread);
+  int32_t sum = 0;
+  for (int64_t j = begin; j < end; ++j) sum += totals[j];
+  run_sums[threadIdx.x] = sum;
+  __syncthreads();
+  for (int offset = 1; offset < kScanThreads; offset *= 2) {
+    const int32_t add = threadIdx.x >= offset ? run_sums[threadIdx.x - offset] : 0;
+    __syncthreads();
+    run_sums[threadIdx.x] += add;
+    __syncthreads();
+  }
+  int32_t running = run_sums[threadIdx.x] - sum;
+  for (int64_t j = begin; j < end; ++j) {
+    running += totals[j];
+    totals[j] = running;
+  }
+  if (threadIdx.x == 0) row_offsets_t[0] = 0;
+}
+
+// One warp per segment: cursor[j] = where the segment's next column-j entry goes.
+template <typename T>
+__global__ void __launch_bounds__(32)
+    scatter_kernel(const T* __restrict__ values, const int32_t* __restrict__ col_indices,
+                   const int32_t* __restrict__ old_rows, int64_t nnz, int64_t segment, int64_t n,
+                   const int32_t* __restrict__ histogram, const int32_t* __restrict__ row_offsets_t,
+                   T* __restrict__ values_t, int32_t* __restrict__ col_indices_t,
+                   int32_t* __restrict__ permutation) {
+  extern __shared__ int32_t cursor[];
+  const int lane = threadIdx.x;
+  const int32_t* before = histogram + blockIdx.x * n;
+  for (int64_t j = lane; j < n; j += 32) cursor[j] = row_offsets_t[j] + before[j];
+  __syncwarp();
+  const unsigned lower_lanes = (1u << lane) - 1u;
+  const int64_t begin = blockIdx.x * segment, end = std::min(nnz, begin + segment);
+  constexpr int kBatch = 8;  // columns of 8 rounds loaded up front: loads stay off the chain
+  for (int64_t base = begin; base < end; base += 32 * kBatch) {
+    int32_t columns[kBatch];
+#pragma unroll
+    for (int w = 0; w < kBatch; ++w) {
+      const int64_t p = base + w * 32 + lane;
+      columns[w] = p < end ? col_indices[p] : -1 - lane;  // distinct keys for idle lanes
+    }
+#pragma unroll
+    for (int w = 0; w < kBatch; ++w) {
+      const int64_t p = base + w * 32 + lane;
+      const int32_t j = columns[w];
+      const unsigned peers = __match_any_sync(0xffffffffu, j);
+      int32_t slot = 0;
+      if (j >= 0) slot = cursor[j];
+      __syncwarp();
+      if (j >= 0 && lane == __ffs(peers) - 1) cursor[j] = slot + __popc(peers);
+      __syncwarp();
+      if (j >= 0) {
+        const int64_t q = slot + __popc(peers & lower_lanes);
+        permutation[q] = static_cast<int32_t>(p);
+        col_indices_t[q] = old_rows[p];
+        values_t[q] = values[p];
+      }
+    }
+  }
+}
+
+struct CountLayout {  // byte offsets inside the workspace of the count-scan-scatter path
+  int64_t segments, segment;
+  size_t histogram, old_rows, total;
+};
+
+CountLayout count_layout(int64_t nnz, int64_t n) {
+  CountLayout layout{};
+  const int64_t most = 2 * static_cast<int64_t>(multiprocessor_count());
+  layout.segments = std::max<int64_t>(1, std::min<int64_t>(most, (nnz + 255) / 256));
+  layout.segment = (nnz + layout.segments - 1) / layout.segments;
+  layout.histogram = 0;
+  layout.old_rows = round_up16(static_cast<size_t>(layout.segments * n) * sizeof(int32_t));
+  layout.total = layout.old_rows + round_up16(static_cast<size_t>(nnz) * sizeof(int32_t));
+  return layout;
+}
+
+bool use_counting(int64_t n) { return n <= kMaxColumns; }
+
 // Bytes cub needs for the sort (a host computation: no launch, no synchronization).
 size_t sort_bytes(int64_t nnz, int64_t n) {
   size_t bytes = 0;
@@ -91,6 +232,7 @@ size_t sort_bytes(int64_t nnz, int64_t n) {
 
 size_t csr_transpose_workspace_bytes(int64_t nnz, int64_t n) {
   if (nnz == 0) return 0;
+  if (use_counting(n)) return count_layout(nnz, n).total;
   // sorted keys, the identity items, cub's own storage
   return 2 * round_up16(static_cast<size_t>(nnz) * sizeof(int32_t)) + round_up16(sort_bytes(nnz, n));
 }
@@ -102,6 +244,23 @@ void csr_transpose(const T* values, const int32_t* row_offsets, const int32_t* c
                    size_t workspace_bytes, cudaStream_t stream) {
   if (nnz == 0) {
     cudaMemsetAsync(row_offsets_t, 0, static_cast<size_t>(n + 1) * sizeof(int32_t), stream);
+    return;
+  }
+  if (use_counting(n)) {
+    const CountLayout layout = count_layout(nnz, n);
+    char* base = static_cast<char*>(workspace);
+    auto* histogram = reinterpret_cast<int32_t*>(base + layout.histogram);
+    auto* old_rows = reinterpret_cast<int32_t*>(base + layout.old_rows);
+    const size_t shared_bytes = static_cast<size_t>(n) * sizeof(int32_t);
+    const auto segments = static_cast<unsigned>(layout.segments);
+    histogram_kernel<<<segments, kThreads, shared_bytes, stream>>>(
+        row_offsets, m, col_indices, nnz, layout.segment, n, histogram, old_rows);
+    column_prefix_kernel<<<grid_for(n), kThreads, 0, stream>>>(histogram, layout.segments, n,
+                                                               row_offsets_t);
+    offsets_scan_kernel<<<1, kScanThreads, 0, stream>>>(row_offsets_t, n);
+    scatter_kernel<T><<<segments, 32, shared_bytes, stream>>>(
+        values, col_indices, old_rows, nnz, layout.segment, n, histogram, row_offsets_t, values_t,
+        col_indices_t, permutation);
     return;
   }
   char* cursor = static_cast<char*>(workspace);
