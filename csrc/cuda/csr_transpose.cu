@@ -7,7 +7,7 @@
 //   2. `column_prefix`: per column j, an exclusive scan over the segments gives where segment b's
 //      entries of column j start, relative to the column, and the column's total.
 //   3. `scan`: one block turns the n totals into row_offsets_t.
-//   4. `scatter`: one warp per segment walks its nonzeros in order, 32 at a time; lanes holding the
+//   4. `scatter`: one block per segment loads its n cursors, then its first warp walks its nonzeros in order, 32 at a time; lanes holding the
 //      same column find each other with __match_any_sync and take consecutive slots in p order,
 //      so every new row lists its entries by ascending old row, i.e. ascending column index.
 // Shared memory holds n counters, so this path serves n <= kMaxColumns; larger n falls back to a
@@ -115,16 +115,25 @@ __global__ void histogram_kernel(const int32_t* __restrict__ row_offsets, int64_
 }
 
 // histogram[b][j] becomes the number of column-j entries in segments before b; the column's total
-// goes to row_offsets_t[j + 1].
+// goes to row_offsets_t[j + 1]. The loads of a batch of segments are issued before the running sum
+// needs them, so a thread waits on memory once per batch, not once per segment.
 __global__ void column_prefix_kernel(int32_t* __restrict__ histogram, int64_t segments, int64_t n,
                                      int32_t* __restrict__ row_offsets_t) {
+  constexpr int kBatch = 16;
   for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < n;
        j += int64_t(gridDim.x) * blockDim.x) {
     int32_t running = 0;
-    for (int64_t b = 0; b < segments; ++b) {
-      const int32_t count = histogram[b * n + j];
-      histogram[b * n + j] = running;
-      running += count;
+    for (int64_t b0 = 0; b0 < segments; b0 += kBatch) {
+      int32_t counts[kBatch];
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i) {
+        counts[i] = b0 + i < segments ? histogram[(b0 + i) * n + j] : 0;
+      }
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i) {
+        if (b0 + i < segments) histogram[(b0 + i) * n + j] = running;
+        running += counts[i];
+      }
     }
     row_offsets_t[j + 1] = running;
   }
@@ -157,19 +166,22 @@ __global__ void __launch_bounds__(kScanThreads) offsets_scan_kernel(int32_t* __r
   if (threadIdx.x == 0) row_offsets_t[0] = 0;
 }
 
-// One warp per segment: cursor[j] = where the segment's next column-j entry goes.
+// One block per segment: all its threads fill cursor[j] (where the segment's next column-j entry
+// goes), then its first warp walks the segment in order.
 template <typename T>
-__global__ void __launch_bounds__(32)
+__global__ void __launch_bounds__(kThreads)
     scatter_kernel(const T* __restrict__ values, const int32_t* __restrict__ col_indices,
                    const int32_t* __restrict__ old_rows, int64_t nnz, int64_t segment, int64_t n,
                    const int32_t* __restrict__ histogram, const int32_t* __restrict__ row_offsets_t,
                    T* __restrict__ values_t, int32_t* __restrict__ col_indices_t,
                    int32_t* __restrict__ permutation) {
   extern __shared__ int32_t cursor[];
-  const int lane = threadIdx.x;
   const int32_t* before = histogram + blockIdx.x * n;
-  for (int64_t j = lane; j < n; j += 32) cursor[j] = row_offsets_t[j] + before[j];
-  __syncwarp();
+#pragma unroll 4
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) cursor[j] = row_offsets_t[j] + before[j];
+  __syncthreads();
+  if (threadIdx.x >= 32) return;
+  const int lane = threadIdx.x;
   const unsigned lower_lanes = (1u << lane) - 1u;
   const int64_t begin = blockIdx.x * segment, end = std::min(nnz, begin + segment);
   constexpr int kBatch = 8;  // columns of 8 rounds loaded up front: loads stay off the chain
@@ -208,7 +220,9 @@ struct CountLayout {  // byte offsets inside the workspace of the count-scan-sca
 CountLayout count_layout(int64_t nnz, int64_t n) {
   CountLayout layout{};
   const int64_t most = 2 * static_cast<int64_t>(multiprocessor_count());
-  layout.segments = std::max<int64_t>(1, std::min<int64_t>(most, (nnz + 255) / 256));
+  // Enough segments to fill the GPU, each long enough (>= 1024 nonzeros) that the per-segment
+  // work (n counters, n prefix entries) stays small next to the nonzeros it serves.
+  layout.segments = std::max<int64_t>(1, std::min<int64_t>(most, (nnz + 1023) / 1024));
   layout.segment = (nnz + layout.segments - 1) / layout.segments;
   layout.histogram = 0;
   layout.old_rows = round_up16(static_cast<size_t>(layout.segments * n) * sizeof(int32_t));
@@ -258,7 +272,7 @@ void csr_transpose(const T* values, const int32_t* row_offsets, const int32_t* c
     column_prefix_kernel<<<grid_for(n), kThreads, 0, stream>>>(histogram, layout.segments, n,
                                                                row_offsets_t);
     offsets_scan_kernel<<<1, kScanThreads, 0, stream>>>(row_offsets_t, n);
-    scatter_kernel<T><<<segments, 32, shared_bytes, stream>>>(
+    scatter_kernel<T><<<segments, kThreads, shared_bytes, stream>>>(
         values, col_indices, old_rows, nnz, layout.segment, n, histogram, row_offsets_t, values_t,
         col_indices_t, permutation);
     return;

@@ -383,16 +383,16 @@ void launch_slab(const T* values, const int32_t* row_offsets, const int32_t* row
 SpmmKernel spmm_select(SpmmKernel requested, int64_t m, int64_t n, int64_t k, int64_t nnz,
                        int value_bytes) {
   (void)value_bytes;
+  (void)nnz;
   if (m == 0 || k == 0) return SpmmKernel::kRows;
   const int64_t shared_limit = max_shared_memory_per_block() - 1024;
   const bool fits32 = n * 32 <= shared_limit, fits16 = n * 16 <= shared_limit;
   SpmmKernel kernel = requested;
   if (kernel == SpmmKernel::kAuto) {
-    // The slab re-reads ~6 index bytes per nonzero per tile to save 2k dense bytes per nonzero
-    // from L2; below a few nonzeros per dense row its fixed cost (loading all of `dense` into
-    // every block) dominates and the rows kernel wins (docs/perf-notes.md).
-    const bool reused = nnz >= 4 * n;
-    kernel = reused ? SpmmKernel::kSlab32 : SpmmKernel::kRows;
+    // Measured on H100 and H200 (docs/perf-notes.md): the rows kernel wins at every LLaMA shape
+    // and density 0.1-3%; the slab kernel is kept for measurement (ROSA_SPMM_KERNEL=slab32) until
+    // its latency-bound chunk loop is fixed.
+    kernel = SpmmKernel::kRows;
   }
   if (kernel == SpmmKernel::kSlab32 && !fits32) kernel = SpmmKernel::kSlab16;
   if (kernel == SpmmKernel::kSlab16 && !fits16) kernel = SpmmKernel::kRows;
