@@ -40,32 +40,29 @@ inline bool is_aligned16(const void* pointer) {
   return reinterpret_cast<uintptr_t>(pointer) % 16 == 0;
 }
 
-// The number of multiprocessors of the current device (cached per device; a host query, no sync).
-inline int multiprocessor_count() {
-  static int cached[64] = {};
+// An attribute of the current device, cached per device (host queries only, no synchronization;
+// the cache races are benign: every writer stores the same value).
+inline int device_attribute(cudaDeviceAttr attribute, int fallback) {
+  constexpr int kCachedDevices = 64;
+  static int cached[2][kCachedDevices] = {};
+  const int which = attribute == cudaDevAttrMultiProcessorCount ? 0 : 1;
   int device = 0;
   cudaGetDevice(&device);
-  if (device < 0 || device >= 64) device = 0;
-  if (cached[device] == 0) {
-    int count = 0;
-    cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
-    cached[device] = count > 0 ? count : 1;
-  }
-  return cached[device];
+  const bool cacheable = device >= 0 && device < kCachedDevices;
+  if (cacheable && cached[which][device] != 0) return cached[which][device];
+  int value = 0;
+  cudaDeviceGetAttribute(&value, attribute, device);
+  if (value <= 0) value = fallback;
+  if (cacheable) cached[which][device] = value;
+  return value;
 }
+
+// The number of multiprocessors of the current device.
+inline int multiprocessor_count() { return device_attribute(cudaDevAttrMultiProcessorCount, 1); }
 
 // The most dynamic shared memory one block of the current device may opt in to.
 inline int max_shared_memory_per_block() {
-  static int cached[64] = {};
-  int device = 0;
-  cudaGetDevice(&device);
-  if (device < 0 || device >= 64) device = 0;
-  if (cached[device] == 0) {
-    int bytes = 0;
-    cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-    cached[device] = bytes > 0 ? bytes : 48 * 1024;
-  }
-  return cached[device];
+  return device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, 48 * 1024);
 }
 
 }  // namespace rosa::cuda
