@@ -1,0 +1,42 @@
+// Launcher of the CUDA SpMM (torch-free): out (m x k) = A (m x n, CSR) @ dense (n x k), float32
+// accumulation (float64 for double). T is float, double, __half or __nv_bfloat16.
+//
+// `dense` has contiguous rows with row stride `dense_row_stride` (elements); `out` is contiguous.
+// Rows without nonzeros are written as zeros. Launches on `stream`, never synchronizes, and
+// trusts a validated CSR (offsets nondecreasing from 0 to nnz, columns in [0, n), row_indices a
+// permutation of 0..m-1 -- ideally by nonincreasing row length, which only affects speed).
+//
+// Use: kernel = spmm_select(...); allocate spmm_workspace_bytes(kernel, ...) bytes (16-byte
+// aligned) on the device; call spmm(..., kernel, workspace, bytes, stream).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace rosa::cuda {
+
+// Which kernel runs (docs/cuda.md). kAuto lets spmm_select pick by shape.
+enum class SpmmKernel : int {
+  kAuto = 0,
+  kSlab32 = 1,  // a block keeps a 32-byte-wide column slab of all of `dense` in shared memory
+  kSlab16 = 2,  // the same with a 16-byte-wide slab (half the shared memory, for larger n)
+  kRows = 3,    // one block per (row, column chunk), dense rows read straight from global memory
+};
+
+// The kernel that will run for `requested` (kAuto or a forced one that may not fit): a host
+// computation on the current device's properties; no launch, no synchronization.
+SpmmKernel spmm_select(SpmmKernel requested, int64_t m, int64_t n, int64_t k, int64_t nnz,
+                       int value_bytes);
+
+// Device workspace the selected kernel needs (0 for kRows).
+size_t spmm_workspace_bytes(SpmmKernel selected, int64_t m, int64_t nnz, int value_bytes);
+
+template <typename T>
+void spmm(const T* values, const int32_t* row_offsets, const int32_t* row_indices,
+          const int32_t* col_indices, const T* dense, int64_t dense_row_stride, T* out, int64_t m,
+          int64_t n, int64_t k, int64_t nnz, SpmmKernel selected, void* workspace,
+          size_t workspace_bytes, cudaStream_t stream);
+
+}  // namespace rosa::cuda

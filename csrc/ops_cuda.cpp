@@ -1,0 +1,206 @@
+// CUDA implementations of the rosa_kernels op schemas (declared in ops.cpp).
+//
+// The same shape/dtype/device checks as the CPU registration (checks.h), then: a device guard for
+// the operands' GPU, the current PyTorch stream, a dispatch of the value dtype onto the CUDA type
+// (c10::Half -> __half, c10::BFloat16 -> __nv_bfloat16) and a call of the torch-free launcher in
+// cuda/. Nothing here reads tensor contents or synchronizes: outputs are sized from shapes alone.
+#include <cstdlib>
+#include <cstring>
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "checks.h"
+#include "cuda/csr_add.h"
+#include "cuda/csr_transpose.h"
+#include "cuda/sddmm.h"
+#include "cuda/spmm.h"
+
+namespace rosa {
+namespace {
+
+#define ROSA_DISPATCH_VALUES(dtype, name, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, name, __VA_ARGS__)
+
+// The CUDA value type of a c10 scalar type (same size and bit layout).
+template <typename S>
+struct CudaValue { using type = S; };
+template <>
+struct CudaValue<c10::Half> { using type = __half; };
+template <>
+struct CudaValue<c10::BFloat16> { using type = __nv_bfloat16; };
+
+template <typename S>
+const typename CudaValue<S>::type* cuda_ptr(const at::Tensor& t) {
+  return reinterpret_cast<const typename CudaValue<S>::type*>(t.const_data_ptr<S>());
+}
+template <typename S>
+typename CudaValue<S>::type* cuda_mutable_ptr(const at::Tensor& t) {
+  return reinterpret_cast<typename CudaValue<S>::type*>(t.mutable_data_ptr<S>());
+}
+
+void check_cuda(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got ", t.device());
+}
+
+// ROSA_SPMM_KERNEL=slab32|slab16|rows forces one SpMM kernel (for measurements); default auto.
+cuda::SpmmKernel spmm_kernel_choice() {
+  const char* choice = std::getenv("ROSA_SPMM_KERNEL");
+  if (choice == nullptr) return cuda::SpmmKernel::kAuto;
+  if (std::strcmp(choice, "slab32") == 0) return cuda::SpmmKernel::kSlab32;
+  if (std::strcmp(choice, "slab16") == 0) return cuda::SpmmKernel::kSlab16;
+  if (std::strcmp(choice, "rows") == 0) return cuda::SpmmKernel::kRows;
+  return cuda::SpmmKernel::kAuto;
+}
+
+at::Tensor spmm_cuda(const at::Tensor& values, const at::Tensor& row_offsets,
+                     const at::Tensor& row_indices, const at::Tensor& col_indices,
+                     const at::Tensor& dense, int64_t m) {
+  check_cuda(values, "values");
+  check_values(values);
+  check_csr(values, row_offsets, row_indices, col_indices, m, values.size(0));
+  check_dense(values, dense, "dense", -1);
+  TORCH_CHECK(dense.size(0) < (int64_t(1) << 31) - 1 && dense.size(1) < (int64_t(1) << 31) - 1,
+              "dense dimensions must be below 2^31 - 1, got ", dense.sizes());
+  const c10::cuda::CUDAGuard guard(values.device());
+  const auto dense_rows = rows_contiguous(dense);
+  const auto offsets = row_offsets.contiguous(), order = row_indices.contiguous(),
+             cols = col_indices.contiguous(), vals = values.contiguous();
+  auto out = at::empty({m, dense.size(1)}, dense.options());
+  if (out.numel() == 0) return out;
+  const int64_t n = dense.size(0), k = dense.size(1), nnz = vals.size(0);
+  const auto kernel = cuda::spmm_select(spmm_kernel_choice(), m, n, k, nnz,
+                                        static_cast<int>(values.element_size()));
+  const size_t workspace_bytes =
+      cuda::spmm_workspace_bytes(kernel, m, nnz, static_cast<int>(values.element_size()));
+  auto workspace = at::empty({static_cast<int64_t>(workspace_bytes)}, values.options().dtype(at::kByte));
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  ROSA_DISPATCH_VALUES(values.scalar_type(), "rosa_kernels::spmm", [&] {
+    cuda::spmm(cuda_ptr<scalar_t>(vals), offsets.const_data_ptr<int32_t>(),
+               order.const_data_ptr<int32_t>(), cols.const_data_ptr<int32_t>(),
+               cuda_ptr<scalar_t>(dense_rows), dense_rows.stride(0), cuda_mutable_ptr<scalar_t>(out),
+               m, n, k, nnz, kernel, workspace.mutable_data_ptr(), workspace_bytes, stream);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+// The SDDMM launcher reads each operand through (row, column) element strides; an operand with no
+// unit stride in either dimension is copied first.
+at::Tensor strided_operand(const at::Tensor& t) {
+  if (t.stride(0) == 1 || t.stride(1) == 1) return t;
+  return t.contiguous();
+}
+
+at::Tensor sddmm_cuda(const at::Tensor& row_offsets, const at::Tensor& row_indices,
+                      const at::Tensor& col_indices, const at::Tensor& a, const at::Tensor& bt) {
+  check_cuda(a, "a");
+  check_index(row_offsets, "row_offsets", -1);
+  TORCH_CHECK(row_offsets.size(0) >= 1, "row_offsets must have length >= 1");
+  const int64_t m = row_offsets.size(0) - 1;
+  check_dense(a, a, "a", m);
+  check_dense(a, bt, "bt", -1);
+  TORCH_CHECK(bt.size(1) == a.size(1), "bt must have ", a.size(1), " columns (a's), got ",
+              bt.size(1));
+  check_csr(a, row_offsets, row_indices, col_indices, m, col_indices.size(0));
+  const c10::cuda::CUDAGuard guard(a.device());
+  const auto a_op = strided_operand(a), bt_op = strided_operand(bt);
+  const auto offsets = row_offsets.contiguous(), order = row_indices.contiguous(),
+             cols = col_indices.contiguous();
+  const int64_t nnz = cols.size(0);
+  auto out = at::empty({nnz}, a.options());
+  if (nnz == 0) return out;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  ROSA_DISPATCH_VALUES(a.scalar_type(), "rosa_kernels::sddmm", [&] {
+    cuda::sddmm(offsets.const_data_ptr<int32_t>(), order.const_data_ptr<int32_t>(),
+                cols.const_data_ptr<int32_t>(), cuda_ptr<scalar_t>(a_op), a_op.stride(0),
+                a_op.stride(1), cuda_ptr<scalar_t>(bt_op), bt_op.stride(0), bt_op.stride(1),
+                cuda_mutable_ptr<scalar_t>(out), m, bt.size(0), a.size(1), nnz, stream);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> csr_transpose_cuda(
+    const at::Tensor& values, const at::Tensor& row_offsets, const at::Tensor& col_indices,
+    int64_t m, int64_t n) {
+  check_cuda(values, "values");
+  check_values(values);
+  check_csr(values, row_offsets, at::Tensor(), col_indices, m, values.size(0));
+  TORCH_CHECK(n >= 0 && n < (int64_t(1) << 31) - 1, "n must be in [0, 2^31 - 1), got ", n);
+  const c10::cuda::CUDAGuard guard(values.device());
+  const int64_t nnz = values.size(0);
+  const auto offsets = row_offsets.contiguous(), cols = col_indices.contiguous(),
+             vals = values.contiguous();
+  auto values_t = at::empty({nnz}, values.options());
+  auto row_offsets_t = at::empty({n + 1}, row_offsets.options());
+  auto col_indices_t = at::empty({nnz}, col_indices.options());
+  auto permutation = at::empty({nnz}, col_indices.options());
+  const size_t workspace_bytes = cuda::csr_transpose_workspace_bytes(nnz, n);
+  auto workspace = at::empty({static_cast<int64_t>(workspace_bytes)},
+                             values.options().dtype(at::kByte));
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  ROSA_DISPATCH_VALUES(values.scalar_type(), "rosa_kernels::csr_transpose", [&] {
+    cuda::csr_transpose(cuda_ptr<scalar_t>(vals), offsets.const_data_ptr<int32_t>(),
+                        cols.const_data_ptr<int32_t>(), m, n, nnz,
+                        cuda_mutable_ptr<scalar_t>(values_t),
+                        row_offsets_t.mutable_data_ptr<int32_t>(),
+                        col_indices_t.mutable_data_ptr<int32_t>(),
+                        permutation.mutable_data_ptr<int32_t>(), workspace.mutable_data_ptr(),
+                        workspace_bytes, stream);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {values_t, row_offsets_t, col_indices_t, permutation};
+}
+
+void csr_add_inplace_cuda(const at::Tensor& values, const at::Tensor& row_offsets,
+                          const at::Tensor& row_indices, const at::Tensor& col_indices,
+                          const at::Tensor& dense) {
+  check_cuda(values, "values");
+  check_values(values);
+  check_dense(values, dense, "dense", -1);
+  check_csr(values, row_offsets, row_indices, col_indices, dense.size(0), values.size(0));
+  TORCH_CHECK(dense.stride(1) == 1 || dense.size(1) <= 1,
+              "dense must have contiguous rows for an in-place csr_add");
+  const c10::cuda::CUDAGuard guard(values.device());
+  const auto offsets = row_offsets.contiguous(), cols = col_indices.contiguous(),
+             vals = values.contiguous();
+  if (dense.numel() == 0 || vals.size(0) == 0) return;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  ROSA_DISPATCH_VALUES(values.scalar_type(), "rosa_kernels::csr_add_", [&] {
+    cuda::csr_add(cuda_ptr<scalar_t>(vals), offsets.const_data_ptr<int32_t>(),
+                  cols.const_data_ptr<int32_t>(), cuda_mutable_ptr<scalar_t>(dense),
+                  dense.stride(0), dense.size(0), vals.size(0), stream);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor csr_add_cuda(const at::Tensor& values, const at::Tensor& row_offsets,
+                        const at::Tensor& row_indices, const at::Tensor& col_indices,
+                        const at::Tensor& dense) {
+  check_cuda(values, "values");
+  check_dense(values, dense, "dense", -1);
+  const c10::cuda::CUDAGuard guard(values.device());
+  auto out = at::empty(dense.sizes(), dense.options());  // contiguous
+  out.copy_(dense);
+  csr_add_inplace_cuda(values, row_offsets, row_indices, col_indices, out);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rosa_kernels, CUDA, m) {
+  m.impl("spmm", &spmm_cuda);
+  m.impl("sddmm", &sddmm_cuda);
+  m.impl("csr_transpose", &csr_transpose_cuda);
+  m.impl("csr_add", &csr_add_cuda);
+  m.impl("csr_add_", &csr_add_inplace_cuda);
+}
+
+}  // namespace rosa

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The GPU check, run on a CUDA machine from the repository root (under 10 minutes):
+#   1. builds rosa_kernels with its CUDA kernels (pip install --no-build-isolation --no-deps .),
+#   2. runs the whole test suite on the GPU,
+#   3. runs compute-sanitizer --tool memcheck over the tests marked `sanitizer`,
+#   4. prints the GPU benchmark table (bench/report.py, when present; else scripts/time_cuda_ops.py --quick),
+#   5. prints a short summary last.
+# Logs go to $OUT (or ./gpu_check_logs). Environment: PYTHON (default python3), SKIP_BENCH=1,
+# SKIP_SANITIZER=1, PYTEST_ARGS (extra arguments for step 2).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+LOGS=${OUT:-gpu_check_logs}
+mkdir -p "$LOGS"
+export PYTHONUNBUFFERED=1
+declare -a SUMMARY=()
+status=0
+
+step() {  # step NAME TIMEOUT_S COMMAND...: runs one step with a time limit, logs it, records the outcome
+  local name=$1 limit=$2; shift 2
+  local start=$SECONDS
+  echo "=== $name"
+  timeout "$limit" "$@" 2>&1 | tee "$LOGS/$name.log"
+  local rc=${PIPESTATUS[0]}
+  local verdict=ok; [ "$rc" -eq 0 ] || { verdict="FAILED (exit $rc)"; status=1; }
+  SUMMARY+=("$name: $verdict in $((SECONDS - start)) s")
+  return "$rc"
+}
+
+export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
+if ! step build 300 env ROSA_CUDA=ON "$PYTHON" -m pip install --no-build-isolation --no-deps -q .; then
+  printf '%s\n' "--- summary" "${SUMMARY[@]}"; exit 1
+fi
+step cuda-visible 60 "$PYTHON" -c "import torch, rosa_kernels as r; assert r.cuda_available(), 'CUDA kernels not available'; print(torch.cuda.get_device_name(), torch.__version__, 'cuda_built', r.cuda_built())"
+# shellcheck disable=SC2086
+step tests 360 "$PYTHON" -m pytest tests -q --maxfail=30 -p no:cacheprovider ${PYTEST_ARGS:-}
+tests_line=$(grep -E "passed|failed|error" "$LOGS/tests.log" | tail -1)
+if [ -z "${SKIP_SANITIZER:-}" ]; then
+  if command -v compute-sanitizer >/dev/null; then
+    # PyTorch's caching allocator hides out-of-bounds accesses inside its own blocks: turn it off.
+    step sanitizer 300 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
+      --error-exitcode 99 --print-limit 20 "$PYTHON" -m pytest tests -q -m sanitizer -p no:cacheprovider
+  else
+    SUMMARY+=("sanitizer: skipped (compute-sanitizer not found)")
+  fi
+fi
+if [ -z "${SKIP_BENCH:-}" ]; then
+  if [ -f bench/report.py ]; then
+    step bench 300 "$PYTHON" bench/report.py --device cuda --out "$LOGS/bench"
+  else
+    step bench 300 "$PYTHON" scripts/time_cuda_ops.py --quick --out "$LOGS/time_cuda_ops.json"
+  fi
+fi
+echo "--- summary"
+printf '%s\n' "${SUMMARY[@]}"
+[ -n "${tests_line:-}" ] && echo "tests: $tests_line"
+exit "$status"
