@@ -1,0 +1,1 @@
+// TEMP stub so the CUDA build links; replaced by the real kernel at merge.
