@@ -1,7 +1,8 @@
 // TEMP: minimal CUDA registration of `sddmm` only, for the SDDMM helper's GPU runs. The real
 // csrc/ops_cuda.cpp (all ops) replaces this file at merge.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -41,7 +42,7 @@ at::Tensor sddmm_cuda(const at::Tensor& row_offsets, const at::Tensor& row_indic
   const auto offsets = row_offsets.contiguous(), order = row_indices.contiguous(),
              cols = col_indices.contiguous();
   auto out = at::empty({col_indices.size(0)}, a.options());
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "rosa_kernels::sddmm", [&] {
     using T = typename CudaType<scalar_t>::type;
     cuda::sddmm<T>(offsets.data_ptr<int32_t>(), order.data_ptr<int32_t>(), cols.data_ptr<int32_t>(),
