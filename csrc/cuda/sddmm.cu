@@ -51,8 +51,8 @@ struct Acc<double> { using type = double; };
 constexpr int kThreads = 256;
 constexpr int kPerThread = 32;
 constexpr int kNonzerosPerBlock = kThreads * kPerThread;
-// Rows of `a` staged at once. Blocks of kNonzerosPerBlock nonzeros span fewer rows unless the mask
-// is below ~0.1% density on a wide matrix or has long runs of empty rows.
+// Rows of `a` a block can stage at once, at least (more where the mask is sparse and a block
+// spans more rows; capped at half the shared memory).
 constexpr int kRowWindow = 1024;
 
 template <typename T>
@@ -151,18 +151,14 @@ __global__ void __launch_bounds__(kThreads, 2) sddmm_staged_kernel(const SddmmPa
   // Row windows start at a multiple of kTokens so the transposing staging stays 16-byte aligned.
   for (int64_t row_base = first_row / kTokens * kTokens; row_base <= last_row;
        row_base += params.row_window) {
-    const int rows_here = static_cast<int>(min64(params.row_window, params.m - row_base));
+    // Only the rows up to the block's last row are staged, however wide the window.
+    const int rows_here = static_cast<int>(min64(params.row_window, last_row + 1 - row_base));
     for (int64_t column_base = 0; column_base < params.n; column_base += params.column_window) {
       const int columns_here =
           static_cast<int>(min64(params.column_window, params.n - column_base));
       __syncthreads();  // the previous window's slots and bits are no longer read
       for (int w = threadIdx.x; w < needed_words; w += kThreads) needed_columns[w] = 0;
       __syncthreads();
-      // Packed slot indices (column slot | row slot << 16) of each owned nonzero in this window.
-      // Rows and columns are looked up again per window (usually once) so that only the packed
-      // slots and the sums stay in registers through the token loop. Consecutive lanes own
-      // consecutive nonzeros: coalesced index loads, and lanes of one row read the same `a` slot
-      // (a shared-memory broadcast).
       // Packed slot indices (column slot | row slot << 16) of each nonzero of the block in this
       // window, built in a shared table (a loop that keeps few registers live) and then loaded
       // into registers for the token loop. Lane l of step s owns nonzero
@@ -306,8 +302,13 @@ void sddmm(const int32_t* row_offsets, const int32_t* /*row_indices*/, const int
   // Shared memory: (column_window + 8 + row_window + 8) slots of 16 bytes, the slot table and the
   // needed bits.
   auto round8 = [](int64_t x) { return (x + 7) / 8 * 8; };
-  params.row_window = static_cast<int>(std::min<int64_t>(kRowWindow, round8(m)));
+  // The row window holds about twice the rows an average block spans (at least kRowWindow), so
+  // that one window covers a block unless its rows are unusually sparse.
+  const int64_t average_span = ceil_div(static_cast<int64_t>(kNonzerosPerBlock) * m, nnz);
   const int64_t budget = info.shared_per_block - 1024;
+  const int64_t row_capacity = (budget - 4 * kNonzerosPerBlock) / 2 / 16 / 8 * 8;
+  params.row_window = static_cast<int>(std::min<int64_t>(
+      {round8(m + kTokens), std::max<int64_t>(kRowWindow, round8(2 * average_span + 64)), row_capacity}));
   // 16 bytes per column slot plus its share of the needed bits (< 1 byte per 64 slots).
   const int64_t column_capacity =
       (budget - 16 * (params.row_window + 16) - 4 * kNonzerosPerBlock) * 64 / (16 * 64 + 1) / 8 * 8;
