@@ -48,12 +48,11 @@ struct Acc { using type = float; };
 template <>
 struct Acc<double> { using type = double; };
 
-constexpr int kThreads = 256;
+// Each thread owns kPerThread nonzeros; a block has 256 or 512 threads (the launcher picks).
 constexpr int kPerThread = 32;
-constexpr int kNonzerosPerBlock = kThreads * kPerThread;
 // Rows of `a` a block can stage at once, at least (more where the mask is sparse and a block
 // spans more rows; capped at half the shared memory).
-constexpr int kRowWindow = 1024;
+constexpr int kRowWindow = 256;
 
 template <typename T>
 struct SddmmParams {
@@ -68,6 +67,7 @@ struct SddmmParams {
   int64_t tokens_per_split;
   int a_mode, bt_mode;
   int row_window, column_window;  // slots per window (multiples of 8)
+  int column_region;               // 16-byte units before the row slots
 };
 
 __device__ __forceinline__ int64_t min64(int64_t x, int64_t y) { return x < y ? x : y; }
@@ -115,24 +115,23 @@ __device__ __forceinline__ int row_of(const int32_t* __restrict__ row_offsets, i
   return lo;
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads, 2) sddmm_staged_kernel(const SddmmParams<T> params) {
+template <typename T, int kThreads>
+__global__ void __launch_bounds__(kThreads, 512 / kThreads)
+    sddmm_staged_kernel(const SddmmParams<T> params) {
   using AccT = typename Acc<T>::type;
   constexpr int kTokens = kSlotTokens<T>;
+  constexpr int kNonzerosPerBlock = kThreads * kPerThread;
   extern __shared__ uint4 shared_slots[];
-  // Layout: column slots [0, column_window + 8), row slots [.., + row_window + 8) (the +8 holds a
-  // zero slot), the slot table of the block's nonzeros, then one bit per 8 column slots saying
-  // whether any nonzero of this block reads them.
+  // Layout: column slots [0, column_window + 8) (the +8 holds a zero slot; the region also holds
+  // the slot table of the block's nonzeros while a window is set up), row slots
+  // [.., + row_window + 8), then one bit per 8 column slots saying whether any nonzero of this
+  // block reads them.
   uint4* column_slots = shared_slots;
-  uint4* row_slots = shared_slots + params.column_window + 8;
-  uint32_t* slot_table = reinterpret_cast<uint32_t*>(row_slots + params.row_window + 8);
-  uint32_t* needed_columns = slot_table + kNonzerosPerBlock;
+  uint32_t* slot_table = reinterpret_cast<uint32_t*>(shared_slots);
+  uint4* row_slots = shared_slots + params.column_region;
+  uint32_t* needed_columns = reinterpret_cast<uint32_t*>(row_slots + params.row_window + 8);
   const int needed_words = params.column_window / 256 + 1;
   const int column_zero = swizzle(params.column_window), row_zero = swizzle(params.row_window);
-  if (threadIdx.x == 0) {
-    column_slots[column_zero] = make_uint4(0, 0, 0, 0);
-    row_slots[row_zero] = make_uint4(0, 0, 0, 0);
-  }
 
   const int64_t block_begin = static_cast<int64_t>(blockIdx.x) * kNonzerosPerBlock;
   const int64_t block_end = min(block_begin + kNonzerosPerBlock, params.nnz);
@@ -184,6 +183,11 @@ __global__ void __launch_bounds__(kThreads, 2) sddmm_staged_kernel(const SddmmPa
       uint32_t slot[kPerThread];
 #pragma unroll
       for (int s = 0; s < kPerThread; ++s) slot[s] = slot_table[s * kThreads + threadIdx.x];
+      __syncthreads();  // the table is read: its space now holds column slots
+      if (threadIdx.x == 0) {
+        column_slots[column_zero] = make_uint4(0, 0, 0, 0);
+        row_slots[row_zero] = make_uint4(0, 0, 0, 0);
+      }
 
       for (int64_t t0 = t_begin; t0 < t_end; t0 += kTokens) {
         const int token_count = static_cast<int>(min64(kTokens, t_end - t0));
@@ -267,6 +271,110 @@ int stage_mode(const T* data, int64_t row_stride, int64_t col_stride, int64_t ro
 
 int64_t ceil_div(int64_t x, int64_t y) { return (x + y - 1) / y; }
 
+// Threads per block: 256 (two blocks per multiprocessor, so one block's staging overlaps the
+// other's arithmetic) unless two blocks' shared memory does not fit; then 512 (twice the nonzeros
+// per block halves how often the columns are staged). ROSA_SDDMM_THREADS=256|512 overrides.
+int threads_override() {
+  static const int value = [] {
+    const char* env = std::getenv("ROSA_SDDMM_THREADS");
+    const int v = env ? std::atoi(env) : 0;
+    return v == 256 || v == 512 ? v : 0;
+  }();
+  return value;
+}
+
+struct Plan {
+  int row_window, column_window, column_region;
+  size_t shared_bytes;
+  int blocks_per_sm;
+};
+
+template <typename T>
+Plan plan_for(int threads, const DeviceInfo& info, int64_t m, int64_t n, int64_t nnz) {
+  constexpr int kTokens = kSlotTokens<T>;
+  const int64_t per_block = static_cast<int64_t>(threads) * kPerThread;
+  auto round8 = [](int64_t x) { return (x + 7) / 8 * 8; };
+  Plan plan{};
+  // The row window holds about twice the rows an average block spans (at least kRowWindow), so
+  // that one window covers a block unless its rows are unusually sparse.
+  const int64_t average_span = ceil_div(per_block * m, nnz);
+  const int64_t budget = info.shared_per_block - 1024;
+  const int64_t row_capacity = budget / 2 / 16 / 8 * 8;
+  plan.row_window = static_cast<int>(std::min<int64_t>(
+      {round8(m + kTokens), std::max<int64_t>(kRowWindow, round8(2 * average_span + 64)), row_capacity}));
+  // 16 bytes per column slot plus its share of the needed bits (< 1 byte per 64 slots).
+  const int64_t column_capacity =
+      (budget - 16 * (plan.row_window + 16)) * 64 / (16 * 64 + 1) / 8 * 8;
+  plan.column_window = static_cast<int>(std::min<int64_t>(round8(n), column_capacity));
+  plan.column_region = static_cast<int>(
+      std::max<int64_t>(plan.column_window + 8, ceil_div(4 * per_block, 16)));
+  plan.shared_bytes = 16 * static_cast<size_t>(plan.column_region + plan.row_window + 8) +
+                      4 * static_cast<size_t>(plan.column_window / 256 + 1);
+  plan.blocks_per_sm = std::max<int>(
+      1, std::min<int>(512 / threads, info.shared_per_sm / static_cast<int>(plan.shared_bytes + 1024)));
+  return plan;
+}
+
+template <typename T, int kThreads>
+void launch(SddmmParams<T> params, const Plan& plan, const DeviceInfo& info, int device,
+            cudaStream_t stream) {
+  using AccT = typename Acc<T>::type;
+  constexpr int kTokens = kSlotTokens<T>;
+  constexpr int64_t kNonzerosPerBlock = static_cast<int64_t>(kThreads) * kPerThread;
+  params.row_window = plan.row_window;
+  params.column_window = plan.column_window;
+  params.column_region = plan.column_region;
+  const int64_t nnz = params.nnz, k = params.k;
+
+  // Split the tokens so that the grid fills one wave of resident blocks (a second, partial wave
+  // would cost as much as the first), keeping at least 4 chunks of tokens per split.
+  const int64_t blocks = ceil_div(nnz, kNonzerosPerBlock);
+  const int64_t resident = static_cast<int64_t>(info.multiprocessors) * plan.blocks_per_sm;
+  const int64_t chunks = ceil_div(k, kTokens);
+  int64_t splits = blocks >= resident ? 1 : resident / blocks;
+  splits = std::max<int64_t>(1, std::min<int64_t>({splits, chunks / 4, 64}));
+  params.tokens_per_split = std::max<int64_t>(1, ceil_div(chunks, splits)) * kTokens;
+  splits = std::max<int64_t>(1, ceil_div(k, params.tokens_per_split));
+
+  AccT* partials = nullptr;
+  if (splits > 1) {
+    DeviceInfo& mutable_info = device_info(device);
+    if (!mutable_info.pool_configured) {
+      // Keep freed workspace in the stream-ordered pool instead of returning it to the driver at
+      // every synchronization: the next call reuses it without a new mapping.
+      cudaMemPool_t pool;
+      if (cudaDeviceGetDefaultMemPool(&pool, device) == cudaSuccess) {
+        uint64_t threshold = UINT64_MAX;
+        cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &threshold);
+      }
+      mutable_info.pool_configured = true;
+    }
+    const size_t bytes = static_cast<size_t>(splits) * nnz * sizeof(AccT);
+    if (cudaMallocAsync(reinterpret_cast<void**>(&partials), bytes, stream) != cudaSuccess) {
+      cudaGetLastError();  // out of memory: run without splitting the tokens
+      partials = nullptr;
+      splits = 1;
+      params.tokens_per_split = std::max<int64_t>(k, 1);
+    }
+  }
+  params.partials = partials;
+
+  static bool attribute_set[64] = {};
+  if (!attribute_set[device & 63]) {
+    cudaFuncSetAttribute(sddmm_staged_kernel<T, kThreads>,
+                         cudaFuncAttributeMaxDynamicSharedMemorySize, info.shared_per_block);
+    attribute_set[device & 63] = true;
+  }
+  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(splits));
+  sddmm_staged_kernel<T, kThreads><<<grid, kThreads, plan.shared_bytes, stream>>>(params);
+  if (partials != nullptr) {
+    const int64_t reduce_blocks = std::min<int64_t>(ceil_div(nnz, 256), 65535);
+    sddmm_reduce_splits_kernel<T><<<static_cast<unsigned>(reduce_blocks), 256, 0, stream>>>(
+        partials, params.out, nnz, static_cast<int>(splits));
+    cudaFreeAsync(partials, stream);
+  }
+}
+
 }  // namespace
 
 template <typename T>
@@ -274,12 +382,10 @@ void sddmm(const int32_t* row_offsets, const int32_t* /*row_indices*/, const int
            const T* a, int64_t a_row_stride, int64_t a_col_stride, const T* bt,
            int64_t bt_row_stride, int64_t bt_col_stride, T* out, int64_t m, int64_t n, int64_t k,
            int64_t nnz, cudaStream_t stream) {
-  using AccT = typename Acc<T>::type;
-  constexpr int kTokens = kSlotTokens<T>;
   if (m == 0 || n == 0 || nnz == 0) return;
   int device = 0;
   cudaGetDevice(&device);
-  DeviceInfo& info = device_info(device);
+  const DeviceInfo& info = device_info(device);
 
   SddmmParams<T> params{};
   params.row_offsets = row_offsets;
@@ -295,73 +401,15 @@ void sddmm(const int32_t* row_offsets, const int32_t* /*row_indices*/, const int
   params.n = n;
   params.k = k;
   params.nnz = nnz;
-  // A kTokenVector staging of `a` reads whole groups of kTokens rows from a multiple of kTokens.
   params.a_mode = stage_mode(a, a_row_stride, a_col_stride, m, k);
   params.bt_mode = stage_mode(bt, bt_row_stride, bt_col_stride, n, k);
 
-  // Shared memory: (column_window + 8 + row_window + 8) slots of 16 bytes, the slot table and the
-  // needed bits.
-  auto round8 = [](int64_t x) { return (x + 7) / 8 * 8; };
-  // The row window holds about twice the rows an average block spans (at least kRowWindow), so
-  // that one window covers a block unless its rows are unusually sparse.
-  const int64_t average_span = ceil_div(static_cast<int64_t>(kNonzerosPerBlock) * m, nnz);
-  const int64_t budget = info.shared_per_block - 1024;
-  const int64_t row_capacity = (budget - 4 * kNonzerosPerBlock) / 2 / 16 / 8 * 8;
-  params.row_window = static_cast<int>(std::min<int64_t>(
-      {round8(m + kTokens), std::max<int64_t>(kRowWindow, round8(2 * average_span + 64)), row_capacity}));
-  // 16 bytes per column slot plus its share of the needed bits (< 1 byte per 64 slots).
-  const int64_t column_capacity =
-      (budget - 16 * (params.row_window + 16) - 4 * kNonzerosPerBlock) * 64 / (16 * 64 + 1) / 8 * 8;
-  params.column_window = static_cast<int>(std::min<int64_t>(round8(n), column_capacity));
-  const size_t shared_bytes = 16 * static_cast<size_t>(params.column_window + params.row_window + 16) +
-                              4 * static_cast<size_t>(kNonzerosPerBlock + params.column_window / 256 + 1);
-
-  const int64_t blocks = ceil_div(nnz, kNonzerosPerBlock);
-  // Split the tokens until the grid fills the GPU, keeping at least 4 chunks per split.
-  const int blocks_per_sm = std::max<int>(
-      1, std::min<int>(2, info.shared_per_sm / static_cast<int>(shared_bytes + 1024)));
-  const int64_t target = static_cast<int64_t>(info.multiprocessors) * blocks_per_sm;
-  const int64_t chunks = ceil_div(k, kTokens);
-  int64_t splits = std::min<int64_t>({ceil_div(target, blocks), std::max<int64_t>(1, chunks / 4), 64});
-  splits = std::max<int64_t>(splits, 1);
-  params.tokens_per_split = std::max<int64_t>(1, ceil_div(chunks, splits)) * kTokens;
-  splits = std::max<int64_t>(1, ceil_div(k, params.tokens_per_split));
-
-  AccT* partials = nullptr;
-  if (splits > 1) {
-    if (!info.pool_configured) {
-      // Keep freed workspace in the stream-ordered pool instead of returning it to the driver at
-      // every synchronization: the next call reuses it without a new mapping.
-      cudaMemPool_t pool;
-      if (cudaDeviceGetDefaultMemPool(&pool, device) == cudaSuccess) {
-        uint64_t threshold = UINT64_MAX;
-        cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &threshold);
-      }
-      info.pool_configured = true;
-    }
-    const size_t bytes = static_cast<size_t>(splits) * nnz * sizeof(AccT);
-    if (cudaMallocAsync(reinterpret_cast<void**>(&partials), bytes, stream) != cudaSuccess) {
-      cudaGetLastError();  // out of memory: run without splitting the tokens
-      partials = nullptr;
-      splits = 1;
-      params.tokens_per_split = std::max<int64_t>(k, 1);
-    }
-  }
-  params.partials = partials;
-
-  static bool attribute_set[64] = {};
-  if (!attribute_set[device & 63]) {
-    cudaFuncSetAttribute(sddmm_staged_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                         info.shared_per_block);
-    attribute_set[device & 63] = true;
-  }
-  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(splits));
-  sddmm_staged_kernel<T><<<grid, kThreads, shared_bytes, stream>>>(params);
-  if (partials != nullptr) {
-    const int64_t reduce_blocks = std::min<int64_t>(ceil_div(nnz, 256), 65535);
-    sddmm_reduce_splits_kernel<T><<<static_cast<unsigned>(reduce_blocks), 256, 0, stream>>>(
-        partials, out, nnz, static_cast<int>(splits));
-    cudaFreeAsync(partials, stream);
+  const Plan plan256 = plan_for<T>(256, info, m, n, nnz);
+  const int threads = threads_override() ? threads_override() : plan256.blocks_per_sm >= 2 ? 256 : 512;
+  if (threads == 256) {
+    launch<T, 256>(params, plan256, info, device, stream);
+  } else {
+    launch<T, 512>(params, plan_for<T>(512, info, m, n, nnz), info, device, stream);
   }
 }
 
