@@ -163,21 +163,56 @@ __global__ void __launch_bounds__(kThreads, 512 / kThreads)
       // into registers for the token loop. Lane l of step s owns nonzero
       // block_begin + s * kThreads + l: coalesced index loads, and lanes of one row read the same
       // `a` slot (a shared-memory broadcast).
+      // The row of a nonzero is a binary search over the row starts of the block, cached in the
+      // row-slot space (unused until staging) when they fit; each thread runs kInterleave
+      // searches in lockstep so their load latencies overlap.
+      int32_t* starts = reinterpret_cast<int32_t*>(row_slots);
+      const int span = last_row - first_row + 1;
+      const bool cached = span <= 4 * (params.row_window + 8);
+      if (cached) {
+        for (int i = threadIdx.x; i < span; i += kThreads) {
+          starts[i] = __ldg(params.row_offsets + first_row + i);
+        }
+      }
+      __syncthreads();
+      int steps = 0;
+      while ((1 << steps) < span) ++steps;
       bool any = false;
-      for (int e = threadIdx.x; e < kNonzerosPerBlock; e += kThreads) {
-        const int64_t q = block_begin + e;
-        uint32_t packed = static_cast<uint32_t>(column_zero) | (static_cast<uint32_t>(row_zero) << 16);
-        if (q < block_end) {
-          const int64_t r = row_of(params.row_offsets, first_row, last_row, q) - row_base;
-          const int64_t c = __ldg(params.col_indices + q) - column_base;
-          if (r >= 0 && r < rows_here && c >= 0 && c < columns_here) {
-            packed = static_cast<uint32_t>(swizzle(static_cast<int>(c))) |
-                     (static_cast<uint32_t>(swizzle(static_cast<int>(r))) << 16);
-            atomicOr(needed_columns + (c >> 8), 1u << ((c >> 3) & 31));
-            any = true;
+      constexpr int kInterleave = 4;
+      for (int e0 = threadIdx.x; e0 < kNonzerosPerBlock; e0 += kInterleave * kThreads) {
+        int low[kInterleave], high[kInterleave];
+#pragma unroll
+        for (int j = 0; j < kInterleave; ++j) low[j] = 0, high[j] = span - 1;
+        for (int step = 0; step < steps; ++step) {
+#pragma unroll
+          for (int j = 0; j < kInterleave; ++j) {
+            const int64_t q = block_begin + e0 + j * kThreads;
+            if (low[j] < high[j]) {
+              const int mid = low[j] + (high[j] - low[j] + 1) / 2;
+              const int64_t start =
+                  cached ? starts[mid] : __ldg(params.row_offsets + first_row + mid);
+              if (start <= q) low[j] = mid; else high[j] = mid - 1;
+            }
           }
         }
-        slot_table[e] = packed;
+#pragma unroll
+        for (int j = 0; j < kInterleave; ++j) {
+          const int e = e0 + j * kThreads;
+          const int64_t q = block_begin + e;
+          uint32_t packed =
+              static_cast<uint32_t>(column_zero) | (static_cast<uint32_t>(row_zero) << 16);
+          if (q < block_end) {
+            const int64_t r = first_row + low[j] - row_base;
+            const int64_t c = __ldg(params.col_indices + q) - column_base;
+            if (r >= 0 && r < rows_here && c >= 0 && c < columns_here) {
+              packed = static_cast<uint32_t>(swizzle(static_cast<int>(c))) |
+                       (static_cast<uint32_t>(swizzle(static_cast<int>(r))) << 16);
+              atomicOr(needed_columns + (c >> 8), 1u << ((c >> 3) & 31));
+              any = true;
+            }
+          }
+          slot_table[e] = packed;
+        }
       }
       if (!__syncthreads_or(any)) continue;
       uint32_t slot[kPerThread];
