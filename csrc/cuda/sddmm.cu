@@ -17,8 +17,8 @@
 // partial sums (float64 for double) into a stream-ordered workspace and a second kernel adds the
 // splits in a fixed order: deterministic, no atomics.
 //
-// Windows. A block whose rows span more than kRowWindow rows, or a mask wider than what shared
-// memory holds, walks windows of rows and columns; nonzeros outside the current window point at
+// Windows. A block whose rows span more than its row window (about twice the average span of a
+// block, at least kRowWindow), or a mask wider than the column slots shared memory holds, walks windows of rows and columns; nonzeros outside the current window point at
 // a zero slot. Typical masks need one window of each.
 //
 // Assumes a validated CSR (offsets nondecreasing, col_indices in [0, n)). Launches on `stream`,
@@ -50,8 +50,8 @@ struct Acc<double> { using type = double; };
 
 // Each thread owns kPerThread nonzeros; a block has 256 or 512 threads (the launcher picks).
 constexpr int kPerThread = 32;
-// Rows of `a` a block can stage at once, at least (more where the mask is sparse and a block
-// spans more rows; capped at half the shared memory).
+// The smallest row window (rows of `a` staged at once); the launcher widens it where blocks span
+// more rows, up to half the shared memory.
 constexpr int kRowWindow = 256;
 
 template <typename T>
