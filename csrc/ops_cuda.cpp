@@ -118,10 +118,19 @@ at::Tensor sddmm_cuda(const at::Tensor& row_offsets, const at::Tensor& row_indic
   if (nnz == 0) return out;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   ROSA_DISPATCH_VALUES(a.scalar_type(), "rosa_kernels::sddmm", [&] {
+    using cuda_t = typename CudaValue<scalar_t>::type;
+    // The split-token partial sums come from torch's caching allocator (no cudaMalloc per call).
+    const size_t workspace_bytes =
+        cuda::sddmm_workspace_bytes<cuda_t>(m, bt.size(0), a.size(1), nnz);
+    at::Tensor workspace;
+    if (workspace_bytes > 0) {
+      workspace = at::empty({static_cast<int64_t>(workspace_bytes)}, a.options().dtype(at::kByte));
+    }
     cuda::sddmm(offsets.const_data_ptr<int32_t>(), order.const_data_ptr<int32_t>(),
                 cols.const_data_ptr<int32_t>(), cuda_ptr<scalar_t>(a_op), a_op.stride(0),
                 a_op.stride(1), cuda_ptr<scalar_t>(bt_op), bt_op.stride(0), bt_op.stride(1),
-                cuda_mutable_ptr<scalar_t>(out), m, bt.size(0), a.size(1), nnz, stream);
+                cuda_mutable_ptr<scalar_t>(out), m, bt.size(0), a.size(1), nnz,
+                workspace_bytes > 0 ? workspace.data_ptr() : nullptr, workspace_bytes, stream);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;

@@ -273,7 +273,6 @@ struct DeviceInfo {
   int multiprocessors = 0;
   int shared_per_block = 0;   // opt-in maximum of dynamic shared memory per block
   int shared_per_sm = 0;
-  bool pool_configured = false;
 };
 
 DeviceInfo& device_info(int device) {
@@ -350,47 +349,48 @@ Plan plan_for(int threads, const DeviceInfo& info, int64_t m, int64_t n, int64_t
   return plan;
 }
 
+// Splits the tokens so that the grid fills one wave of resident blocks (a second, partial wave
+// would cost as much as the first), keeping at least 4 chunks of tokens per split. Returns the
+// number of splits and sets the tokens of each.
+template <typename T>
+int64_t token_splits(const Plan& plan, const DeviceInfo& info, int64_t nnz, int64_t k,
+                     int64_t nonzeros_per_block, int64_t* tokens_per_split) {
+  constexpr int kTokens = kSlotTokens<T>;
+  const int64_t blocks = ceil_div(nnz, nonzeros_per_block);
+  const int64_t resident = static_cast<int64_t>(info.multiprocessors) * plan.blocks_per_sm;
+  const int64_t chunks = ceil_div(k, kTokens);
+  int64_t splits = blocks >= resident ? 1 : resident / blocks;
+  splits = std::max<int64_t>(1, std::min<int64_t>({splits, chunks / 4, 64}));
+  *tokens_per_split = std::max<int64_t>(1, ceil_div(chunks, splits)) * kTokens;
+  return std::max<int64_t>(1, ceil_div(k, *tokens_per_split));
+}
+
+template <typename T>
+int threads_for(const Plan& plan256) {
+  return threads_override() ? threads_override() : plan256.blocks_per_sm >= 2 ? 256 : 512;
+}
+
 template <typename T, int kThreads>
 void launch(SddmmParams<T> params, const Plan& plan, const DeviceInfo& info, int device,
-            cudaStream_t stream) {
+            void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   using AccT = typename Acc<T>::type;
-  constexpr int kTokens = kSlotTokens<T>;
   constexpr int64_t kNonzerosPerBlock = static_cast<int64_t>(kThreads) * kPerThread;
   params.row_window = plan.row_window;
   params.column_window = plan.column_window;
   params.column_region = plan.column_region;
   const int64_t nnz = params.nnz, k = params.k;
-
-  // Split the tokens so that the grid fills one wave of resident blocks (a second, partial wave
-  // would cost as much as the first), keeping at least 4 chunks of tokens per split.
   const int64_t blocks = ceil_div(nnz, kNonzerosPerBlock);
-  const int64_t resident = static_cast<int64_t>(info.multiprocessors) * plan.blocks_per_sm;
-  const int64_t chunks = ceil_div(k, kTokens);
-  int64_t splits = blocks >= resident ? 1 : resident / blocks;
-  splits = std::max<int64_t>(1, std::min<int64_t>({splits, chunks / 4, 64}));
-  params.tokens_per_split = std::max<int64_t>(1, ceil_div(chunks, splits)) * kTokens;
-  splits = std::max<int64_t>(1, ceil_div(k, params.tokens_per_split));
+  int64_t splits = token_splits<T>(plan, info, nnz, k, kNonzerosPerBlock, &params.tokens_per_split);
 
+  // Split partial sums live in the caller's workspace (sddmm_workspace_bytes); with too little
+  // workspace the tokens are not split.
   AccT* partials = nullptr;
-  if (splits > 1) {
-    DeviceInfo& mutable_info = device_info(device);
-    if (!mutable_info.pool_configured) {
-      // Keep freed workspace in the stream-ordered pool instead of returning it to the driver at
-      // every synchronization: the next call reuses it without a new mapping.
-      cudaMemPool_t pool;
-      if (cudaDeviceGetDefaultMemPool(&pool, device) == cudaSuccess) {
-        uint64_t threshold = UINT64_MAX;
-        cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &threshold);
-      }
-      mutable_info.pool_configured = true;
-    }
-    const size_t bytes = static_cast<size_t>(splits) * nnz * sizeof(AccT);
-    if (cudaMallocAsync(reinterpret_cast<void**>(&partials), bytes, stream) != cudaSuccess) {
-      cudaGetLastError();  // out of memory: run without splitting the tokens
-      partials = nullptr;
-      splits = 1;
-      params.tokens_per_split = std::max<int64_t>(k, 1);
-    }
+  if (splits > 1 && workspace != nullptr &&
+      workspace_bytes >= static_cast<size_t>(splits) * nnz * sizeof(AccT)) {
+    partials = static_cast<AccT*>(workspace);
+  } else if (splits > 1) {
+    splits = 1;
+    params.tokens_per_split = std::max<int64_t>(k, 1);
   }
   params.partials = partials;
 
@@ -406,7 +406,6 @@ void launch(SddmmParams<T> params, const Plan& plan, const DeviceInfo& info, int
     const int64_t reduce_blocks = std::min<int64_t>(ceil_div(nnz, 256), 65535);
     sddmm_reduce_splits_kernel<T><<<static_cast<unsigned>(reduce_blocks), 256, 0, stream>>>(
         partials, params.out, nnz, static_cast<int>(splits));
-    cudaFreeAsync(partials, stream);
   }
 }
 
@@ -416,7 +415,7 @@ template <typename T>
 void sddmm(const int32_t* row_offsets, const int32_t* /*row_indices*/, const int32_t* col_indices,
            const T* a, int64_t a_row_stride, int64_t a_col_stride, const T* bt,
            int64_t bt_row_stride, int64_t bt_col_stride, T* out, int64_t m, int64_t n, int64_t k,
-           int64_t nnz, cudaStream_t stream) {
+           int64_t nnz, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   if (m == 0 || n == 0 || nnz == 0) return;
   int device = 0;
   cudaGetDevice(&device);
@@ -440,18 +439,36 @@ void sddmm(const int32_t* row_offsets, const int32_t* /*row_indices*/, const int
   params.bt_mode = stage_mode(bt, bt_row_stride, bt_col_stride, n, k);
 
   const Plan plan256 = plan_for<T>(256, info, m, n, nnz);
-  const int threads = threads_override() ? threads_override() : plan256.blocks_per_sm >= 2 ? 256 : 512;
-  if (threads == 256) {
-    launch<T, 256>(params, plan256, info, device, stream);
+  if (threads_for<T>(plan256) == 256) {
+    launch<T, 256>(params, plan256, info, device, workspace, workspace_bytes, stream);
   } else {
-    launch<T, 512>(params, plan_for<T>(512, info, m, n, nnz), info, device, stream);
+    launch<T, 512>(params, plan_for<T>(512, info, m, n, nnz), info, device, workspace,
+                   workspace_bytes, stream);
   }
+}
+
+template <typename T>
+size_t sddmm_workspace_bytes(int64_t m, int64_t n, int64_t k, int64_t nnz) {
+  using AccT = typename Acc<T>::type;
+  if (m == 0 || n == 0 || nnz == 0) return 0;
+  int device = 0;
+  cudaGetDevice(&device);
+  const DeviceInfo& info = device_info(device);
+  const Plan plan256 = plan_for<T>(256, info, m, n, nnz);
+  const int threads = threads_for<T>(plan256);
+  const Plan plan = threads == 256 ? plan256 : plan_for<T>(threads, info, m, n, nnz);
+  int64_t tokens_per_split = 0;
+  const int64_t splits = token_splits<T>(plan, info, nnz, k,
+                                         static_cast<int64_t>(threads) * kPerThread,
+                                         &tokens_per_split);
+  return splits > 1 ? static_cast<size_t>(splits) * nnz * sizeof(AccT) : 0;
 }
 
 #define ROSA_INSTANTIATE_SDDMM(T)                                                              \
   template void sddmm<T>(const int32_t*, const int32_t*, const int32_t*, const T*, int64_t,    \
                          int64_t, const T*, int64_t, int64_t, T*, int64_t, int64_t, int64_t,   \
-                         int64_t, cudaStream_t);
+                         int64_t, void*, size_t, cudaStream_t);                               \
+  template size_t sddmm_workspace_bytes<T>(int64_t, int64_t, int64_t, int64_t);
 ROSA_INSTANTIATE_SDDMM(float)
 ROSA_INSTANTIATE_SDDMM(double)
 ROSA_INSTANTIATE_SDDMM(__half)
