@@ -51,7 +51,7 @@ at::Tensor spmm_cpu(const at::Tensor& values, const at::Tensor& row_offsets,
     cpu::spmm<scalar_t>(vals.data_ptr<scalar_t>(), offsets.data_ptr<int32_t>(),
                         order.data_ptr<int32_t>(), cols.data_ptr<int32_t>(),
                         dense_rows.data_ptr<scalar_t>(), dense_rows.stride(0),
-                        out.data_ptr<scalar_t>(), m, dense.size(1), threads());
+                        out.data_ptr<scalar_t>(), m, dense.size(0), dense.size(1), threads());
   });
   return out;
 }
