@@ -73,7 +73,7 @@ at::Tensor sddmm_cpu(const at::Tensor& row_offsets, const at::Tensor& row_indice
     cpu::sddmm<scalar_t>(offsets.data_ptr<int32_t>(), order.data_ptr<int32_t>(),
                          cols.data_ptr<int32_t>(), a_rows.data_ptr<scalar_t>(), a_rows.stride(0),
                          bt_rows.data_ptr<scalar_t>(), bt_rows.stride(0),
-                         out.data_ptr<scalar_t>(), m, a.size(1), threads());
+                         out.data_ptr<scalar_t>(), m, bt.size(0), a.size(1), threads());
   });
   return out;
 }

@@ -127,3 +127,21 @@ def test_sddmm_property_random_shapes(m, n, k, density, seed):
     mask = random_csr(m, n, density, gen=gen)
     a, bt = randn(m, k, gen=gen), randn(n, k, gen=gen)
     check_sddmm(mask, a, bt, run_sddmm(mask, a, bt))
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_sddmm_several_cache_panels(dtype, threads, device, gen):
+    # ~2100 used rows of bt make the CPU kernel cut k = 300 into several panels, the last one
+    # zero-padded, with running sums across panels; both the serial and the OpenMP paths.
+    mask = random_csr(30, 2100, 0.5, gen=gen, dtype=dtype, device=device, empty_row_fraction=0.1)
+    a = randn(30, 300, gen=gen, dtype=dtype, device=device)
+    bt = randn(2100, 300, gen=gen, dtype=dtype, device=device)
+    check_sddmm(mask, a, bt, run_sddmm(mask, a, bt))

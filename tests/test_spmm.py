@@ -138,3 +138,20 @@ def test_spmm_property_random_shapes(m, n, k, density, seed):
     A = random_csr(m, n, density, gen=gen)
     dense = randn(n, k, gen=gen)
     check_spmm(A, dense, run_spmm(A, dense))
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_spmm_several_cache_panels(dtype, threads, device, gen):
+    # n ~ 1100 used rows of dense make the CPU kernel cut k = 200 into several L2 panels, the
+    # last one ragged; both the serial and the OpenMP paths.
+    A = random_csr(40, 1100, 0.5, gen=gen, dtype=dtype, device=device, empty_row_fraction=0.1)
+    dense = randn(1100, 200, gen=gen, dtype=dtype, device=device)
+    check_spmm(A, dense, run_spmm(A, dense))

@@ -86,15 +86,12 @@ inline void parallel_for(int64_t count, int num_threads, int64_t chunk, const Bo
   for (int64_t i = 0; i < count; ++i) body(i);
 }
 
-// Columns of a dense operand processed per pass: the rows of an (n x panel) slice of it should
-// stay in the core's L2 cache (~256 KiB of the 512 KiB-1 MiB of current x86 cores) while every
-// nonzero of the sparse matrix reads its row of the slice. A multiple of `tile`, at least `tile`.
-inline int64_t panel_width(int64_t n, int64_t k, int64_t element_bytes, int64_t tile) {
-#ifndef ROSA_PANEL_BYTES
-#define ROSA_PANEL_BYTES (256 * 1024)
-#endif
-  constexpr int64_t kL2Budget = ROSA_PANEL_BYTES;
-  const int64_t fit = kL2Budget / std::max<int64_t>(1, n * element_bytes);
+// Columns of a dense operand processed per pass: `rows` rows of a panel this wide take about
+// `budget_bytes`, so they stay in the core's L2 (or L3) cache while every nonzero of the sparse
+// matrix reads its row of the panel. A multiple of `tile`, at least `tile`, at most k rounded up.
+inline int64_t panel_width(int64_t rows, int64_t k, int64_t element_bytes, int64_t tile,
+                           int64_t budget_bytes) {
+  const int64_t fit = budget_bytes / std::max<int64_t>(1, rows * element_bytes);
   const int64_t width = std::max<int64_t>(tile, fit / tile * tile);
   return std::min(width, (k + tile - 1) / tile * tile);
 }
