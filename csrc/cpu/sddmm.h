@@ -1,12 +1,13 @@
 // SDDMM on the CPU: out[p] = <a[i, :], bt[j, :]> for every nonzero p = (i, j) of the CSR mask.
 //
-// Work split: the inner dimension k is cut into panels. For each panel, the rows of `bt` that
-// some nonzero uses are packed, converted to the accumulator type and zero-padded to a whole
-// number of vectors, into one contiguous buffer shared by the threads and small enough for L2
-// (panel_width in common.h). Rows of the mask are then handed out dynamically to OpenMP threads
-// in `row_indices` order (heaviest first); a thread converts its row of `a` once per panel and
-// computes the row's dot products four nonzeros at a time, so each loaded vector of `a` feeds
-// four fused multiply-adds. Partial sums of several panels meet in a float buffer.
+// Work split: the inner dimension k is cut into panels. The rows of `bt` that some nonzero uses
+// are packed, converted to the accumulator type and zero-padded to a whole number of vectors,
+// panel by panel into one buffer shared by the threads; one panel of them fits in L2/L3
+// (panel_width in common.h). Then, panel after panel, rows of the mask go to OpenMP threads in
+// `row_indices` order (heaviest first, cyclic chunks of 4: the same owner in every panel); a
+// thread converts its row of `a` once per panel and computes the row's dot products four
+// nonzeros at a time, so each loaded vector of `a` feeds four fused multiply-adds. Partial sums
+// of several panels accumulate in `out` (float/double) or a float buffer (16-bit outputs).
 // Packing avoids the cache-set conflicts of rows a power of two apart, converts 16-bit rows once
 // per call instead of once per use, and skips the rows of `bt` no nonzero touches (most of them
 // for RoSA masks). The inner loops are compiled twice (generic SSE2 and AVX2+FMA), the CPU picks.
@@ -31,8 +32,9 @@ struct Problem {
   int64_t a_stride;
   const Acc* packed;  // the panel's used rows of bt, row stride `panel`, zero-padded
   int64_t panel;
-  Acc* sums;          // one running sum per nonzero
-  bool first_panel;
+  Acc* sums;          // one running sum per nonzero (16-bit outputs), or null
+  T* out;
+  bool first_panel, last_panel;
 };
 
 // Two vectors per dot product (16 floats / 8 doubles per step) and four dot products at once:
@@ -57,7 +59,20 @@ ROSA_ALWAYS_INLINE void row_panel(const Problem<T>& p, int64_t row, const accumu
   constexpr int64_t L = Vec<Acc>::lanes;
   const int64_t begin = p.row_offsets[row], end = p.row_offsets[row + 1];
   auto bt_row = [&](int64_t q) { return p.packed + static_cast<int64_t>(p.packed_cols[q]) * p.panel; };
-  auto store = [&](int64_t q, Acc value) { p.sums[q] = p.first_panel ? value : p.sums[q] + value; };
+  // Running sums live in `out` for float/double and in `sums` for 16-bit outputs, which are
+  // rounded once, after the last panel.
+  auto store = [&](int64_t q, Acc value) {
+    if constexpr (std::is_same_v<T, Acc>) {
+      p.out[q] = p.first_panel ? value : p.out[q] + value;
+    } else {
+      const Acc sum = p.first_panel ? value : p.sums[q] + value;
+      if (p.last_panel) {
+        p.out[q] = static_cast<T>(sum);
+      } else {
+        p.sums[q] = sum;
+      }
+    }
+  };
   int64_t q = begin;
   for (; q + 4 <= end; q += 4) {
     const Acc* b0 = bt_row(q);
@@ -132,48 +147,41 @@ void sddmm(const int32_t* row_offsets, const int32_t* row_indices, const int32_t
   // of each nonzero's running sum, which cost more than the extra L2 misses (measured).
   const int64_t panel =
       panel_width(used_count, std::max<int64_t>(k, 1), sizeof(Acc), kStep<Acc>, 1024 * 1024);
-  std::vector<Acc> packed(static_cast<size_t>(used_count * panel));
-  // float/double outputs take the running sums directly; 16-bit ones get a float buffer.
-  std::vector<Acc> sum_buffer;
-  Acc* sums;
-  if constexpr (std::is_same_v<T, Acc>) {
-    sums = out;
-  } else {
-    sum_buffer.resize(static_cast<size_t>(nnz));
-    sums = sum_buffer.data();
-  }
-  const auto row_fn = cpu_has_avx2_fma() ? &row_avx2<T> : &row_generic<T>;
-  // k == 0 still runs one (empty) panel, so every sum is written (as 0).
+  // k == 0 still runs one (empty) panel, so every output is written (as 0).
   const int64_t panels = std::max<int64_t>(1, (k + panel - 1) / panel);
+  // All panels are packed up front so the threads meet at one barrier, not two per panel.
+  std::vector<Acc> packed(static_cast<size_t>(panels * used_count * panel));
+  std::vector<Acc> sums(std::is_same_v<T, Acc> || panels == 1 ? 0 : static_cast<size_t>(nnz));
+  const auto row_fn = cpu_has_avx2_fma() ? &row_avx2<T> : &row_generic<T>;
 #ifdef ROSA_WITH_OPENMP
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1 && m > 1)
 #endif
   {
-    std::vector<Acc> a_row(static_cast<size_t>(panel));
-    for (int64_t t = 0; t < panels; ++t) {
-      const int64_t c0 = t * panel, width = std::min(panel, k - c0);
-      const int64_t padded = (width + kStep<Acc> - 1) / kStep<Acc> * kStep<Acc>;
 #ifdef ROSA_WITH_OPENMP
 #pragma omp for schedule(static)
 #endif
-      for (int64_t u = 0; u < used_count; ++u) {
-        const T* source = bt + static_cast<int64_t>(used.rows[u]) * bt_stride + c0;
-        Acc* target = packed.data() + u * panel;
-        for (int64_t c = 0; c < width; ++c) target[c] = to_acc(source[c]);
+    for (int64_t u = 0; u < used_count; ++u) {
+      const T* source = bt + static_cast<int64_t>(used.rows[u]) * bt_stride;
+      for (int64_t t = 0; t < panels; ++t) {
+        const int64_t c0 = t * panel, width = std::min(panel, k - c0);
+        const int64_t padded = (width + kStep<Acc> - 1) / kStep<Acc> * kStep<Acc>;
+        Acc* target = packed.data() + (t * used_count + u) * panel;
+        for (int64_t c = 0; c < width; ++c) target[c] = to_acc(source[c0 + c]);
         for (int64_t c = width; c < padded; ++c) target[c] = Acc(0);
       }
-      const Problem<T> p{row_offsets, used.renumbered.data(), a, a_stride, packed.data(),
-                         panel, sums, t == 0};
+    }
+    std::vector<Acc> a_row(static_cast<size_t>(panel));
+    // The same static schedule in every panel gives each row one owner, so the running sums
+    // need no barrier between panels.
+    for (int64_t t = 0; t < panels; ++t) {
+      const int64_t c0 = t * panel, width = std::max<int64_t>(0, std::min(panel, k - c0));
+      const Problem<T> p{row_offsets, used.renumbered.data(), a, a_stride,
+                         packed.data() + t * used_count * panel, panel, sums.data(), out,
+                         t == 0, t == panels - 1};
 #ifdef ROSA_WITH_OPENMP
-#pragma omp for schedule(dynamic, 4)
+#pragma omp for schedule(static, 4) nowait
 #endif
       for (int64_t r = 0; r < m; ++r) row_fn(p, row_indices[r], c0, width, a_row.data());
-    }
-    if constexpr (!std::is_same_v<T, Acc>) {
-#ifdef ROSA_WITH_OPENMP
-#pragma omp for schedule(static)
-#endif
-      for (int64_t q = 0; q < nnz; ++q) out[q] = static_cast<T>(sums[q]);
     }
   }
 }

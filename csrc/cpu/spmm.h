@@ -1,8 +1,9 @@
 // SpMM on the CPU: out (m x k) = A (m x n, CSR) @ dense (n x k).
 //
-// Work split: the k columns are cut into panels. For each panel, the rows of `dense` that some
-// nonzero uses are first packed, converted to the accumulator type, into one contiguous buffer
-// (threads share it) small enough for L2 (panel_width in common.h). Then rows of A are handed
+// Work split: the k columns are cut into panels. The rows of `dense` that some nonzero uses are
+// first packed, converted to the accumulator type, panel by panel into one buffer the threads
+// share; one panel of them is small enough for L2 (panel_width in common.h). Then, panel after
+// panel, rows of A are handed
 // out dynamically to OpenMP threads in `row_indices` order (heaviest first); for one row and one
 // tile of kTile columns the accumulators stay in vector registers while the row's nonzeros
 // stream in: acc += values[p] * packed[col_indices[p], tile].
@@ -113,28 +114,36 @@ void spmm(const T* values, const int32_t* row_offsets, const int32_t* row_indice
   // 256 KiB panels: half of a current x86 core's L2 (measured on 2 EPYC cores, see
   // docs/perf-notes-cpu.md).
   const int64_t panel = panel_width(used_count, k, sizeof(Acc), kTile<T>, 256 * 1024);
-  std::vector<Acc> packed(static_cast<size_t>(used_count * panel));
-  const Problem<T> p{values, row_offsets, used.renumbered.data(), packed.data(), panel, out, k};
+  const int64_t panels = (k + panel - 1) / panel;
+  // All panels are packed up front, panel after panel, so the threads meet at one barrier
+  // instead of two per panel: on a busy machine a descheduled thread stalls every barrier.
+  std::vector<Acc> packed(static_cast<size_t>(panels * used_count * panel));
   const auto row_panel_fn = cpu_has_avx2_fma() ? &row_panel_avx2<T> : &row_panel_generic<T>;
 #ifdef ROSA_WITH_OPENMP
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1 && m > 1)
 #endif
-  for (int64_t c0 = 0; c0 < k; c0 += panel) {
-    const int64_t width = std::min(panel, k - c0);
-    // Pack, then (after the loop's implicit barrier) multiply; the barrier after the multiply
-    // keeps the next panel's packing from overwriting rows still being read.
+  {
 #ifdef ROSA_WITH_OPENMP
 #pragma omp for schedule(static)
 #endif
     for (int64_t u = 0; u < used_count; ++u) {
-      const T* source = dense + static_cast<int64_t>(used.rows[u]) * dense_stride + c0;
-      Acc* target = packed.data() + u * panel;
-      for (int64_t c = 0; c < width; ++c) target[c] = to_acc(source[c]);
+      const T* source = dense + static_cast<int64_t>(used.rows[u]) * dense_stride;
+      for (int64_t t = 0; t < panels; ++t) {
+        const int64_t c0 = t * panel, width = std::min(panel, k - c0);
+        Acc* target = packed.data() + (t * used_count + u) * panel;
+        for (int64_t c = 0; c < width; ++c) target[c] = to_acc(source[c0 + c]);
+      }
     }
+    // Panels write disjoint columns of `out`: no barrier between them.
+    for (int64_t t = 0; t < panels; ++t) {
+      const int64_t c0 = t * panel, width = std::min(panel, k - c0);
+      const Problem<T> p{values, row_offsets, used.renumbered.data(),
+                         packed.data() + t * used_count * panel, panel, out, k};
 #ifdef ROSA_WITH_OPENMP
-#pragma omp for schedule(dynamic, 4)
+#pragma omp for schedule(dynamic, 4) nowait
 #endif
-    for (int64_t r = 0; r < m; ++r) row_panel_fn(p, row_indices[r], c0, width);
+      for (int64_t r = 0; r < m; ++r) row_panel_fn(p, row_indices[r], c0, width);
+    }
   }
 }
 
