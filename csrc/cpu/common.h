@@ -100,6 +100,22 @@ inline int64_t panel_width(int64_t rows, int64_t k, int64_t element_bytes, int64
 
 namespace rosa::cpu {
 
+// A per-thread scratch buffer that only grows: the kernels' packed panels are megabytes, and
+// fresh allocations of that size come from mmap, whose page faults cost as much as a whole
+// low-density product. Slot tells buffers apart that are used at the same time.
+template <typename Element, int Slot>
+inline Element* workspace(size_t count) {
+  thread_local std::vector<Element> buffer;
+  if (buffer.size() < count) buffer.resize(count);
+  return buffer.data();
+}
+
+// Packing the used rows of a dense operand pays off when each is read several times (see
+// spmm.h); with fewer reads per row the kernels read float/double operands in place.
+inline bool worth_packing(int64_t nnz, int64_t used_rows, bool needs_conversion) {
+  return needs_conversion || nnz >= 4 * used_rows;
+}
+
 // The rows of a dense operand that the nonzeros use, in ascending order, and each nonzero's
 // column renumbered to its position in that list: rows nobody reads are never packed.
 struct UsedRows {

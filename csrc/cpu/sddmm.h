@@ -30,7 +30,7 @@ struct Problem {
   const int32_t* packed_cols;  // col_indices renumbered to rows of `packed`
   const T* a;
   int64_t a_stride;
-  const Acc* packed;  // the panel's used rows of bt, row stride `panel`, zero-padded
+  const Acc* packed;  // the panel's used rows of bt (zero-padded) or bt itself, row stride `panel`
   int64_t panel;
   Acc* sums;          // one running sum per nonzero (16-bit outputs), or null
   T* out;
@@ -96,14 +96,37 @@ ROSA_ALWAYS_INLINE void row_panel(const Problem<T>& p, int64_t row, const accumu
     store(q + 2, horizontal_sum<Acc>(s2 + t2));
     store(q + 3, horizontal_sum<Acc>(s3 + t3));
   }
-  for (; q < end; ++q) {
-    const Acc* b = bt_row(q);
-    V s{}, t{};
+  if (q + 2 <= end) {
+    const Acc* b0 = bt_row(q);
+    const Acc* b1 = bt_row(q + 1);
+    V s0{}, s1{}, t0{}, t1{};
     for (int64_t c = 0; c < width; c += 2 * L) {
-      s += load_vec(a_row + c) * load_vec(b + c);
-      t += load_vec(a_row + c + L) * load_vec(b + c + L);
+      const V x = load_vec(a_row + c), y = load_vec(a_row + c + L);
+      s0 += x * load_vec(b0 + c);
+      t0 += y * load_vec(b0 + c + L);
+      s1 += x * load_vec(b1 + c);
+      t1 += y * load_vec(b1 + c + L);
     }
-    store(q, horizontal_sum<Acc>(s + t));
+    store(q, horizontal_sum<Acc>(s0 + t0));
+    store(q + 1, horizontal_sum<Acc>(s1 + t1));
+    q += 2;
+  }
+  if (q < end) {
+    // One dot product: four chains where the width allows, to hide the FMA latency.
+    const Acc* b = bt_row(q);
+    V s0{}, s1{}, s2{}, s3{};
+    int64_t c = 0;
+    for (; c + 4 * L <= width; c += 4 * L) {
+      s0 += load_vec(a_row + c) * load_vec(b + c);
+      s1 += load_vec(a_row + c + L) * load_vec(b + c + L);
+      s2 += load_vec(a_row + c + 2 * L) * load_vec(b + c + 2 * L);
+      s3 += load_vec(a_row + c + 3 * L) * load_vec(b + c + 3 * L);
+    }
+    for (; c < width; c += 2 * L) {
+      s0 += load_vec(a_row + c) * load_vec(b + c);
+      s1 += load_vec(a_row + c + L) * load_vec(b + c + L);
+    }
+    store(q, horizontal_sum<Acc>((s0 + s1) + (s2 + s3)));
   }
 }
 
@@ -115,6 +138,12 @@ ROSA_ALWAYS_INLINE void row(const Problem<T>& p, int64_t i, int64_t c0, int64_t 
   if (p.row_offsets[i] == p.row_offsets[i + 1]) return;
   const int64_t padded = (width + kStep<Acc> - 1) / kStep<Acc> * kStep<Acc>;
   const T* source = p.a + i * p.a_stride + c0;
+  if constexpr (std::is_same_v<T, Acc>) {
+    if (padded == width) {
+      row_panel<T>(p, i, source, width);  // already the right type and no padding needed
+      return;
+    }
+  }
   for (int64_t c = 0; c < width; ++c) a_row[c] = to_acc(source[c]);
   for (int64_t c = width; c < padded; ++c) a_row[c] = Acc(0);
   row_panel<T>(p, i, a_row, padded);
@@ -141,8 +170,20 @@ void sddmm(const int32_t* row_offsets, const int32_t* row_indices, const int32_t
   using Acc = accumulator_t<T>;
   const int64_t nnz = row_offsets[m];
   if (nnz == 0) return;
+  const auto row_fn = cpu_has_avx2_fma() ? &row_avx2<T> : &row_generic<T>;
   const UsedRows used = used_rows(col_indices, nnz, n);
   const int64_t used_count = static_cast<int64_t>(used.rows.size());
+  if constexpr (std::is_same_v<T, Acc>) {
+    if (!worth_packing(nnz, used_count, false) && k % kStep<Acc> == 0) {
+      // Few reads per row of `bt`: read whole rows in place, one panel.
+      const Problem<T> p{row_offsets, col_indices, a, a_stride, bt, bt_stride, nullptr, out,
+                         true, true};
+      parallel_for(m, num_threads, 4, [&](int64_t r) {
+        row_fn(p, row_indices[r], 0, k, workspace<Acc, 2>(static_cast<size_t>(k)));
+      });
+      return;
+    }
+  }
   // Wider panels than spmm's (1 MiB): every panel adds a horizontal sum and a read-modify-write
   // of each nonzero's running sum, which cost more than the extra L2 misses (measured).
   const int64_t panel =
@@ -150,9 +191,8 @@ void sddmm(const int32_t* row_offsets, const int32_t* row_indices, const int32_t
   // k == 0 still runs one (empty) panel, so every output is written (as 0).
   const int64_t panels = std::max<int64_t>(1, (k + panel - 1) / panel);
   // All panels are packed up front so the threads meet at one barrier, not two per panel.
-  std::vector<Acc> packed(static_cast<size_t>(panels * used_count * panel));
-  std::vector<Acc> sums(std::is_same_v<T, Acc> || panels == 1 ? 0 : static_cast<size_t>(nnz));
-  const auto row_fn = cpu_has_avx2_fma() ? &row_avx2<T> : &row_generic<T>;
+  Acc* packed = workspace<Acc, 0>(static_cast<size_t>(panels * used_count * panel));
+  Acc* sums = workspace<Acc, 1>(std::is_same_v<T, Acc> || panels == 1 ? 0 : static_cast<size_t>(nnz));
 #ifdef ROSA_WITH_OPENMP
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1 && m > 1)
 #endif
@@ -165,23 +205,23 @@ void sddmm(const int32_t* row_offsets, const int32_t* row_indices, const int32_t
       for (int64_t t = 0; t < panels; ++t) {
         const int64_t c0 = t * panel, width = std::min(panel, k - c0);
         const int64_t padded = (width + kStep<Acc> - 1) / kStep<Acc> * kStep<Acc>;
-        Acc* target = packed.data() + (t * used_count + u) * panel;
+        Acc* target = packed + (t * used_count + u) * panel;
         for (int64_t c = 0; c < width; ++c) target[c] = to_acc(source[c0 + c]);
         for (int64_t c = width; c < padded; ++c) target[c] = Acc(0);
       }
     }
-    std::vector<Acc> a_row(static_cast<size_t>(panel));
+    Acc* a_row = workspace<Acc, 2>(static_cast<size_t>(panel));
     // The same static schedule in every panel gives each row one owner, so the running sums
     // need no barrier between panels.
     for (int64_t t = 0; t < panels; ++t) {
       const int64_t c0 = t * panel, width = std::max<int64_t>(0, std::min(panel, k - c0));
       const Problem<T> p{row_offsets, used.renumbered.data(), a, a_stride,
-                         packed.data() + t * used_count * panel, panel, sums.data(), out,
+                         packed + t * used_count * panel, panel, sums, out,
                          t == 0, t == panels - 1};
 #ifdef ROSA_WITH_OPENMP
 #pragma omp for schedule(static, 4) nowait
 #endif
-      for (int64_t r = 0; r < m; ++r) row_fn(p, row_indices[r], c0, width, a_row.data());
+      for (int64_t r = 0; r < m; ++r) row_fn(p, row_indices[r], c0, width, a_row);
     }
   }
 }

@@ -17,6 +17,7 @@
 #pragma once
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/common.h"
@@ -30,7 +31,7 @@ struct Problem {
   const T* values;
   const int32_t* row_offsets;
   const int32_t* packed_cols;  // col_indices renumbered to rows of `packed`
-  const Acc* packed;           // the panel's used rows of dense, row stride `panel`
+  const Acc* packed;           // the panel's used rows of dense (or dense itself), row stride `panel`
   int64_t panel;
   T* out;
   int64_t k;
@@ -109,16 +110,25 @@ void spmm(const T* values, const int32_t* row_offsets, const int32_t* row_indice
   using Acc = accumulator_t<T>;
   if (m == 0 || k == 0) return;
   const int64_t nnz = row_offsets[m];
+  const auto row_panel_fn = cpu_has_avx2_fma() ? &row_panel_avx2<T> : &row_panel_generic<T>;
   const UsedRows used = used_rows(col_indices, nnz, n);
   const int64_t used_count = static_cast<int64_t>(used.rows.size());
+  if constexpr (std::is_same_v<T, Acc>) {
+    if (!worth_packing(nnz, used_count, false)) {
+      // Few reads per row of `dense`: one panel of full rows, read in place (whole rows, so
+      // no cache-set conflicts either).
+      const Problem<T> p{values, row_offsets, col_indices, dense, dense_stride, out, k};
+      parallel_for(m, num_threads, 4, [&](int64_t r) { row_panel_fn(p, row_indices[r], 0, k); });
+      return;
+    }
+  }
   // 256 KiB panels: half of a current x86 core's L2 (measured on 2 EPYC cores, see
   // docs/perf-notes-cpu.md).
   const int64_t panel = panel_width(used_count, k, sizeof(Acc), kTile<T>, 256 * 1024);
   const int64_t panels = (k + panel - 1) / panel;
   // All panels are packed up front, panel after panel, so the threads meet at one barrier
   // instead of two per panel: on a busy machine a descheduled thread stalls every barrier.
-  std::vector<Acc> packed(static_cast<size_t>(panels * used_count * panel));
-  const auto row_panel_fn = cpu_has_avx2_fma() ? &row_panel_avx2<T> : &row_panel_generic<T>;
+  Acc* packed = workspace<Acc, 0>(static_cast<size_t>(panels * used_count * panel));
 #ifdef ROSA_WITH_OPENMP
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1 && m > 1)
 #endif
@@ -130,7 +140,7 @@ void spmm(const T* values, const int32_t* row_offsets, const int32_t* row_indice
       const T* source = dense + static_cast<int64_t>(used.rows[u]) * dense_stride;
       for (int64_t t = 0; t < panels; ++t) {
         const int64_t c0 = t * panel, width = std::min(panel, k - c0);
-        Acc* target = packed.data() + (t * used_count + u) * panel;
+        Acc* target = packed + (t * used_count + u) * panel;
         for (int64_t c = 0; c < width; ++c) target[c] = to_acc(source[c0 + c]);
       }
     }
@@ -138,7 +148,7 @@ void spmm(const T* values, const int32_t* row_offsets, const int32_t* row_indice
     for (int64_t t = 0; t < panels; ++t) {
       const int64_t c0 = t * panel, width = std::min(panel, k - c0);
       const Problem<T> p{values, row_offsets, used.renumbered.data(),
-                         packed.data() + t * used_count * panel, panel, out, k};
+                         packed + t * used_count * panel, panel, out, k};
 #ifdef ROSA_WITH_OPENMP
 #pragma omp for schedule(dynamic, 4) nowait
 #endif
