@@ -9,10 +9,11 @@ from hypothesis import strategies as st
 import rosa_kernels
 from reference import DTYPE_IDS, DTYPES, assert_close, f64, randn, random_csr, scipy64, strided
 
-# (m, n, k): 1x1, a single row, a single column, odd sizes, empty matrices, an empty inner size.
+# (m, n, k): 1x1, a single row, a single column, odd sizes, few reads per dense row (the CPU
+# kernels then skip packing), empty matrices, an empty inner size.
 SHAPES = [
     (1, 1, 1), (1, 9, 5), (9, 1, 4), (13, 17, 9), (31, 7, 33), (64, 96, 70),
-    (0, 5, 3), (5, 0, 3), (0, 0, 2), (7, 5, 0),
+    (6, 80, 32), (0, 5, 3), (5, 0, 3), (0, 0, 2), (7, 5, 0),
 ]
 DENSITIES = [0.0, 0.2, 0.7]
 
