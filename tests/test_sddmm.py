@@ -139,9 +139,9 @@ def threads(request):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_sddmm_several_cache_panels(dtype, threads, device, gen):
-    # ~2100 used rows of bt make the CPU kernel cut k = 300 into several panels, the last one
-    # zero-padded, with running sums across panels; both the serial and the OpenMP paths.
+def test_sddmm_many_used_rows_and_padded_steps(dtype, threads, device, gen):
+    # ~2100 used rows of bt and k = 300, not a whole number of vector steps: the CPU kernel
+    # converts and zero-pads the used rows; both the serial and the OpenMP paths.
     mask = random_csr(30, 2100, 0.5, gen=gen, dtype=dtype, device=device, empty_row_fraction=0.1)
     a = randn(30, 300, gen=gen, dtype=dtype, device=device)
     bt = randn(2100, 300, gen=gen, dtype=dtype, device=device)

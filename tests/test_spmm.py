@@ -150,9 +150,9 @@ def threads(request):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_spmm_several_cache_panels(dtype, threads, device, gen):
-    # n ~ 1100 used rows of dense make the CPU kernel cut k = 200 into several L2 panels, the
-    # last one ragged; both the serial and the OpenMP paths.
+def test_spmm_many_used_rows_and_a_ragged_tile(dtype, threads, device, gen):
+    # ~1100 used rows of dense (converted once for 16-bit types) and k = 200, which is three full
+    # register tiles and a ragged one; both the serial and the OpenMP paths.
     A = random_csr(40, 1100, 0.5, gen=gen, dtype=dtype, device=device, empty_row_fraction=0.1)
     dense = randn(1100, 200, gen=gen, dtype=dtype, device=device)
     check_spmm(A, dense, run_spmm(A, dense))

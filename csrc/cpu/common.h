@@ -86,34 +86,18 @@ inline void parallel_for(int64_t count, int num_threads, int64_t chunk, const Bo
   for (int64_t i = 0; i < count; ++i) body(i);
 }
 
-// Columns of a dense operand processed per pass: `rows` rows of a panel this wide take about
-// `budget_bytes`, so they stay in the core's L2 (or L3) cache while every nonzero of the sparse
-// matrix reads its row of the panel. A multiple of `tile`, at least `tile`, at most k rounded up.
-inline int64_t panel_width(int64_t rows, int64_t k, int64_t element_bytes, int64_t tile,
-                           int64_t budget_bytes) {
-  const int64_t fit = budget_bytes / std::max<int64_t>(1, rows * element_bytes);
-  const int64_t width = std::max<int64_t>(tile, fit / tile * tile);
-  return std::min(width, (k + tile - 1) / tile * tile);
-}
-
 }  // namespace rosa::cpu
 
 namespace rosa::cpu {
 
-// A per-thread scratch buffer that only grows: the kernels' packed panels are megabytes, and
+// A per-thread scratch buffer that only grows: converted operands are megabytes, and
 // fresh allocations of that size come from mmap, whose page faults cost as much as a whole
-// low-density product. Slot tells buffers apart that are used at the same time.
+// low-density product. It lives as long as the thread and keeps its largest size. Slot tells buffers apart that are used at the same time.
 template <typename Element, int Slot>
 inline Element* workspace(size_t count) {
   thread_local std::vector<Element> buffer;
   if (buffer.size() < count) buffer.resize(count);
   return buffer.data();
-}
-
-// Packing the used rows of a dense operand pays off when each is read several times (see
-// spmm.h); with fewer reads per row the kernels read float/double operands in place.
-inline bool worth_packing(int64_t nnz, int64_t used_rows, bool needs_conversion) {
-  return needs_conversion || nnz >= 4 * used_rows;
 }
 
 // The rows of a dense operand that the nonzeros use, in ascending order, and each nonzero's

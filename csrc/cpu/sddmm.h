@@ -1,22 +1,18 @@
 // SDDMM on the CPU: out[p] = <a[i, :], bt[j, :]> for every nonzero p = (i, j) of the CSR mask.
 //
-// Work split: the inner dimension k is cut into panels. The rows of `bt` that some nonzero uses
-// are packed, converted to the accumulator type and zero-padded to a whole number of vectors,
-// panel by panel into one buffer shared by the threads; one panel of them fits in L2/L3
-// (panel_width in common.h). Then, panel after panel, rows of the mask go to OpenMP threads in
-// `row_indices` order (heaviest first, cyclic chunks of 4: the same owner in every panel); a
-// thread converts its row of `a` once per panel and computes the row's dot products four
-// nonzeros at a time, so each loaded vector of `a` feeds four fused multiply-adds. Partial sums
-// of several panels accumulate in `out` (float/double) or a float buffer (16-bit outputs).
-// Packing avoids the cache-set conflicts of rows a power of two apart, converts 16-bit rows once
-// per call instead of once per use, and skips the rows of `bt` no nonzero touches (most of them
-// for RoSA masks). The inner loops are compiled twice (generic SSE2 and AVX2+FMA), the CPU picks.
-// Assumes validated CSR and rows of `a`/`bt` contiguous with the given row strides.
+// Work split: rows of the mask go to OpenMP threads dynamically, in `row_indices` order
+// (heaviest first). A row's dot products are computed four nonzeros at a time (then two, then
+// one), so each loaded vector of a's row feeds four fused multiply-adds into independent
+// accumulator chains. float/double operands whose k is a whole number of steps are read in
+// place; otherwise the rows of `bt` some nonzero uses are converted to float once per call and
+// zero-padded to whole steps (per-thread workspace), and each row of `a` is converted when its
+// thread reaches it. The inner loops are compiled twice (generic SSE2 and AVX2+FMA) and the CPU
+// picks. Assumes validated CSR and rows of `a`/`bt` contiguous with the given row strides.
+// Measurements and the designs that lost (L2 panels, packing float rows): docs/perf-notes-cpu.md.
 #pragma once
 
 #include <algorithm>
 #include <type_traits>
-#include <vector>
 
 #include "cpu/common.h"
 
@@ -27,52 +23,35 @@ template <typename T>
 struct Problem {
   using Acc = accumulator_t<T>;
   const int32_t* row_offsets;
-  const int32_t* packed_cols;  // col_indices renumbered to rows of `packed`
+  const int32_t* cols;  // rows of `bt` read by each nonzero
   const T* a;
   int64_t a_stride;
-  const Acc* packed;  // the panel's used rows of bt (zero-padded) or bt itself, row stride `panel`
-  int64_t panel;
-  Acc* sums;          // one running sum per nonzero (16-bit outputs), or null
+  const Acc* bt;        // float/double rows of width `width`, row stride bt_stride
+  int64_t bt_stride;
+  int64_t k;            // the true inner size
+  int64_t width;        // k rounded up to whole steps (zero-padded when it differs)
   T* out;
-  bool first_panel, last_panel;
 };
 
-// Two vectors per dot product (16 floats / 8 doubles per step) and four dot products at once:
-// eight independent accumulator chains.
+// Two vectors per step of a dot product (16 floats / 8 doubles).
 template <typename Acc>
 constexpr int64_t kStep = 2 * Vec<Acc>::lanes;
 
 template <typename Acc>
-ROSA_ALWAYS_INLINE Acc horizontal_sum(typename Vec<Acc>::type x) {
+ROSA_ALWAYS_INLINE Acc horizontal_sum(const typename Vec<Acc>::type& x) {
   Acc sum = 0;
   for (int64_t l = 0; l < Vec<Acc>::lanes; ++l) sum += x[l];
   return sum;
 }
 
-// Adds the panel's part of the dot products of one mask row; `a_row` is the converted,
-// zero-padded panel of a's row and `width` a multiple of kStep.
+// The dot products of one mask row with a's row `a_row` (float/double, p.width long).
 template <typename T>
-ROSA_ALWAYS_INLINE void row_panel(const Problem<T>& p, int64_t row, const accumulator_t<T>* a_row,
-                                  int64_t width) {
+ROSA_ALWAYS_INLINE void dots(const Problem<T>& p, int64_t row, const accumulator_t<T>* a_row) {
   using Acc = accumulator_t<T>;
   using V = typename Vec<Acc>::type;
   constexpr int64_t L = Vec<Acc>::lanes;
-  const int64_t begin = p.row_offsets[row], end = p.row_offsets[row + 1];
-  auto bt_row = [&](int64_t q) { return p.packed + static_cast<int64_t>(p.packed_cols[q]) * p.panel; };
-  // Running sums live in `out` for float/double and in `sums` for 16-bit outputs, which are
-  // rounded once, after the last panel.
-  auto store = [&](int64_t q, Acc value) {
-    if constexpr (std::is_same_v<T, Acc>) {
-      p.out[q] = p.first_panel ? value : p.out[q] + value;
-    } else {
-      const Acc sum = p.first_panel ? value : p.sums[q] + value;
-      if (p.last_panel) {
-        p.out[q] = static_cast<T>(sum);
-      } else {
-        p.sums[q] = sum;
-      }
-    }
-  };
+  const int64_t begin = p.row_offsets[row], end = p.row_offsets[row + 1], width = p.width;
+  auto bt_row = [&](int64_t q) { return p.bt + static_cast<int64_t>(p.cols[q]) * p.bt_stride; };
   int64_t q = begin;
   for (; q + 4 <= end; q += 4) {
     const Acc* b0 = bt_row(q);
@@ -91,10 +70,10 @@ ROSA_ALWAYS_INLINE void row_panel(const Problem<T>& p, int64_t row, const accumu
       s3 += x * load_vec(b3 + c);
       t3 += y * load_vec(b3 + c + L);
     }
-    store(q, horizontal_sum<Acc>(s0 + t0));
-    store(q + 1, horizontal_sum<Acc>(s1 + t1));
-    store(q + 2, horizontal_sum<Acc>(s2 + t2));
-    store(q + 3, horizontal_sum<Acc>(s3 + t3));
+    p.out[q] = static_cast<T>(horizontal_sum<Acc>(s0 + t0));
+    p.out[q + 1] = static_cast<T>(horizontal_sum<Acc>(s1 + t1));
+    p.out[q + 2] = static_cast<T>(horizontal_sum<Acc>(s2 + t2));
+    p.out[q + 3] = static_cast<T>(horizontal_sum<Acc>(s3 + t3));
   }
   if (q + 2 <= end) {
     const Acc* b0 = bt_row(q);
@@ -107,8 +86,8 @@ ROSA_ALWAYS_INLINE void row_panel(const Problem<T>& p, int64_t row, const accumu
       s1 += x * load_vec(b1 + c);
       t1 += y * load_vec(b1 + c + L);
     }
-    store(q, horizontal_sum<Acc>(s0 + t0));
-    store(q + 1, horizontal_sum<Acc>(s1 + t1));
+    p.out[q] = static_cast<T>(horizontal_sum<Acc>(s0 + t0));
+    p.out[q + 1] = static_cast<T>(horizontal_sum<Acc>(s1 + t1));
     q += 2;
   }
   if (q < end) {
@@ -126,38 +105,37 @@ ROSA_ALWAYS_INLINE void row_panel(const Problem<T>& p, int64_t row, const accumu
       s0 += load_vec(a_row + c) * load_vec(b + c);
       s1 += load_vec(a_row + c + L) * load_vec(b + c + L);
     }
-    store(q, horizontal_sum<Acc>((s0 + s1) + (s2 + s3)));
+    p.out[q] = static_cast<T>(horizontal_sum<Acc>((s0 + s1) + (s2 + s3)));
   }
 }
 
-// One mask row's part of a panel [c0, c0 + width): convert a's row, then the dot products.
+// One mask row: a's row in place when it already is float/double of whole steps, else
+// converted and zero-padded into the thread's workspace.
 template <typename T>
-ROSA_ALWAYS_INLINE void row(const Problem<T>& p, int64_t i, int64_t c0, int64_t width,
-                            accumulator_t<T>* a_row) {
+ROSA_ALWAYS_INLINE void row(const Problem<T>& p, int64_t i) {
   using Acc = accumulator_t<T>;
   if (p.row_offsets[i] == p.row_offsets[i + 1]) return;
-  const int64_t padded = (width + kStep<Acc> - 1) / kStep<Acc> * kStep<Acc>;
-  const T* source = p.a + i * p.a_stride + c0;
+  const T* source = p.a + i * p.a_stride;
   if constexpr (std::is_same_v<T, Acc>) {
-    if (padded == width) {
-      row_panel<T>(p, i, source, width);  // already the right type and no padding needed
+    if (p.width == p.k) {
+      dots<T>(p, i, source);
       return;
     }
   }
-  for (int64_t c = 0; c < width; ++c) a_row[c] = to_acc(source[c]);
-  for (int64_t c = width; c < padded; ++c) a_row[c] = Acc(0);
-  row_panel<T>(p, i, a_row, padded);
+  Acc* a_row = workspace<Acc, 1>(static_cast<size_t>(p.width));
+  for (int64_t c = 0; c < p.k; ++c) a_row[c] = to_acc(source[c]);
+  for (int64_t c = p.k; c < p.width; ++c) a_row[c] = Acc(0);
+  dots<T>(p, i, a_row);
 }
 
 template <typename T>
-void row_generic(const Problem<T>& p, int64_t i, int64_t c0, int64_t width, accumulator_t<T>* a_row) {
-  row<T>(p, i, c0, width, a_row);
+void row_generic(const Problem<T>& p, int64_t i) {
+  row<T>(p, i);
 }
 
 template <typename T>
-ROSA_TARGET_AVX2 void row_avx2(const Problem<T>& p, int64_t i, int64_t c0, int64_t width,
-                               accumulator_t<T>* a_row) {
-  row<T>(p, i, c0, width, a_row);
+ROSA_TARGET_AVX2 void row_avx2(const Problem<T>& p, int64_t i) {
+  row<T>(p, i);
 }
 
 }  // namespace sddmm_detail
@@ -171,59 +149,29 @@ void sddmm(const int32_t* row_offsets, const int32_t* row_indices, const int32_t
   const int64_t nnz = row_offsets[m];
   if (nnz == 0) return;
   const auto row_fn = cpu_has_avx2_fma() ? &row_avx2<T> : &row_generic<T>;
-  const UsedRows used = used_rows(col_indices, nnz, n);
-  const int64_t used_count = static_cast<int64_t>(used.rows.size());
+  const int64_t width = (k + kStep<Acc> - 1) / kStep<Acc> * kStep<Acc>;
+  Problem<T> p{row_offsets, col_indices, a, a_stride, nullptr, bt_stride, k, width, out};
+  auto run = [&] { parallel_for(m, num_threads, 4, [&](int64_t r) { row_fn(p, row_indices[r]); }); };
   if constexpr (std::is_same_v<T, Acc>) {
-    if (!worth_packing(nnz, used_count, false) && k % kStep<Acc> == 0) {
-      // Few reads per row of `bt`: read whole rows in place, one panel.
-      const Problem<T> p{row_offsets, col_indices, a, a_stride, bt, bt_stride, nullptr, out,
-                         true, true};
-      parallel_for(m, num_threads, 4, [&](int64_t r) {
-        row_fn(p, row_indices[r], 0, k, workspace<Acc, 2>(static_cast<size_t>(k)));
-      });
+    if (width == k) {
+      p.bt = bt;
+      run();
       return;
     }
   }
-  // Wider panels than spmm's (1 MiB): every panel adds a horizontal sum and a read-modify-write
-  // of each nonzero's running sum, which cost more than the extra L2 misses (measured).
-  const int64_t panel =
-      panel_width(used_count, std::max<int64_t>(k, 1), sizeof(Acc), kStep<Acc>, 1024 * 1024);
-  // k == 0 still runs one (empty) panel, so every output is written (as 0).
-  const int64_t panels = std::max<int64_t>(1, (k + panel - 1) / panel);
-  // All panels are packed up front so the threads meet at one barrier, not two per panel.
-  Acc* packed = workspace<Acc, 0>(static_cast<size_t>(panels * used_count * panel));
-  Acc* sums = workspace<Acc, 1>(std::is_same_v<T, Acc> || panels == 1 ? 0 : static_cast<size_t>(nnz));
-#ifdef ROSA_WITH_OPENMP
-#pragma omp parallel num_threads(num_threads) if (num_threads > 1 && m > 1)
-#endif
-  {
-#ifdef ROSA_WITH_OPENMP
-#pragma omp for schedule(static)
-#endif
-    for (int64_t u = 0; u < used_count; ++u) {
-      const T* source = bt + static_cast<int64_t>(used.rows[u]) * bt_stride;
-      for (int64_t t = 0; t < panels; ++t) {
-        const int64_t c0 = t * panel, width = std::min(panel, k - c0);
-        const int64_t padded = (width + kStep<Acc> - 1) / kStep<Acc> * kStep<Acc>;
-        Acc* target = packed + (t * used_count + u) * panel;
-        for (int64_t c = 0; c < width; ++c) target[c] = to_acc(source[c0 + c]);
-        for (int64_t c = width; c < padded; ++c) target[c] = Acc(0);
-      }
-    }
-    Acc* a_row = workspace<Acc, 2>(static_cast<size_t>(panel));
-    // The same static schedule in every panel gives each row one owner, so the running sums
-    // need no barrier between panels.
-    for (int64_t t = 0; t < panels; ++t) {
-      const int64_t c0 = t * panel, width = std::max<int64_t>(0, std::min(panel, k - c0));
-      const Problem<T> p{row_offsets, used.renumbered.data(), a, a_stride,
-                         packed + t * used_count * panel, panel, sums, out,
-                         t == 0, t == panels - 1};
-#ifdef ROSA_WITH_OPENMP
-#pragma omp for schedule(static, 4) nowait
-#endif
-      for (int64_t r = 0; r < m; ++r) row_fn(p, row_indices[r], c0, width, a_row);
-    }
-  }
+  const UsedRows used = used_rows(col_indices, nnz, n);
+  const int64_t used_count = static_cast<int64_t>(used.rows.size());
+  Acc* converted = workspace<Acc, 0>(static_cast<size_t>(used_count * width));
+  parallel_for(used_count, num_threads, 16, [&](int64_t u) {
+    const T* source = bt + static_cast<int64_t>(used.rows[u]) * bt_stride;
+    Acc* target = converted + u * width;
+    for (int64_t c = 0; c < k; ++c) target[c] = to_acc(source[c]);
+    for (int64_t c = k; c < width; ++c) target[c] = Acc(0);
+  });
+  p.cols = used.renumbered.data();
+  p.bt = converted;
+  p.bt_stride = width;
+  run();
 }
 
 }  // namespace rosa::cpu
