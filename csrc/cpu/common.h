@@ -90,15 +90,31 @@ inline void parallel_for(int64_t count, int num_threads, int64_t chunk, const Bo
 
 namespace rosa::cpu {
 
-// A per-thread scratch buffer that only grows: converted operands are megabytes, and
-// fresh allocations of that size come from mmap, whose page faults cost as much as a whole
-// low-density product. It lives as long as the thread and keeps its largest size. Slot tells buffers apart that are used at the same time.
+// Scratch memory for converted operands. Requests up to kKeptBytes reuse a per-thread buffer
+// that only grows: fresh multi-megabyte allocations come from mmap, whose first-touch page
+// faults cost as much as a whole low-density product. Larger requests get memory of their own,
+// freed with the Workspace, so no thread keeps hundreds of megabytes alive. Slot tells apart
+// buffers in use at the same time.
 template <typename Element, int Slot>
-inline Element* workspace(size_t count) {
-  thread_local std::vector<Element> buffer;
-  if (buffer.size() < count) buffer.resize(count);
-  return buffer.data();
-}
+class Workspace {
+ public:
+  explicit Workspace(size_t count) {
+    constexpr size_t kKeptBytes = size_t(64) << 20;
+    if (count * sizeof(Element) <= kKeptBytes) {
+      thread_local std::vector<Element> kept;
+      if (kept.size() < count) kept.resize(count);
+      data_ = kept.data();
+    } else {
+      owned_.resize(count);
+      data_ = owned_.data();
+    }
+  }
+  Element* data() const { return data_; }
+
+ private:
+  std::vector<Element> owned_;
+  Element* data_ = nullptr;
+};
 
 // The rows of a dense operand that the nonzeros use, in ascending order, and each nonzero's
 // column renumbered to its position in that list: rows nobody reads are never packed.

@@ -122,7 +122,8 @@ ROSA_ALWAYS_INLINE void row(const Problem<T>& p, int64_t i) {
       return;
     }
   }
-  Acc* a_row = workspace<Acc, 1>(static_cast<size_t>(p.width));
+  const Workspace<Acc, 1> workspace(static_cast<size_t>(p.width));
+  Acc* a_row = workspace.data();
   for (int64_t c = 0; c < p.k; ++c) a_row[c] = to_acc(source[c]);
   for (int64_t c = p.k; c < p.width; ++c) a_row[c] = Acc(0);
   dots<T>(p, i, a_row);
@@ -161,7 +162,8 @@ void sddmm(const int32_t* row_offsets, const int32_t* row_indices, const int32_t
   }
   const UsedRows used = used_rows(col_indices, nnz, n);
   const int64_t used_count = static_cast<int64_t>(used.rows.size());
-  Acc* converted = workspace<Acc, 0>(static_cast<size_t>(used_count * width));
+  const Workspace<Acc, 0> workspace(static_cast<size_t>(used_count * width));
+  Acc* converted = workspace.data();
   parallel_for(used_count, num_threads, 16, [&](int64_t u) {
     const T* source = bt + static_cast<int64_t>(used.rows[u]) * bt_stride;
     Acc* target = converted + u * width;

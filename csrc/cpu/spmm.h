@@ -102,21 +102,22 @@ void spmm(const T* values, const int32_t* row_offsets, const int32_t* row_indice
   using Acc = accumulator_t<T>;
   if (m == 0 || k == 0) return;
   const auto row_fn = cpu_has_avx2_fma() ? &row_avx2<T> : &row_generic<T>;
-  Problem<T> p{values, row_offsets, col_indices, nullptr, dense_stride, out, k};
-  UsedRows used;
+  auto run = [&](const Problem<T>& p) {
+    parallel_for(m, num_threads, 4, [&](int64_t r) { row_fn(p, row_indices[r]); });
+  };
   if constexpr (std::is_same_v<T, Acc>) {
-    p.dense = dense;
+    run(Problem<T>{values, row_offsets, col_indices, dense, dense_stride, out, k});
   } else {
-    used = used_rows(col_indices, row_offsets[m], n);
+    const UsedRows used = used_rows(col_indices, row_offsets[m], n);
     const int64_t used_count = static_cast<int64_t>(used.rows.size());
-    Acc* converted = workspace<Acc, 0>(static_cast<size_t>(used_count * k));
+    const Workspace<Acc, 0> workspace(static_cast<size_t>(used_count * k));
+    Acc* converted = workspace.data();
     parallel_for(used_count, num_threads, 16, [&](int64_t u) {
       const T* source = dense + static_cast<int64_t>(used.rows[u]) * dense_stride;
       for (int64_t c = 0; c < k; ++c) converted[u * k + c] = to_acc(source[c]);
     });
-    p = Problem<T>{values, row_offsets, used.renumbered.data(), converted, k, out, k};
+    run(Problem<T>{values, row_offsets, used.renumbered.data(), converted, k, out, k});
   }
-  parallel_for(m, num_threads, 4, [&](int64_t r) { row_fn(p, row_indices[r]); });
 }
 
 }  // namespace rosa::cpu
