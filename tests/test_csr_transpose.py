@@ -93,3 +93,21 @@ def test_csr_transpose_real_masks(device, real_masks_sample):
     for mask in real_masks_sample.values():
         A = mask.to(device)
         check_transpose(A, run_transpose(A))
+
+
+def test_csr_transpose_never_goes_through_a_dense_matrix(device):
+    # A 2M x 1M matrix with 5 nonzeros: a dense detour would need 8 TB; O(nnz + m + n) is instant.
+    m, n = 2_000_000, 1_000_000
+    rows = torch.tensor([3, 3, 70_000, 1_999_999, 1_999_999])
+    cols = torch.tensor([0, 999_999, 5, 17, 500_000], dtype=torch.int32)
+    row_offsets = torch.zeros(m + 1, dtype=torch.int32)
+    row_offsets[1:] = torch.cumsum(torch.bincount(rows, minlength=m), 0).to(torch.int32)
+    values = torch.arange(1.0, 6.0)
+    values_t, row_offsets_t, col_indices_t, permutation = rosa_kernels.csr_transpose(
+        values.to(device), row_offsets.to(device), cols.to(device), m, n, return_permutation=True
+    )
+    assert row_offsets_t.shape == (n + 1,)
+    # Column-major order of the nonzeros: (0: row 3), (5: row 70000), (17: row 1999999), ...
+    assert col_indices_t.tolist() == [3, 70_000, 1_999_999, 1_999_999, 3]
+    assert values_t.tolist() == [1.0, 3.0, 4.0, 5.0, 2.0]
+    assert permutation.tolist() == [0, 2, 3, 4, 1]
