@@ -43,3 +43,8 @@ def real_masks_sample():
         "encoder.layer.5.output.dense@0.003",
     ]
     return {name: masks[name] for name in names}
+
+
+def pytest_configure(config):
+    # Also registered in pyproject.toml by the GPU check; repeated here so the suite runs alone.
+    config.addinivalue_line("markers", "sanitizer: small CUDA cases run under compute-sanitizer")

@@ -126,6 +126,7 @@ def test_csr_add_inplace_opcheck(device, gen):
                           (A.values, A.row_offsets, A.row_indices, A.col_indices, dense))
 
 
+@pytest.mark.sanitizer  # small and realistic: the compute-sanitizer subset on a GPU
 def test_csr_add_real_masks(device, real_masks_sample):
     gen = torch.Generator().manual_seed(3)
     for mask in real_masks_sample.values():

@@ -89,6 +89,7 @@ def test_csr_transpose_opcheck(device, gen):
                           (values, A.row_offsets, A.col_indices, 11, 9))
 
 
+@pytest.mark.sanitizer  # small and realistic: the compute-sanitizer subset on a GPU
 def test_csr_transpose_real_masks(device, real_masks_sample):
     for mask in real_masks_sample.values():
         A = mask.to(device)

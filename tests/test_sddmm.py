@@ -110,6 +110,7 @@ def test_sddmm_opcheck(device, gen):
                           (mask.row_offsets, mask.row_indices, mask.col_indices, a, bt))
 
 
+@pytest.mark.sanitizer  # small and realistic: the compute-sanitizer subset on a GPU
 def test_sddmm_real_masks(device, real_masks_sample):
     gen = torch.Generator().manual_seed(2)
     for mask in real_masks_sample.values():

@@ -123,6 +123,7 @@ def test_spmm_opcheck(device, gen):
                           (values, A.row_offsets, A.row_indices, A.col_indices, dense, 11))
 
 
+@pytest.mark.sanitizer  # small and realistic: the compute-sanitizer subset on a GPU
 def test_spmm_real_masks(device, real_masks_sample):
     gen = torch.Generator().manual_seed(1)
     for name, mask in real_masks_sample.items():
