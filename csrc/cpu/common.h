@@ -72,6 +72,13 @@ inline bool cpu_has_avx2_fma() {
 #endif
 }
 
+// Threads worth using for `fma_count` multiply-adds: starting a parallel region costs ~10 us
+// on a quiet machine and up to a scheduler time slice (~4 ms) on a busy one, so products below
+// ~1 M multiply-adds (~0.1 ms on one core) stay on the calling thread.
+inline int threads_for(int64_t fma_count, int num_threads) {
+  return fma_count < (int64_t(1) << 20) ? 1 : num_threads;
+}
+
 // Runs body(i) for i in [0, count), split over num_threads OpenMP threads with dynamic
 // scheduling: rows of a sparse matrix differ widely in cost.
 template <typename Body>

@@ -150,6 +150,7 @@ void sddmm(const int32_t* row_offsets, const int32_t* row_indices, const int32_t
   const int64_t nnz = row_offsets[m];
   if (nnz == 0) return;
   const auto row_fn = cpu_has_avx2_fma() ? &row_avx2<T> : &row_generic<T>;
+  num_threads = threads_for(nnz * k, num_threads);
   const int64_t width = (k + kStep<Acc> - 1) / kStep<Acc> * kStep<Acc>;
   Problem<T> p{row_offsets, col_indices, a, a_stride, nullptr, bt_stride, k, width, out};
   auto run = [&] { parallel_for(m, num_threads, 4, [&](int64_t r) { row_fn(p, row_indices[r]); }); };

@@ -102,6 +102,7 @@ void spmm(const T* values, const int32_t* row_offsets, const int32_t* row_indice
   using Acc = accumulator_t<T>;
   if (m == 0 || k == 0) return;
   const auto row_fn = cpu_has_avx2_fma() ? &row_avx2<T> : &row_generic<T>;
+  num_threads = threads_for(row_offsets[m] * k, num_threads);
   auto run = [&](const Problem<T>& p) {
     parallel_for(m, num_threads, 4, [&](int64_t r) { row_fn(p, row_indices[r]); });
   };
