@@ -13,6 +13,7 @@
 #include "cpu/csr_transpose.h"
 #include "cpu/sddmm.h"
 #include "cpu/spmm.h"
+#include "cpu/structure.h"
 
 namespace rosa {
 namespace {
@@ -23,6 +24,18 @@ namespace {
 
 int threads() { return at::get_num_threads(); }
 
+// Index contents are the Python boundary's job, but a direct torch.ops call must not crash the
+// process: on the CPU the memory-safety part of the check is one cheap pass (cpu/structure.h).
+// Takes the contiguous int32 index tensors the kernel will read; row_indices may be undefined.
+void check_structure_is_safe(const at::Tensor& row_offsets, const at::Tensor& row_indices,
+                             const at::Tensor& col_indices, int64_t m, int64_t n) {
+  const std::string problem = cpu::unsafe_structure(
+      row_offsets.data_ptr<int32_t>(),
+      row_indices.defined() ? row_indices.data_ptr<int32_t>() : nullptr,
+      col_indices.data_ptr<int32_t>(), m, n, col_indices.size(0));
+  TORCH_CHECK(problem.empty(), problem);
+}
+
 at::Tensor spmm_cpu(const at::Tensor& values, const at::Tensor& row_offsets,
                     const at::Tensor& row_indices, const at::Tensor& col_indices,
                     const at::Tensor& dense, int64_t m) {
@@ -32,35 +45,35 @@ at::Tensor spmm_cpu(const at::Tensor& values, const at::Tensor& row_offsets,
   const auto dense_rows = rows_contiguous(dense);
   const auto offsets = row_offsets.contiguous(), order = row_indices.contiguous(),
              cols = col_indices.contiguous(), vals = values.contiguous();
+  check_structure_is_safe(offsets, order, cols, m, dense.size(0));
   auto out = at::empty({m, dense.size(1)}, dense.options());
   ROSA_DISPATCH_VALUES(values.scalar_type(), "rosa_kernels::spmm", [&] {
     cpu::spmm<scalar_t>(vals.data_ptr<scalar_t>(), offsets.data_ptr<int32_t>(),
                         order.data_ptr<int32_t>(), cols.data_ptr<int32_t>(),
                         dense_rows.data_ptr<scalar_t>(), dense_rows.stride(0),
-                        out.data_ptr<scalar_t>(), m, dense.size(1), threads());
+                        out.data_ptr<scalar_t>(), m, dense.size(0), dense.size(1), threads());
   });
   return out;
 }
 
 at::Tensor sddmm_cpu(const at::Tensor& row_offsets, const at::Tensor& row_indices,
                      const at::Tensor& col_indices, const at::Tensor& a, const at::Tensor& bt) {
-  check_index(row_offsets, "row_offsets", -1);
-  TORCH_CHECK(row_offsets.size(0) >= 1, "row_offsets must have length >= 1");
-  const int64_t m = row_offsets.size(0) - 1;
-  check_dense(a, a, "a", m);
+  check_dense(a, a, "a", -1);
   check_dense(a, bt, "bt", -1);
+  const int64_t m = a.size(0);
   TORCH_CHECK(bt.size(1) == a.size(1), "bt must have ", a.size(1), " columns (a's), got ",
               bt.size(1));
   check_csr(a, row_offsets, row_indices, col_indices, m, col_indices.size(0));
   const auto a_rows = rows_contiguous(a), bt_rows = rows_contiguous(bt);
   const auto offsets = row_offsets.contiguous(), order = row_indices.contiguous(),
              cols = col_indices.contiguous();
+  check_structure_is_safe(offsets, order, cols, m, bt.size(0));
   auto out = at::empty({col_indices.size(0)}, a.options());
   ROSA_DISPATCH_VALUES(a.scalar_type(), "rosa_kernels::sddmm", [&] {
     cpu::sddmm<scalar_t>(offsets.data_ptr<int32_t>(), order.data_ptr<int32_t>(),
                          cols.data_ptr<int32_t>(), a_rows.data_ptr<scalar_t>(), a_rows.stride(0),
                          bt_rows.data_ptr<scalar_t>(), bt_rows.stride(0),
-                         out.data_ptr<scalar_t>(), m, a.size(1), threads());
+                         out.data_ptr<scalar_t>(), m, bt.size(0), a.size(1), threads());
   });
   return out;
 }
@@ -74,6 +87,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> csr_transpose_cpu(
   const int64_t nnz = values.size(0);
   const auto offsets = row_offsets.contiguous(), cols = col_indices.contiguous(),
              vals = values.contiguous();
+  check_structure_is_safe(offsets, at::Tensor(), cols, m, n);
   auto values_t = at::empty({nnz}, values.options());
   auto row_offsets_t = at::empty({n + 1}, row_offsets.options());
   auto col_indices_t = at::empty({nnz}, col_indices.options());
@@ -98,6 +112,7 @@ void csr_add_inplace_cpu(const at::Tensor& values, const at::Tensor& row_offsets
               "dense must have contiguous rows for an in-place csr_add");
   const auto offsets = row_offsets.contiguous(), cols = col_indices.contiguous(),
              vals = values.contiguous();
+  check_structure_is_safe(offsets, row_indices.contiguous(), cols, dense.size(0), dense.size(1));
   ROSA_DISPATCH_VALUES(values.scalar_type(), "rosa_kernels::csr_add_", [&] {
     cpu::csr_add<scalar_t>(vals.data_ptr<scalar_t>(), offsets.data_ptr<int32_t>(),
                            cols.data_ptr<int32_t>(), dense.data_ptr<scalar_t>(), dense.stride(0),
@@ -108,8 +123,9 @@ void csr_add_inplace_cpu(const at::Tensor& values, const at::Tensor& row_offsets
 at::Tensor csr_add_cpu(const at::Tensor& values, const at::Tensor& row_offsets,
                        const at::Tensor& row_indices, const at::Tensor& col_indices,
                        const at::Tensor& dense) {
+  check_values(values);
   check_dense(values, dense, "dense", -1);
-  auto out = dense.contiguous().clone();
+  auto out = dense.clone(at::MemoryFormat::Contiguous);
   csr_add_inplace_cpu(values, row_offsets, row_indices, col_indices, out);
   return out;
 }

@@ -71,19 +71,26 @@ def check_size(x, name: str) -> int:
     return x
 
 
-def as_index(x, name: str, length: int | None = None) -> torch.Tensor:
-    """Checks an index tensor and returns it as int32 (int16 and int64 are converted)."""
+def as_index(x, name: str, length: int | None = None, *, length_name: str | None = None,
+             check_range: bool = True) -> torch.Tensor:
+    """Checks an index tensor and returns it as int32 (int16 and int64 are converted).
+
+    ``length_name`` says where an expected ``length`` comes from in error messages (``"m + 1"``).
+    ``check_range`` reads int64 contents to refuse values that do not fit in int32 (a GPU
+    synchronization); without it such values are undefined behaviour, like other bad contents.
+    """
     check_tensor(x, name)
     if x.dtype not in INDEX_DTYPES:
         raise TypeError(f"{name} must be an integer tensor (int32; int16/int64 are converted), got {x.dtype}")
     if x.dim() != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(x.shape)}")
     if length is not None and x.shape[0] != length:
-        raise ValueError(f"{name} must have length {length}, got {x.shape[0]}")
-    if x.dtype == torch.int64 and x.numel() > 0 and not _is_symbolic(x):
-        lo, hi = torch.aminmax(x)
-        if int(lo) < -INT32_MAX - 1 or int(hi) > INT32_MAX:
-            raise ValueError(f"{name} holds values that do not fit in int32")
+        expected = f"{length_name} = {length}" if length_name else f"{length}"
+        raise ValueError(f"{name} must have length {expected}, got {x.shape[0]}")
+    if check_range and x.dtype == torch.int64 and x.numel() > 0 and not _is_symbolic(x):
+        lo, hi = (int(v) for v in torch.aminmax(x))
+        if lo < -INT32_MAX - 1 or hi > INT32_MAX:
+            raise ValueError(f"{name} must fit in int32, got values in [{lo}, {hi}]")
     return x.to(torch.int32)
 
 
@@ -117,67 +124,104 @@ def validate_csr(row_offsets, col_indices, m, n, nnz=None, row_indices=None, *, 
     """Checks a CSR structure of an ``m x n`` matrix and returns its index tensors as int32.
 
     Returns ``(row_offsets, col_indices, row_indices)`` (``row_indices`` is ``None`` when not given).
+    ``nnz``, when given, is the expected length of ``col_indices`` (the length of ``values``).
     With ``check_contents`` the index *contents* are checked too: offsets start at 0, never decrease
-    and end at ``nnz``; columns lie in ``[0, n)`` and strictly increase inside each row;
+    and end at nnz; columns lie in ``[0, n)`` and strictly increase inside each row;
     ``row_indices`` is a permutation of ``0..m-1``. On a GPU that costs one synchronization, which
     is why hot paths validate a structure once and then pass ``validate=False`` to the ops.
+    Raises ``TypeError`` (wrong types/dtypes) or ``ValueError`` (lengths, contents, devices).
     """
+    return _validate_csr(row_offsets, col_indices, m, n, nnz, row_indices, check_contents=check_contents)
+
+
+def _validate_csr(row_offsets, col_indices, m, n, nnz=None, row_indices=None, *, check_contents=True,
+                  m_name="m", n_name="n", nnz_name="nnz"):
+    """:func:`validate_csr` with the names the caller's sizes come from, for error messages
+    (``spmm`` says ``n = dense.shape[0]``, ``csr_add`` says ``m = dense.shape[0]``)."""
     m = check_size(m, "m")
     n = check_size(n, "n")
-    row_offsets = as_index(row_offsets, "row_offsets", m + 1 if isinstance(m, int) else None)
-    col_indices = as_index(col_indices, "col_indices", nnz)
+    if nnz is not None:
+        nnz = check_size(nnz, "nnz")
+    known_m = isinstance(m, int)
+    row_offsets = as_index(row_offsets, "row_offsets", m + 1 if known_m else None,
+                           length_name=f"{m_name} + 1", check_range=check_contents)
+    col_indices = as_index(col_indices, "col_indices", nnz, length_name=nnz_name, check_range=check_contents)
     check_same_device(row_offsets, "row_offsets", col_indices=col_indices)
     if row_indices is not None:
-        row_indices = as_index(row_indices, "row_indices", m if isinstance(m, int) else None)
+        row_indices = as_index(row_indices, "row_indices", m if known_m else None, length_name=m_name,
+                               check_range=check_contents)
         check_same_device(row_offsets, "row_offsets", row_indices=row_indices)
     if check_contents and not _is_symbolic(row_offsets):
-        _check_contents(row_offsets, col_indices, row_indices, m, n)
+        _check_contents(row_offsets, col_indices, row_indices, n, n_name)
     return row_offsets, col_indices, row_indices
 
 
-def _check_contents(row_offsets, col_indices, row_indices, m, n):
+def _first(violations: torch.Tensor) -> int:
+    """The first position where a boolean vector is True."""
+    return int(violations.nonzero()[0, 0])
+
+
+def _check_contents(row_offsets, col_indices, row_indices, n, n_name):
+    """Raises ValueError on the first broken rule of a row-sorted CSR structure.
+
+    Every rule is reduced to one boolean on the tensors' device and all of them are copied to the
+    host together: one synchronization on a GPU. Only a failing rule pays for a detailed message.
+    """
+    m = row_offsets.shape[0] - 1
     nnz = col_indices.shape[0]
     offsets = row_offsets.long()
     cols = col_indices.long()
-    # All checks go into one boolean vector so a GPU tensor costs a single synchronization.
-    checks = [offsets[0] == 0, offsets[-1] == nnz, (offsets[1:] >= offsets[:-1]).all()]
+    decreasing = offsets[1:] < offsets[:-1]
+    below_zero = cols < 0
+    too_large = cols >= n
+    # Inside a row columns strictly increase: a step that does not increase is allowed only where
+    # a new row starts. Positions where a row starts are marked from the offsets (clamped, so
+    # broken offsets cannot index out of range: they are reported by the rules above anyway).
+    row_start = torch.zeros(nnz, dtype=torch.bool, device=cols.device)
     if nnz > 0:
-        checks += [cols.min() >= 0, cols.max() < n]
-        # Within a row, columns must strictly increase: a step that does not increase is allowed
-        # only where a new row starts.
-        if nnz > 1:
-            row_start = torch.zeros(nnz, dtype=torch.bool, device=cols.device)
-            row_start[offsets[1:-1].clamp(0, nnz - 1)] = True
-            checks.append(((cols[1:] > cols[:-1]) | row_start[1:]).all())
-        else:
-            checks.append(torch.ones((), dtype=torch.bool, device=cols.device))
-    else:
-        checks += [torch.ones((), dtype=torch.bool, device=cols.device)] * 3
+        row_start[offsets[1:-1].clamp(0, nnz - 1)] = True
+    unsorted = (cols[1:] <= cols[:-1]) & ~row_start[1:]
+
+    rules = [
+        (offsets[0] != 0, lambda: f"row_offsets[0] must be 0, got {int(offsets[0])}"),
+        (decreasing, lambda: _decreasing_message(offsets, _first(decreasing))),
+        (offsets[-1] != nnz, lambda: (
+            f"row_offsets[-1] must equal nnz = {nnz} (the length of col_indices), got {int(offsets[-1])}")),
+        (below_zero, lambda: _column_message(cols, _first(below_zero), "must be >= 0")),
+        (too_large, lambda: _column_message(cols, _first(too_large), f"must be < {n_name} = {n}")),
+        (unsorted, lambda: _unsorted_message(cols, _first(unsorted) + 1)),
+    ]
     if row_indices is not None and m > 0:
         rows = row_indices.long()
-        in_range = (rows.min() >= 0) & (rows.max() < m)
+        out_of_range = (rows < 0) | (rows >= m)
         counts = torch.bincount(rows.clamp(0, m - 1), minlength=m)
-        checks += [in_range, in_range & (counts == 1).all()]
-    ok = torch.stack([c.reshape(()) for c in checks]).cpu().tolist()
-    messages = [
-        "row_offsets[0] must be 0",
-        f"row_offsets[-1] must equal nnz = {nnz} (the length of col_indices/values)",
-        "row_offsets must be nondecreasing",
-        "col_indices must be >= 0",
-        f"col_indices must be < n = {n}",
-        "col_indices must strictly increase inside each row (sorted, no duplicates)",
-        f"row_indices must lie in [0, m) with m = {m}",
-        "row_indices must be a permutation of 0..m-1 (each row exactly once)",
-    ]
-    for passed, message in zip(ok, messages):
-        if not passed:
-            if message.startswith("row_offsets[-1]") or message.startswith("row_offsets must") or message.startswith("row_offsets[0]"):
-                detail = f"; got row_offsets[0] = {int(row_offsets[0])}, row_offsets[-1] = {int(row_offsets[-1])}"
-            elif message.startswith("col_indices must be"):
-                detail = f"; got values in [{int(cols.min())}, {int(cols.max())}]"
-            else:
-                detail = ""
-            raise ValueError(message + detail)
+        rules += [
+            (out_of_range, lambda: (
+                f"row_indices must lie in [0, m = {m}), got row_indices[{_first(out_of_range)}] = "
+                f"{int(rows[_first(out_of_range)])}")),
+            (counts != 1, lambda: (
+                f"row_indices must be a permutation of 0..m-1 (each row once), but row "
+                f"{_first(counts != 1)} appears {int(counts[_first(counts != 1)])} times")),
+        ]
+    # Each condition is True where the rule is broken.
+    broken = torch.stack([condition.any() for condition, _ in rules]).tolist()
+    for is_broken, (_, message) in zip(broken, rules):
+        if is_broken:
+            raise ValueError(message())
+
+
+def _decreasing_message(offsets, i):
+    return (f"row_offsets must be nondecreasing, got row_offsets[{i + 1}] = {int(offsets[i + 1])} < "
+            f"row_offsets[{i}] = {int(offsets[i])}")
+
+
+def _column_message(cols, p, expected):
+    return f"col_indices {expected}, got col_indices[{p}] = {int(cols[p])}"
+
+
+def _unsorted_message(cols, p):
+    return (f"col_indices must strictly increase inside each row (sorted, no duplicates), got "
+            f"col_indices[{p - 1}] = {int(cols[p - 1])} followed by col_indices[{p}] = {int(cols[p])} in the same row")
 
 
 def row_order(row_offsets: torch.Tensor) -> torch.Tensor:
@@ -317,16 +361,19 @@ def csr_to_dense(values, row_offsets, col_indices, shape) -> torch.Tensor:
 
 
 def csr_to_scipy(values, row_offsets, col_indices, shape):
-    """A ``scipy.sparse.csr_matrix`` (bfloat16 values become float32: NumPy has no bfloat16)."""
+    """A ``scipy.sparse.csr_matrix``; 16-bit values become float32 (scipy.sparse has no float16
+    and NumPy no bfloat16)."""
     import scipy.sparse as sp
 
     check_values_tensor(values, "values", 1)
+    m, n = (check_size(s, "shape") for s in shape)
+    row_offsets, col_indices, _ = validate_csr(row_offsets, col_indices, m, n, values.shape[0])
     data = values.detach().cpu()
-    if data.dtype == torch.bfloat16:
+    if data.dtype in (torch.float16, torch.bfloat16):
         data = data.float()
     return sp.csr_matrix(
         (data.numpy(), col_indices.detach().cpu().numpy(), row_offsets.detach().cpu().numpy()),
-        shape=tuple(int(s) for s in shape),
+        shape=(m, n),
     )
 
 

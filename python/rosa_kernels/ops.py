@@ -20,14 +20,13 @@ import torch
 
 from . import _C  # noqa: F401  (loading the extension registers the ops)
 from .csr import (
-    as_index,
     check_same_device,
     check_same_dtype,
     check_size,
     check_tensor,
     check_values_tensor,
+    _validate_csr,
     row_order,
-    validate_csr,
 )
 
 __all__ = ["spmm", "sddmm", "csr_transpose", "csr_add"]
@@ -168,19 +167,18 @@ torch.library.register_autograd("rosa_kernels::csr_add", _csr_add_backward, setu
 # ----------------------------------------------------------------------------------------------
 
 
-def _cast(result, return_type):
-    if return_type is None:
-        return result
-    if not isinstance(return_type, torch.dtype):
-        raise TypeError(f"return_type must be a torch.dtype or None, got {type(return_type).__name__}")
-    if not return_type.is_floating_point:
-        raise TypeError(f"return_type must be a floating dtype, got {return_type}")
-    return result.to(return_type)
-
-
-def _check_validate(validate):
+def _check_options(return_type, validate):
+    if return_type is not None:
+        if not isinstance(return_type, torch.dtype):
+            raise TypeError(f"return_type must be a torch.dtype or None, got {type(return_type).__name__}")
+        if not return_type.is_floating_point:
+            raise TypeError(f"return_type must be a floating dtype, got {return_type}")
     if not isinstance(validate, bool):
         raise TypeError(f"validate must be a bool, got {type(validate).__name__}")
+
+
+def _cast(result, return_type):
+    return result if return_type is None else result.to(return_type)
 
 
 def spmm(values, row_offsets, row_indices, col_indices, dense, m, *, return_type=None, validate=True):
@@ -188,7 +186,7 @@ def spmm(values, row_offsets, row_indices, col_indices, dense, m, *, return_type
 
     ``n`` is ``dense.shape[0]``. Differentiable w.r.t. ``values`` and ``dense``.
     """
-    _check_validate(validate)
+    _check_options(return_type, validate)
     check_values_tensor(values, "values", 1)
     check_values_tensor(dense, "dense", 2)
     m = check_size(m, "m")
@@ -196,8 +194,9 @@ def spmm(values, row_offsets, row_indices, col_indices, dense, m, *, return_type
     check_same_device(values, "values", dense=dense, row_offsets=check_tensor(row_offsets, "row_offsets"),
                       row_indices=check_tensor(row_indices, "row_indices"),
                       col_indices=check_tensor(col_indices, "col_indices"))
-    row_offsets, col_indices, row_indices = validate_csr(
-        row_offsets, col_indices, m, dense.shape[0], values.shape[0], row_indices, check_contents=validate
+    row_offsets, col_indices, row_indices = _validate_csr(
+        row_offsets, col_indices, m, dense.shape[0], values.shape[0], row_indices, check_contents=validate,
+        n_name="n = dense.shape[0]", nnz_name="values.shape[0]",
     )
     return _cast(_ops.spmm(values, row_offsets, row_indices, col_indices, dense, m), return_type)
 
@@ -210,7 +209,7 @@ def sddmm(row_offsets, row_indices, col_indices, a, bt, *, return_type=None, val
     RoSA's ``dS = mask ∘ (dY^T X)`` is ``sddmm(..., dY.t(), X.t())`` with ``dY`` (T, out) and
     ``X`` (T, in) as they come. Differentiable w.r.t. ``a`` and ``bt``.
     """
-    _check_validate(validate)
+    _check_options(return_type, validate)
     check_values_tensor(a, "a", 2)
     check_values_tensor(bt, "bt", 2)
     check_same_dtype(a, "a", bt=bt)
@@ -219,12 +218,9 @@ def sddmm(row_offsets, row_indices, col_indices, a, bt, *, return_type=None, val
                       col_indices=check_tensor(col_indices, "col_indices"))
     if bt.shape[1] != a.shape[1]:
         raise ValueError(f"bt must have a.shape[1] = {a.shape[1]} columns, got shape {tuple(bt.shape)}")
-    m = a.shape[0]
-    row_offsets = as_index(row_offsets, "row_offsets")
-    if row_offsets.shape[0] != m + 1:
-        raise ValueError(f"row_offsets must have length a.shape[0] + 1 = {m + 1}, got {row_offsets.shape[0]}")
-    row_offsets, col_indices, row_indices = validate_csr(
-        row_offsets, col_indices, m, bt.shape[0], None, row_indices, check_contents=validate
+    row_offsets, col_indices, row_indices = _validate_csr(
+        row_offsets, col_indices, a.shape[0], bt.shape[0], None, row_indices, check_contents=validate,
+        m_name="a.shape[0]", n_name="n = bt.shape[0]",
     )
     return _cast(_ops.sddmm(row_offsets, row_indices, col_indices, a, bt), return_type)
 
@@ -237,14 +233,16 @@ def csr_transpose(values, row_offsets, col_indices, m, n, *, return_permutation=
     new values of the same structure can be re-gathered without redoing the transpose.
     Differentiable w.r.t. ``values``. Build ``row_indices`` of the result with :func:`row_order`.
     """
-    _check_validate(validate)
+    _check_options(None, validate)
+    if not isinstance(return_permutation, bool):
+        raise TypeError(f"return_permutation must be a bool, got {type(return_permutation).__name__}")
     check_values_tensor(values, "values", 1)
     m = check_size(m, "m")
     n = check_size(n, "n")
     check_same_device(values, "values", row_offsets=check_tensor(row_offsets, "row_offsets"),
                       col_indices=check_tensor(col_indices, "col_indices"))
-    row_offsets, col_indices, _ = validate_csr(
-        row_offsets, col_indices, m, n, values.shape[0], check_contents=validate
+    row_offsets, col_indices, _ = _validate_csr(
+        row_offsets, col_indices, m, n, values.shape[0], check_contents=validate, nnz_name="values.shape[0]"
     )
     values_t, row_offsets_t, col_indices_t, permutation = _ops.csr_transpose(values, row_offsets, col_indices, m, n)
     if return_permutation:
@@ -259,7 +257,7 @@ def csr_add(values, row_offsets, row_indices, col_indices, dense, inplace=False,
     not differentiable (it raises if autograd would need it). Differentiable w.r.t. ``values`` and
     ``dense`` otherwise.
     """
-    _check_validate(validate)
+    _check_options(return_type, validate)
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
     check_values_tensor(values, "values", 1)
@@ -269,13 +267,16 @@ def csr_add(values, row_offsets, row_indices, col_indices, dense, inplace=False,
                       row_indices=check_tensor(row_indices, "row_indices"),
                       col_indices=check_tensor(col_indices, "col_indices"))
     m, n = dense.shape
-    row_offsets, col_indices, row_indices = validate_csr(
-        row_offsets, col_indices, m, n, values.shape[0], row_indices, check_contents=validate
+    row_offsets, col_indices, row_indices = _validate_csr(
+        row_offsets, col_indices, m, n, values.shape[0], row_indices, check_contents=validate,
+        m_name="dense.shape[0]", n_name="n = dense.shape[1]", nnz_name="values.shape[0]",
     )
     if not inplace:
         return _cast(_ops.csr_add(values, row_offsets, row_indices, col_indices, dense), return_type)
     if return_type is not None and return_type != dense.dtype:
-        raise ValueError(f"return_type must be None or dense.dtype ({dense.dtype}) with inplace=True, got {return_type}")
+        raise ValueError(
+            f"return_type must be None or dense.dtype ({dense.dtype}) with inplace=True, got {return_type}"
+        )
     if torch.is_grad_enabled() and (values.requires_grad or dense.requires_grad):
         raise ValueError(
             "csr_add(..., inplace=True) is not differentiable: use inplace=False when values or dense require grad"
