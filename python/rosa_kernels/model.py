@@ -163,6 +163,8 @@ def rosa_layers(model: nn.Module) -> dict[str, RosaLinear]:
     """``{name: RosaLinear}`` of every RosaLinear inside ``model`` (``named_modules`` order)."""
     if isinstance(model, RosaLinear):
         return {"": model}
+    if isinstance(model, RosaModel):
+        return model.rosa_layers()
     return {name: m for name, m in model.named_modules() if isinstance(m, RosaLinear)}
 
 
