@@ -62,8 +62,8 @@ SPARSE_MODES = ("merged", "csr_add", "spmm")
 class _RosaFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, values, row_offsets, row_indices, col_indices,
-                row_offsets_t, row_indices_t, col_indices_t, permutation, statistic, collected,
-                scale, dropout, mode, rule):
+                row_offsets_t, row_indices_t, col_indices_t, permutation, pending,
+                scale, dropout, mode):
         in_features = x.shape[-1]
         out_features = weight.shape[0]
         x2d = x.reshape(-1, in_features)
@@ -84,15 +84,18 @@ class _RosaFunction(torch.autograd.Function):
             h = torch.mm(x2d, lora_A.t())
         y = torch.addmm(y, h, lora_B.t(), alpha=scale)
         ctx.save_for_backward(x2d, keep, h, weight, lora_A, lora_B, values, row_offsets, row_indices, col_indices,
-                              row_offsets_t, row_indices_t, col_indices_t, permutation, statistic, collected)
-        ctx.scale, ctx.dropout, ctx.mode, ctx.rule = scale, dropout, mode, rule
+                              row_offsets_t, row_indices_t, col_indices_t, permutation)
+        # Not saved for backward: every backward of the step adds into it in place, which would
+        # trip the saved-tensor version check of the other forwards of the same step.
+        ctx.pending = pending
+        ctx.scale, ctx.dropout, ctx.mode = scale, dropout, mode
         ctx.x_shape = x.shape
         return y.reshape(*x.shape[:-1], out_features)
 
     @staticmethod
     def backward(ctx, dy):
         (x2d, keep, h, weight, lora_A, lora_B, values, row_offsets, row_indices, col_indices,
-         row_offsets_t, row_indices_t, col_indices_t, permutation, statistic, collected) = ctx.saved_tensors
+         row_offsets_t, row_indices_t, col_indices_t, permutation) = ctx.saved_tensors
         scale, dropout, mode = ctx.scale, ctx.dropout, ctx.mode
         in_features = x2d.shape[1]
         dy2d = dy.reshape(-1, weight.shape[0])
@@ -126,21 +129,24 @@ class _RosaFunction(torch.autograd.Function):
             else:
                 # dS = SDDMM(mask, dY^T, X^T): transposed views, read without copies by the kernels.
                 d_values = sddmm(row_offsets, row_indices, col_indices, dy2d.t(), x2d.t(), validate=False)
-        if statistic is not None:
-            _masks.accumulate_statistic(statistic, dy2d, x2d, ctx.rule)
-            collected.add_(1)
-        return (dx, None, None, d_lora_A, d_lora_B, d_values) + (None,) * 13
+        if ctx.pending is not None:
+            _masks.accumulate_gradient(ctx.pending, dy2d, x2d)  # dW = dY^T X of the frozen base
+        return (dx, None, None, d_lora_A, d_lora_B, d_values) + (None,) * 11
 
 
 # Optimizer steps change sparse_values in place; merged layers re-scatter right after (eagerly,
 # outside any compiled graph). The version check in forward catches every other in-place change.
+# Collecting layers end their statistic's step there too.
 _MERGED_LAYERS: "weakref.WeakSet[RosaLinear]" = weakref.WeakSet()
+_COLLECTING_LAYERS: "weakref.WeakSet[RosaLinear]" = weakref.WeakSet()
 
 
 def _after_optimizer_step(optimizer, args, kwargs):
     for layer in list(_MERGED_LAYERS):
         if layer._merged and layer.sparse_values._version != layer._merged_version:
             layer._scatter()
+    for layer in list(_COLLECTING_LAYERS):
+        layer.finish_collection_step()
 
 
 _optimizer.register_optimizer_step_post_hook(_after_optimizer_step)
@@ -231,7 +237,9 @@ class RosaLinear(nn.Module):
         # The statistic and its step count are plain attributes, not buffers: DDP re-broadcasts
         # buffers from rank 0 every forward, which would overwrite each rank's own accumulation.
         self._statistic = None
-        self._collected = None
+        self._pending = None
+        self._collected = 0
+        self._pending_steps = 0
         self.reset_parameters(init_base=_init_base)
 
     # ------------------------------------------------------------------------------------------
@@ -289,8 +297,8 @@ class RosaLinear(nn.Module):
             x, self.weight, self.bias, self.lora_A, self.lora_B, self.sparse_values,
             self.row_offsets, self.row_indices, self.col_indices,
             self.row_offsets_t, self.row_indices_t, self.col_indices_t, self.permutation,
-            self._statistic if collecting else None, self._collected if collecting else None,
-            self.scale, self.dropout if self.training else 0.0, mode, self.rule,
+            self._pending if collecting else None,
+            self.scale, self.dropout if self.training else 0.0, mode,
         )
 
     # ------------------------------------------------------------------------------------------
@@ -353,7 +361,7 @@ class RosaLinear(nn.Module):
         super()._apply(fn, recurse)
         if self._statistic is not None:
             self._statistic = self._statistic.to(self.weight.device)
-            self._collected = self._collected.to(self.weight.device)
+            self._pending = self._pending.to(self.weight.device)
         if self._merged:
             self._scatter()
         return self
@@ -367,15 +375,31 @@ class RosaLinear(nn.Module):
             raise ValueError("the mask is already set; gradient collection happens before it")
         if rule is not None:
             self.rule = _masks.check_rule(rule)
-        self._statistic = torch.zeros(self.out_features, self.in_features, dtype=torch.float32, device=self.weight.device)
-        self._collected = torch.zeros((), dtype=torch.int64, device=self.weight.device)
+        shape = (self.out_features, self.in_features)
+        self._statistic = torch.zeros(shape, dtype=torch.float32, device=self.weight.device)
+        self._pending = torch.zeros(shape, dtype=torch.float32, device=self.weight.device)
+        self._collected = 0
         self.phase = "collect"
+        _COLLECTING_LAYERS.add(self)
+
+    def finish_collection_step(self) -> None:
+        """Adds this step's base-weight gradient to the statistic (called after each optimizer step).
+
+        The gradient of a step is the sum over all backward passes since the previous step, so
+        gradient accumulation and several forwards per step (siamese encoders) square the true
+        per-step gradient. Eager only: do not ``torch.compile`` the collection steps.
+        """
+        if self.phase == "collect" and self._pending is not None:
+            _masks.fold_step(self._statistic, self._pending, self.rule)
+            self._collected += 1
 
     def statistic(self) -> torch.Tensor:
         """The collected statistic averaged over steps (and over ranks under torch.distributed)."""
         if self._statistic is None:
             raise ValueError("no gradient statistic was collected: call start_collection() and train a step first")
-        return _masks.reduce_statistic(self._statistic, int(self._collected.item()))
+        if self._collected == 0:  # gradients arrived but no optimizer step ended them yet
+            self.finish_collection_step()
+        return _masks.reduce_statistic(self._statistic, self._collected)
 
     def select_mask(self) -> CSR:
         """Top-k of the collected statistic -> the mask (broadcast from rank 0); switches to ``"sparse"``."""
@@ -420,10 +444,15 @@ class RosaLinear(nn.Module):
             self.has_mask.fill_(True)
             self.sparse_values.zero_()
         self._build_derived()
-        self._statistic = self._collected = None
+        self._end_collection()
         self.phase = "sparse"
         if self._sparse_mode == "merged":
             self._merge()
+
+    def _end_collection(self):
+        self._statistic = self._pending = None
+        self._collected = 0
+        _COLLECTING_LAYERS.discard(self)
 
     @torch.no_grad()
     def _build_derived(self):
@@ -497,7 +526,7 @@ class RosaLinear(nn.Module):
             validate_csr(self.row_offsets, self.col_indices, self.out_features, self.in_features, self.nnz,
                          self.row_indices)
             self._build_derived()
-            self._statistic = self._collected = None
+            self._end_collection()
             self.phase = "sparse"
             if self._sparse_mode == "merged":
                 self._merge()

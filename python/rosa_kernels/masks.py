@@ -1,7 +1,8 @@
 """Mask selection from gradients: the statistic RoSA ranks weights by, and its top-k as CSR.
 
 During the collection phase every :class:`~rosa_kernels.RosaLinear` adds the gradient of its frozen
-base weight, ``dW = dY^T X``, into a float32 statistic on the layer's device:
+base weight, ``dW = dY^T X``, from its own backward passes into a float32 buffer; at the end of each
+optimizer step that step's ``dW`` goes into a float32 statistic on the layer's device:
 
 - ``'fisher'`` (RoSA's ``mean_squared``): ``sum over steps of dW ∘ dW``
 - ``'mean'``: ``sum over steps of dW``
@@ -28,6 +29,8 @@ from .csr import CSR, row_order
 __all__ = [
     "RULES",
     "mask_count",
+    "accumulate_gradient",
+    "fold_step",
     "accumulate_statistic",
     "reduce_statistic",
     "select_mask",
@@ -52,13 +55,27 @@ def check_rule(rule) -> str:
     return rule
 
 
-def accumulate_statistic(statistic: torch.Tensor, dY2d: torch.Tensor, X2d: torch.Tensor, rule: str) -> None:
-    """``statistic += dW ∘ dW`` ('fisher') or ``statistic += dW`` ('mean') with ``dW = dY^T X``.
+def accumulate_gradient(pending: torch.Tensor, dY2d: torch.Tensor, X2d: torch.Tensor) -> None:
+    """``pending += dY^T X`` in float32: the base weight's gradient, summed over the backward passes
+    of one optimizer step (several forwards per step, as in gradient accumulation or siamese
+    encoders, add up before the statistic squares them). ``dY2d`` is (tokens, out), ``X2d``
+    (tokens, in)."""
+    pending.addmm_(dY2d.t().float(), X2d.float())
 
-    ``dY2d`` is (tokens, out), ``X2d`` (tokens, in); the product is formed in float32.
-    """
+
+def fold_step(statistic: torch.Tensor, pending: torch.Tensor, rule: str) -> None:
+    """Ends a step: ``statistic += pending ∘ pending`` ('fisher') or ``+= pending`` ('mean'); zeroes ``pending``."""
     if rule == "mean":
-        statistic.addmm_(dY2d.t().float(), X2d.float())
+        statistic.add_(pending)
+    else:
+        statistic.addcmul_(pending, pending)
+    pending.zero_()
+
+
+def accumulate_statistic(statistic: torch.Tensor, dY2d: torch.Tensor, X2d: torch.Tensor, rule: str) -> None:
+    """One whole step at once: ``statistic += dW ∘ dW`` ('fisher') or ``+= dW`` ('mean'), ``dW = dY^T X``."""
+    if rule == "mean":
+        accumulate_gradient(statistic, dY2d, X2d)
     else:
         dW = torch.mm(dY2d.t().float(), X2d.float())
         statistic.addcmul_(dW, dW)
