@@ -264,3 +264,15 @@ def test_ddp_two_cpu_processes_match_single_process(tmp_path):
         else:
             assert torch.equal(value, single[key]), key
     assert all(bool(m.has_mask) for m in net.modules() if isinstance(m, RosaLinear))
+
+
+def test_base_package_imports_without_transformers_or_safetensors():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['transformers'] = None; sys.modules['safetensors'] = None; "
+            "sys.modules['tqdm'] = None; import rosa_kernels, rosa_kernels.model, rosa_kernels.demo; "
+            "print(rosa_kernels.RosaLinear.__name__)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "RosaLinear" in result.stdout

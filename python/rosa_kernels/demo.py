@@ -255,13 +255,13 @@ def plot(results, path):
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in results:
         losses = torch.tensor(r["losses"])
-        k = max(1, len(losses) // 20)
+        k = max(1, min(len(losses) // 4, max(2, len(losses) // 20)))
         smooth = torch.nn.functional.avg_pool1d(losses.view(1, 1, -1), k, 1).flatten()
         ax.plot(range(k, len(losses) + 1), smooth.tolist(), label=f"{r['method']} (acc@1 {r['accuracy']:.3f})")
         if r.get("mask_step"):
             ax.axvline(r["mask_step"], color="gray", ls=":", lw=1)
     ax.set_xlabel("step")
-    ax.set_ylabel(f"contrastive loss (moving mean)")
+    ax.set_ylabel(f"contrastive loss (moving mean of {k})")
     ax.set_title("all-MiniLM-L6-v2, stdlib docstring -> code retrieval")
     ax.legend()
     fig.tight_layout()
