@@ -358,3 +358,30 @@ def test_from_linear_copies_and_freezes():
     assert math.isclose(RosaLinear(5, 3, rank=4, use_rslora=True).scale, 16.0 / 2)
     with pytest.raises(TypeError):
         RosaLinear.from_linear(nn.Conv1d(2, 2, 1))
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph_inductor():
+    """The default backend too (C++ code generation on the CPU): no graph breaks, same results."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(RosaLinear(16, 24, rank=4, density=0.1, dropout=0.1), nn.GELU(),
+                          RosaLinear(24, 8, rank=4, density=0.1, dropout=0.1, sparse_mode="spmm"))
+    for i, layer in enumerate(model[::2]):
+        layer.set_mask(random_mask(layer.out_features, layer.in_features, layer.nnz, i))
+        with torch.no_grad():
+            layer.sparse_values.normal_()
+            layer.lora_B.normal_()
+        layer.refresh_merged_weight()
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(2, 3, 16)
+    model.eval()
+    torch.testing.assert_close(compiled(x), model(x))
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    for _ in range(2):
+        optimizer.zero_grad()
+        compiled(x).square().mean().backward()
+        optimizer.step()
+    model.eval()
+    torch.testing.assert_close(compiled(x), model(x))
