@@ -413,3 +413,21 @@ def test_real_rosa_masks_load_and_match_the_reference():
         assert_close(y, y_ref, torch.float32, name)
         assert_close(x.grad, dx_ref, torch.float32, name)
         assert_close(layer.sparse_values.grad, dS_ref, torch.float32, name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES)
+def test_autocast_runs_in_the_autocast_dtype(device, mode):
+    layer = make_layer(24, 10, mode=mode, device=device)
+    x = torch.randn(6, 24, device=device, requires_grad=True)
+    dy = torch.randn(6, 10, device=device)
+    y_ref, dx_ref, dA_ref, dB_ref, dS_ref = reference(layer, x, dy)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().backward(dy)
+    assert layer.lora_A.grad.dtype == torch.float32 and layer.sparse_values.grad.dtype == torch.float32
+    assert_close(y, y_ref, torch.bfloat16, "y")
+    assert_close(x.grad, dx_ref, torch.bfloat16, "dx")
+    assert_close(layer.lora_A.grad, dA_ref, torch.bfloat16, "dA")
+    assert_close(layer.sparse_values.grad, dS_ref, torch.bfloat16, "dS")

@@ -293,8 +293,22 @@ class RosaLinear(nn.Module):
         # sees every trainable parameter used in every step.
         mode = ("merged" if self._merged else self._sparse_mode) if self.phase == "sparse" else "nomask"
         collecting = self.phase == "collect" and self._statistic is not None and torch.is_grad_enabled()
+        weight, bias, lora_A, lora_B, values = self.weight, self.bias, self.lora_A, self.lora_B, self.sparse_values
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            # Under autocast, run the whole function in the autocast dtype (as nn.Linear would) with
+            # autocast off inside, so forward and backward see the same dtypes; the casts are
+            # differentiable, so the trainable parameters still get gradients in their own dtype.
+            dtype = torch.get_autocast_dtype(device_type)
+            x, weight, lora_A, lora_B, values = (t.to(dtype) for t in (x, weight, lora_A, lora_B, values))
+            bias = bias.to(dtype) if bias is not None else None
+            with torch.autocast(device_type, enabled=False):
+                return self._apply_function(x, weight, bias, lora_A, lora_B, values, collecting, mode)
+        return self._apply_function(x, weight, bias, lora_A, lora_B, values, collecting, mode)
+
+    def _apply_function(self, x, weight, bias, lora_A, lora_B, values, collecting, mode):
         return _RosaFunction.apply(
-            x, self.weight, self.bias, self.lora_A, self.lora_B, self.sparse_values,
+            x, weight, bias, lora_A, lora_B, values,
             self.row_offsets, self.row_indices, self.col_indices,
             self.row_offsets_t, self.row_indices_t, self.col_indices_t, self.permutation,
             self._pending if collecting else None,
