@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rosa_kernels import CSR, load_masks, row_order, save_masks, select_mask, validate_csr
+from rosa_kernels import load_masks, row_order, save_masks, select_mask, validate_csr
 from rosa_kernels.masks import accumulate_statistic, load_safetensors, mask_count, reduce_statistic, save_safetensors
 
 
