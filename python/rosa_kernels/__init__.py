@@ -22,6 +22,9 @@ from .csr import (
     validate_csr,
 )
 from .ops import csr_add, csr_transpose, sddmm, spmm
+from .linear import RosaLinear
+from .masks import load_masks, save_masks, select_mask
+from .model import RosaConfig, RosaModel, RosaScheduler, apply_rosa, get_rosa_model, merge_and_unload
 
 __version__ = "0.1.0"
 
@@ -54,4 +57,14 @@ __all__ = [
     "csr_to_dense",
     "csr_to_scipy",
     "csr_to_torch_sparse",
+    "RosaLinear",
+    "select_mask",
+    "save_masks",
+    "load_masks",
+    "RosaConfig",
+    "RosaModel",
+    "RosaScheduler",
+    "apply_rosa",
+    "get_rosa_model",
+    "merge_and_unload",
 ]

@@ -1,0 +1,548 @@
+"""RosaLinear: a drop-in ``nn.Linear`` with a LoRA adapter and a sparse adapter (RoSA).
+
+The layer computes, for X (tokens x in),
+
+    Y = X W^T + b + scale * (drop(X) A^T) B^T + X S^T
+
+with the frozen base weight ``W`` (out x in) and bias ``b``, the trainable LoRA factors ``lora_A``
+(rank x in) and ``lora_B`` (out x rank), ``scale = alpha / rank`` (``alpha / sqrt(rank)`` with
+``use_rslora``), and the trainable sparse adapter ``S`` whose ``nnz = round(density * out * in)``
+values live in the 1-D parameter ``sparse_values`` (fixed size from construction on, so optimizers,
+DDP and FSDP see one parameter that never changes shape) at the positions of a row-sorted CSR mask
+kept in int32 buffers.
+
+Life cycle (``layer.phase``): ``"warmup"`` trains LoRA only; ``"collect"`` also adds the statistic of
+the base weight's gradient ``dW = dY^T X`` from the layer's own backward (see
+:mod:`rosa_kernels.masks`); :meth:`RosaLinear.select_mask` (or :meth:`RosaLinear.set_mask` with a
+mask computed elsewhere) fixes the mask and switches to ``"sparse"``: LoRA + sparse training.
+
+How the sparse adapter enters the math (``sparse_mode``):
+
+- ``"merged"`` (default): the dense ``weight`` holds ``W_eff = W + S``, and the original W at the
+  mask positions is kept in ``base_values``. Forward and dX are then plain dense GEMMs; the only
+  sparse work per step is ``dS = sddmm(mask, dY^T, X^T)``. When ``sparse_values`` change (after an
+  optimizer step; detected through the tensor's version counter and a global optimizer post-step
+  hook; under ``torch.compile`` only the hook, see :meth:`RosaLinear.refresh_merged_weight`) the mask
+  positions are re-scattered as ``W_eff[mask] = base_values + S``: recomputed from
+  the saved W, never accumulated, so rounding cannot drift.
+- ``"csr_add"``: ``W + S`` is built by ``csr_add`` in forward (and again in backward), W untouched.
+- ``"spmm"``: ``X S^T`` and ``dY S`` by ``spmm`` with S's structure and its cached transpose.
+
+All three give the same result to rounding. Nothing in a training step synchronizes with the host;
+a mask is validated once, when it is set.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import weakref
+
+import torch
+import torch.nn.functional as F
+import torch.optim.optimizer as _optimizer
+from torch import nn
+
+from . import masks as _masks
+from .csr import CSR, csr_from_mask, row_order, validate_csr
+from .ops import csr_add, csr_transpose, sddmm, spmm
+
+__all__ = ["RosaLinear", "PHASES", "SPARSE_MODES"]
+
+PHASES = ("warmup", "collect", "sparse")
+SPARSE_MODES = ("merged", "csr_add", "spmm")
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole layer as one autograd function: the input is saved once, the dropout keep-mask (if
+# any) as bool, and the small T x rank product h = drop(X) A^T so that dB needs no recompute.
+# ----------------------------------------------------------------------------------------------
+
+
+class _RosaFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, values, row_offsets, row_indices, col_indices,
+                row_offsets_t, row_indices_t, col_indices_t, permutation, pending,
+                scale, dropout, mode):
+        in_features = x.shape[-1]
+        out_features = weight.shape[0]
+        x2d = x.reshape(-1, in_features)
+        # mode: "nomask" (LoRA only), "merged" (the weight already holds W + S), "csr_add", "spmm".
+        if mode == "csr_add":
+            y = F.linear(x2d, csr_add(values, row_offsets, row_indices, col_indices, weight, validate=False), bias)
+        else:
+            y = F.linear(x2d, weight, bias)
+        if mode == "spmm":
+            # X S^T = (S X^T)^T
+            y = y + spmm(values, row_offsets, row_indices, col_indices, x2d.t(), out_features, validate=False).t()
+        if dropout > 0.0:
+            keep = torch.empty_like(x2d).bernoulli_(1.0 - dropout)
+            h = torch.mm(x2d * keep, lora_A.t()).mul_(1.0 / (1.0 - dropout))
+            keep = keep.bool()
+        else:
+            keep = None
+            h = torch.mm(x2d, lora_A.t())
+        y = torch.addmm(y, h, lora_B.t(), alpha=scale)
+        ctx.save_for_backward(x2d, keep, h, weight, lora_A, lora_B, values, row_offsets, row_indices, col_indices,
+                              row_offsets_t, row_indices_t, col_indices_t, permutation)
+        # Not saved for backward: every backward of the step adds into it in place, which would
+        # trip the saved-tensor version check of the other forwards of the same step.
+        ctx.pending = pending
+        ctx.scale, ctx.dropout, ctx.mode = scale, dropout, mode
+        ctx.x_shape = x.shape
+        return y.reshape(*x.shape[:-1], out_features)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x2d, keep, h, weight, lora_A, lora_B, values, row_offsets, row_indices, col_indices,
+         row_offsets_t, row_indices_t, col_indices_t, permutation) = ctx.saved_tensors
+        scale, dropout, mode = ctx.scale, ctx.dropout, ctx.mode
+        in_features = x2d.shape[1]
+        dy2d = dy.reshape(-1, weight.shape[0])
+        dx = d_lora_A = d_lora_B = d_values = None
+        g = torch.mm(dy2d, lora_B)  # dY B: T x rank, shared by dX and dA
+        if ctx.needs_input_grad[0]:
+            # dX = dY (W + S) + scale * ((dY B) A) ∘ keep / (1 - p)
+            if mode == "csr_add":
+                dx = torch.mm(dy2d, csr_add(values, row_offsets, row_indices, col_indices, weight, validate=False))
+            else:
+                dx = torch.mm(dy2d, weight)
+            if mode == "spmm":
+                # dY S = (S^T dY^T)^T with the cached transpose; values_t = values[permutation].
+                values_t = values[permutation.long()]
+                dx = dx + spmm(values_t, row_offsets_t, row_indices_t, col_indices_t, dy2d.t(), in_features,
+                               validate=False).t()
+            if keep is None:
+                dx = torch.addmm(dx, g, lora_A, alpha=scale)
+            else:
+                dx = dx + torch.mm(g, lora_A).mul_(keep).mul_(scale / (1.0 - dropout))
+            dx = dx.reshape(ctx.x_shape)
+        if ctx.needs_input_grad[3]:
+            # dA = scale * (dY B)^T drop(X)
+            x_dropped = x2d if keep is None else (x2d * keep).mul_(1.0 / (1.0 - dropout))
+            d_lora_A = torch.mm(g.t(), x_dropped).mul_(scale)
+        if ctx.needs_input_grad[4]:
+            d_lora_B = torch.mm(dy2d.t(), h).mul_(scale)  # dB = scale * dY^T h
+        if ctx.needs_input_grad[5]:
+            if mode == "nomask":
+                d_values = torch.zeros_like(values)
+            else:
+                # dS = SDDMM(mask, dY^T, X^T): transposed views, read without copies by the kernels.
+                d_values = sddmm(row_offsets, row_indices, col_indices, dy2d.t(), x2d.t(), validate=False)
+        if ctx.pending is not None:
+            _masks.accumulate_gradient(ctx.pending, dy2d, x2d)  # dW = dY^T X of the frozen base
+        return (dx, None, None, d_lora_A, d_lora_B, d_values) + (None,) * 11
+
+
+# Optimizer steps change sparse_values in place; merged layers re-scatter right after (eagerly,
+# outside any compiled graph). The version check in forward catches every other in-place change.
+# Collecting layers end their statistic's step there too.
+_MERGED_LAYERS: "weakref.WeakSet[RosaLinear]" = weakref.WeakSet()
+_COLLECTING_LAYERS: "weakref.WeakSet[RosaLinear]" = weakref.WeakSet()
+
+
+def _after_optimizer_step(optimizer, args, kwargs):
+    for layer in list(_MERGED_LAYERS):
+        if layer._merged and layer.sparse_values._version != layer._merged_version:
+            layer._scatter()
+    for layer in list(_COLLECTING_LAYERS):
+        layer.finish_collection_step()
+
+
+_optimizer.register_optimizer_step_post_hook(_after_optimizer_step)
+
+
+def _check_positive_int(value, name):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return int(value)
+
+
+def _check_features(value, name):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return int(value)
+
+
+def check_hyperparameters(rank, density, alpha, dropout):
+    """Validates the adapter hyper-parameters (shared with the model-level API)."""
+    _check_positive_int(rank, "rank")
+    if isinstance(density, bool) or not isinstance(density, numbers.Real):
+        raise TypeError(f"density must be a float, got {type(density).__name__}")
+    if not 0.0 < float(density) <= 1.0:
+        raise ValueError(f"density must lie in (0, 1], got {density}")
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise TypeError(f"alpha must be a number, got {type(alpha).__name__}")
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
+        raise TypeError(f"dropout must be a float, got {type(dropout).__name__}")
+    if not 0.0 <= float(dropout) < 1.0:
+        raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+
+
+class RosaLinear(nn.Module):
+    """``nn.Linear`` + LoRA + a sparse adapter whose mask is chosen from gradients (RoSA).
+
+    Args:
+        in_features, out_features, bias: as ``nn.Linear`` (weight and bias are frozen).
+        rank: LoRA rank (> 0). density: fraction of weights in the sparse adapter, in (0, 1].
+        alpha: LoRA scale numerator. dropout: dropout on the LoRA input.
+        use_rslora: scale by ``alpha / sqrt(rank)`` instead of ``alpha / rank``.
+        rule: gradient statistic for mask selection, ``'fisher'`` (mean of squares) or ``'mean'``.
+        sparse_mode: ``'merged'`` (default), ``'csr_add'`` or ``'spmm'`` (see the module docs).
+    """
+
+    def __init__(self, in_features, out_features, bias=True, *, rank=16, density=0.006, alpha=16.0, dropout=0.05,
+                 use_rslora=False, rule="fisher", sparse_mode="merged", device=None, dtype=None, _init_base=True):
+        super().__init__()
+        in_features = _check_features(in_features, "in_features")
+        out_features = _check_features(out_features, "out_features")
+        check_hyperparameters(rank, density, alpha, dropout)
+        _masks.check_rule(rule)
+        if sparse_mode not in SPARSE_MODES:
+            raise ValueError(f"sparse_mode must be one of {SPARSE_MODES}, got {sparse_mode!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features = in_features, out_features
+        self.rank, self.density, self.alpha = int(rank), float(density), float(alpha)
+        self.dropout, self.use_rslora, self.rule = float(dropout), bool(use_rslora), rule
+        self.scale = self.alpha / (math.sqrt(self.rank) if use_rslora else self.rank)
+        self.nnz = _masks.mask_count(out_features, in_features, self.density)
+
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, **factory))
+        self.sparse_values = nn.Parameter(torch.zeros(self.nnz, **factory))
+
+        index = {"device": device, "dtype": torch.int32}
+        self.register_buffer("row_offsets", torch.zeros(out_features + 1, **index))
+        self.register_buffer("row_indices", torch.arange(out_features, **index))
+        self.register_buffer("col_indices", torch.zeros(self.nnz, **index))
+        self.register_buffer("has_mask", torch.zeros((), dtype=torch.bool, device=device))
+        # Derived from the mask (rebuilt when it is set or loaded), so not part of the state_dict.
+        self.register_buffer("row_offsets_t", torch.zeros(in_features + 1, **index), persistent=False)
+        self.register_buffer("row_indices_t", torch.arange(in_features, **index), persistent=False)
+        self.register_buffer("col_indices_t", torch.zeros(self.nnz, **index), persistent=False)
+        self.register_buffer("permutation", torch.zeros(self.nnz, **index), persistent=False)
+        self.register_buffer("flat_indices", torch.zeros(self.nnz, dtype=torch.int64, device=device), persistent=False)
+        self.register_buffer("base_values", torch.zeros(self.nnz, **factory), persistent=False)
+
+        self.phase = "warmup"
+        self._sparse_mode = sparse_mode
+        self._merged = False
+        self._merged_version = -1
+        # The statistic and its step count are plain attributes, not buffers: DDP re-broadcasts
+        # buffers from rank 0 every forward, which would overwrite each rank's own accumulation.
+        self._statistic = None
+        self._pending = None
+        self._collected = 0
+        self._pending_steps = 0
+        self.reset_parameters(init_base=_init_base)
+
+    # ------------------------------------------------------------------------------------------
+    def reset_parameters(self, init_base=True):
+        """nn.Linear's init for W and b (when ``init_base``), PEFT's for LoRA: A kaiming-uniform, B zero."""
+        with torch.no_grad():
+            if init_base:
+                nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+                if self.bias is not None:
+                    bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
+                    nn.init.uniform_(self.bias, -bound, bound)
+            self.reset_adapters()
+
+    def reset_adapters(self):
+        """Re-initializes LoRA (A kaiming-uniform, B zero) and zeroes the sparse values."""
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            self.lora_B.zero_()
+            self.sparse_values.zero_()
+        if self._merged:
+            self._scatter()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, rank=16, density=0.006, alpha=16.0, dropout=0.05, **kwargs):
+        """A RosaLinear whose frozen base is a copy of ``linear``'s weight and bias."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, rank=rank, density=density,
+                    alpha=alpha, dropout=dropout, device=linear.weight.device, dtype=linear.weight.dtype,
+                    _init_base=False, **kwargs)
+        with torch.no_grad():
+            layer.weight.copy_(linear.weight)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        return layer
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"rank={self.rank}, density={self.density}, nnz={self.nnz}, alpha={self.alpha}, "
+                f"dropout={self.dropout}, phase={self.phase!r}, sparse_mode={self._sparse_mode!r}")
+
+    # ------------------------------------------------------------------------------------------
+    # Forward
+    # ------------------------------------------------------------------------------------------
+    def forward(self, x):
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x must have {self.in_features} features in its last dimension, got shape {tuple(x.shape)}")
+        if self._merged and not torch.compiler.is_compiling() and self.sparse_values._version != self._merged_version:
+            self._scatter()
+        # Before a mask exists the sparse values still take part (their gradient is zero), so DDP
+        # sees every trainable parameter used in every step.
+        mode = ("merged" if self._merged else self._sparse_mode) if self.phase == "sparse" else "nomask"
+        collecting = self.phase == "collect" and self._statistic is not None and torch.is_grad_enabled()
+        weight, bias, lora_A, lora_B, values = self.weight, self.bias, self.lora_A, self.lora_B, self.sparse_values
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            # Under autocast, run the whole function in the autocast dtype (as nn.Linear would) with
+            # autocast off inside, so forward and backward see the same dtypes; the casts are
+            # differentiable, so the trainable parameters still get gradients in their own dtype.
+            dtype = torch.get_autocast_dtype(device_type)
+            x, weight, lora_A, lora_B, values = (t.to(dtype) for t in (x, weight, lora_A, lora_B, values))
+            bias = bias.to(dtype) if bias is not None else None
+            with torch.autocast(device_type, enabled=False):
+                return self._apply_function(x, weight, bias, lora_A, lora_B, values, collecting, mode)
+        return self._apply_function(x, weight, bias, lora_A, lora_B, values, collecting, mode)
+
+    def _apply_function(self, x, weight, bias, lora_A, lora_B, values, collecting, mode):
+        return _RosaFunction.apply(
+            x, weight, bias, lora_A, lora_B, values,
+            self.row_offsets, self.row_indices, self.col_indices,
+            self.row_offsets_t, self.row_indices_t, self.col_indices_t, self.permutation,
+            self._pending if collecting else None,
+            self.scale, self.dropout if self.training else 0.0, mode,
+        )
+
+    # ------------------------------------------------------------------------------------------
+    # Sparse mode and merging of S into the dense weight
+    # ------------------------------------------------------------------------------------------
+    @property
+    def sparse_mode(self) -> str:
+        return self._sparse_mode
+
+    @sparse_mode.setter
+    def sparse_mode(self, mode):
+        if mode not in SPARSE_MODES:
+            raise ValueError(f"sparse_mode must be one of {SPARSE_MODES}, got {mode!r}")
+        if self._merged and mode != "merged":
+            self._unmerge()
+        self._sparse_mode = mode
+        if mode == "merged" and self.phase == "sparse" and not self._merged:
+            self._merge()
+
+    @torch.no_grad()
+    def _scatter(self):
+        """W_eff[mask] = base_values + S, computed in (at least) float32 from the saved W (no drift)."""
+        dtype = torch.promote_types(self.weight.dtype, torch.float32)
+        merged = self.base_values.to(dtype) + self.sparse_values.detach().to(dtype)
+        self.weight.view(-1).index_copy_(0, self.flat_indices, merged.to(self.weight.dtype))
+        self._merged_version = self.sparse_values._version
+
+    def refresh_merged_weight(self) -> None:
+        """Re-scatters ``W_eff[mask] = W + S`` now.
+
+        Needed only under ``torch.compile`` after changing ``sparse_values`` in place *outside* an
+        optimizer step (eager forwards notice such changes themselves; optimizer steps, ``set_mask``,
+        ``load_state_dict`` and ``.to()`` refresh it already).
+        """
+        if self._merged:
+            self._scatter()
+
+    def _merge(self):
+        with torch.no_grad():
+            self.base_values.copy_(self.weight.view(-1)[self.flat_indices])
+        self._merged = True
+        _MERGED_LAYERS.add(self)
+        self._scatter()
+
+    @torch.no_grad()
+    def _unmerge(self):
+        self.weight.view(-1).index_copy_(0, self.flat_indices, self.base_values)
+        self._merged = False
+        _MERGED_LAYERS.discard(self)
+
+    def base_weight(self) -> torch.Tensor:
+        """The original frozen W (a copy when S is merged into ``weight``)."""
+        if not self._merged:
+            return self.weight.detach()
+        w = self.weight.detach().clone()
+        w.view(-1).index_copy_(0, self.flat_indices, self.base_values)
+        return w
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self._statistic is not None:
+            self._statistic = self._statistic.to(self.weight.device)
+            self._pending = self._pending.to(self.weight.device)
+        if self._merged:
+            self._scatter()
+        return self
+
+    # ------------------------------------------------------------------------------------------
+    # Mask life cycle
+    # ------------------------------------------------------------------------------------------
+    def start_collection(self, rule=None):
+        """Enters the ``"collect"`` phase: backward passes add the statistic of dW = dY^T X."""
+        if self.phase == "sparse":
+            raise ValueError("the mask is already set; gradient collection happens before it")
+        if rule is not None:
+            self.rule = _masks.check_rule(rule)
+        shape = (self.out_features, self.in_features)
+        self._statistic = torch.zeros(shape, dtype=torch.float32, device=self.weight.device)
+        self._pending = torch.zeros(shape, dtype=torch.float32, device=self.weight.device)
+        self._collected = 0
+        self.phase = "collect"
+        _COLLECTING_LAYERS.add(self)
+
+    def finish_collection_step(self) -> None:
+        """Adds this step's base-weight gradient to the statistic (called after each optimizer step).
+
+        The gradient of a step is the sum over all backward passes since the previous step, so
+        gradient accumulation and several forwards per step (siamese encoders) square the true
+        per-step gradient. Eager only: do not ``torch.compile`` the collection steps.
+        """
+        if self.phase == "collect" and self._pending is not None:
+            _masks.fold_step(self._statistic, self._pending, self.rule)
+            self._collected += 1
+
+    def statistic(self) -> torch.Tensor:
+        """The collected statistic averaged over steps (and over ranks under torch.distributed)."""
+        if self._statistic is None:
+            raise ValueError("no gradient statistic was collected: call start_collection() and train a step first")
+        if self._collected == 0:  # gradients arrived but no optimizer step ended them yet
+            self.finish_collection_step()
+        return _masks.reduce_statistic(self._statistic, self._collected)
+
+    def select_mask(self) -> CSR:
+        """Top-k of the collected statistic -> the mask (broadcast from rank 0); switches to ``"sparse"``."""
+        mask = _masks.broadcast_mask(_masks.select_mask(self.statistic(), self.nnz, dtype=self.weight.dtype))
+        self.set_mask(mask)
+        return self.mask()
+
+    def set_mask(self, mask):
+        """Fixes the sparse adapter's mask and enters the ``"sparse"`` phase with ``S = 0``.
+
+        ``mask`` is a bool tensor (out x in) or a :class:`~rosa_kernels.CSR` of shape (out, in), with
+        exactly ``nnz = round(density * out * in)`` nonzeros. It is validated here (the one host
+        synchronization of the life cycle); a bad mask raises and leaves the layer unchanged.
+        """
+        shape = (self.out_features, self.in_features)
+        if isinstance(mask, torch.Tensor):
+            if mask.dtype != torch.bool:
+                raise TypeError(f"mask must be a bool tensor or a rosa_kernels.CSR, got a tensor of dtype {mask.dtype}")
+            if tuple(mask.shape) != shape:
+                raise ValueError(f"mask must have shape {shape}, got {tuple(mask.shape)}")
+            mask = csr_from_mask(mask)
+        elif not isinstance(mask, CSR):
+            raise TypeError(f"mask must be a bool tensor or a rosa_kernels.CSR, got {type(mask).__name__}")
+        if tuple(int(s) for s in mask.shape) != shape:
+            raise ValueError(f"mask must have shape {shape}, got {tuple(mask.shape)}")
+        if mask.nnz != self.nnz:
+            raise ValueError(f"mask must have exactly round(density * out * in) = {self.nnz} nonzeros, got {mask.nnz}")
+        device = self.weight.device
+        row_offsets, col_indices, row_indices = validate_csr(
+            mask.row_offsets.to(device), mask.col_indices.to(device), shape[0], shape[1], self.nnz,
+            mask.row_indices.to(device),
+        )
+        self._install_mask(row_offsets, col_indices, row_indices)
+
+    def _install_mask(self, row_offsets, col_indices, row_indices):
+        if self._merged:
+            self._unmerge()
+        with torch.no_grad():
+            self.row_offsets.copy_(row_offsets)
+            self.col_indices.copy_(col_indices)
+            self.row_indices.copy_(row_indices)
+            self.has_mask.fill_(True)
+            self.sparse_values.zero_()
+        self._build_derived()
+        self._end_collection()
+        self.phase = "sparse"
+        if self._sparse_mode == "merged":
+            self._merge()
+
+    def _end_collection(self):
+        self._statistic = self._pending = None
+        self._collected = 0
+        _COLLECTING_LAYERS.discard(self)
+
+    @torch.no_grad()
+    def _build_derived(self):
+        """The transposed structure and the flat positions, both fixed while the mask is."""
+        m, n = self.out_features, self.in_features
+        _, offsets_t, cols_t, permutation = csr_transpose(
+            self.sparse_values.detach(), self.row_offsets, self.col_indices, m, n, return_permutation=True,
+            validate=False,
+        )
+        self.row_offsets_t.copy_(offsets_t)
+        self.col_indices_t.copy_(cols_t)
+        self.permutation.copy_(permutation)
+        self.row_indices_t.copy_(row_order(offsets_t))
+        counts = (self.row_offsets[1:] - self.row_offsets[:-1]).long()
+        rows = torch.repeat_interleave(torch.arange(m, device=counts.device), counts, output_size=self.nnz)
+        self.flat_indices.copy_(rows * n + self.col_indices.long())
+
+    def mask(self) -> CSR | None:
+        """The mask as a CSR whose values are a copy of the sparse values (None before one is set)."""
+        if self.phase != "sparse":
+            return None
+        return CSR(self.sparse_values.detach().clone(), self.row_offsets.clone(), self.row_indices.clone(),
+                   self.col_indices.clone(), (self.out_features, self.in_features))
+
+    def sparse_delta(self) -> torch.Tensor:
+        """S as a dense (out x in) tensor (zeros before a mask is set)."""
+        s = torch.zeros(self.out_features, self.in_features, dtype=self.weight.dtype, device=self.weight.device)
+        if self.phase == "sparse":
+            s.view(-1).index_copy_(0, self.flat_indices, self.sparse_values.detach())
+        return s
+
+    def delta_weight(self) -> torch.Tensor:
+        """S + scale * B A in float32."""
+        return self.sparse_delta().float() + self.scale * (self.lora_B.detach().float() @ self.lora_A.detach().float())
+
+    def merge(self) -> nn.Linear:
+        """A plain ``nn.Linear`` with weight W + S + scale * B A (computed in float32)."""
+        linear = nn.Linear(self.in_features, self.out_features, self.bias is not None,
+                           device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(self.base_weight().float() + self.delta_weight())
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    # ------------------------------------------------------------------------------------------
+    # state_dict: ``weight`` is always saved as the original W, whatever the sparse mode, so a state
+    # loads into any RosaLinear of the same shape; loading rebuilds the derived tensors.
+    # ------------------------------------------------------------------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._merged:
+            destination[prefix + "weight"] = self.base_weight()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Shapes are checked by nn.Module before anything is copied; check ours first, too, so a
+        # mismatching state leaves the layer unchanged.
+        key = prefix + "sparse_values"
+        if key in state_dict and state_dict[key].shape != self.sparse_values.shape:
+            error_msgs.append(f"size mismatch for {key}: the state has {tuple(state_dict[key].shape)}, this layer "
+                              f"{tuple(self.sparse_values.shape)} (density {self.density} of {self.out_features}x"
+                              f"{self.in_features})")
+            return
+        was_merged = self._merged
+        if was_merged:
+            self._unmerge()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if bool(self.has_mask):
+            validate_csr(self.row_offsets, self.col_indices, self.out_features, self.in_features, self.nnz,
+                         self.row_indices)
+            self._build_derived()
+            self._end_collection()
+            self.phase = "sparse"
+            if self._sparse_mode == "merged":
+                self._merge()
+        elif self.phase == "sparse":
+            self.phase = "warmup"

@@ -1,0 +1,431 @@
+"""Putting RosaLinear to work on a whole model, in PEFT's shape.
+
+- :class:`RosaConfig`: rank, alpha, dropout, density, ``target_modules`` (names, suffixes, a regex or
+  ``"all-linear"``), ``exclude_modules``, warm-up and collection steps, the Fisher/mean rule.
+- :func:`apply_rosa` replaces the targeted ``nn.Linear`` modules in place and freezes the rest;
+  :func:`get_rosa_model` wraps the model in a :class:`RosaModel` with ``save_pretrained`` /
+  ``from_pretrained`` (``adapter_model.safetensors`` + ``adapter_config.json``, masks as int32
+  CSR inside) and ``merge_and_unload``.
+- :class:`RosaScheduler` drives warm-up -> collection -> mask selection -> sparse training from step
+  counts in a plain loop; ``scheduler.trainer_callback()`` does the same inside a ``transformers``
+  Trainer.
+
+Nothing here needs ``transformers`` or ``safetensors`` to be installed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import masks as _masks
+from .csr import CSR
+from .linear import SPARSE_MODES, RosaLinear, check_hyperparameters
+
+__all__ = [
+    "RosaConfig",
+    "RosaModel",
+    "RosaScheduler",
+    "apply_rosa",
+    "get_rosa_model",
+    "merge_and_unload",
+    "rosa_layers",
+    "find_target_modules",
+    "progress",
+]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+@dataclasses.dataclass
+class RosaConfig:
+    """Hyper-parameters of a RoSA adapter (defaults: RoSA's published scripts)."""
+
+    rank: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.05
+    density: float = 0.006
+    target_modules: str | list[str] | None = "all-linear"
+    exclude_modules: str | list[str] | None = None
+    warmup_steps: int = 64
+    collect_steps: int = 1
+    rule: str = "fisher"
+    use_rslora: bool = False
+    sparse_mode: str = "merged"
+    # RoSA restarts training from step 0 once the mask is known: re-initialize LoRA (and S = 0).
+    reset_adapters_after_mask: bool = False
+
+    def validate(self) -> "RosaConfig":
+        check_hyperparameters(self.rank, self.density, self.alpha, self.dropout)
+        _masks.check_rule(self.rule)
+        if self.sparse_mode not in SPARSE_MODES:
+            raise ValueError(f"sparse_mode must be one of {SPARSE_MODES}, got {self.sparse_mode!r}")
+        for name in ("warmup_steps", "collect_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if self.collect_steps < 1:
+            raise ValueError(f"collect_steps must be >= 1, got {self.collect_steps}")
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str) and not (
+                isinstance(value, (list, tuple, set)) and all(isinstance(v, str) for v in value)
+            ):
+                raise TypeError(f"{name} must be None, a string (regex or 'all-linear') or a list of names")
+        if self.target_modules is None:
+            raise ValueError("target_modules must name the modules to adapt (or be 'all-linear')")
+        return self
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        for name in ("target_modules", "exclude_modules"):
+            if isinstance(d[name], (set, tuple)):
+                d[name] = sorted(d[name])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RosaConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in fields})
+
+    def layer_kwargs(self) -> dict:
+        return {"rank": self.rank, "density": self.density, "alpha": self.alpha, "dropout": self.dropout,
+                "use_rslora": self.use_rslora, "rule": self.rule, "sparse_mode": self.sparse_mode}
+
+
+def _matches(name: str, spec) -> bool:
+    """PEFT's rule: a string is a regex matched against the full name; a list matches a name
+    exactly or as a suffix after a dot."""
+    if spec is None:
+        return False
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == t or name.endswith("." + t) for t in spec)
+
+
+def find_target_modules(model: nn.Module, config: RosaConfig) -> list[str]:
+    """The names of the ``nn.Linear`` modules ``config`` targets (in ``named_modules`` order)."""
+    output_layer = None
+    if config.target_modules == "all-linear":
+        get_output = getattr(model, "get_output_embeddings", None)
+        output_layer = get_output() if callable(get_output) else None
+    names = []
+    for name, module in model.named_modules():
+        if not name or not isinstance(module, nn.Linear) or isinstance(module, RosaLinear):
+            continue
+        if config.target_modules == "all-linear":
+            # As PEFT: every linear layer except the output (language-model head) layer.
+            if module is output_layer or name.split(".")[-1] == "lm_head":
+                continue
+        elif not _matches(name, config.target_modules):
+            continue
+        if _matches(name, config.exclude_modules):
+            continue
+        names.append(name)
+    return names
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def apply_rosa(model: nn.Module, config: RosaConfig | None = None, **overrides) -> dict[str, RosaLinear]:
+    """Replaces the targeted ``nn.Linear`` modules of ``model`` by :class:`RosaLinear` (in place).
+
+    Every other parameter is frozen. Returns ``{name: RosaLinear}`` for the replaced modules.
+    Keyword arguments override fields of ``config`` (or of the default config). The arguments are
+    checked before anything changes: on an error the model is left as it was.
+    """
+    config = dataclasses.replace(config or RosaConfig(), **overrides).validate()
+    names = find_target_modules(model, config)
+    if not names:
+        raise ValueError(f"target_modules={config.target_modules!r} matches no nn.Linear module of the model")
+    kwargs = config.layer_kwargs()
+    replaced = {name: RosaLinear.from_linear(model.get_submodule(name), **kwargs) for name in names}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, layer in replaced.items():
+        _set_submodule(model, name, layer)
+    return replaced
+
+
+def rosa_layers(model: nn.Module) -> dict[str, RosaLinear]:
+    """``{name: RosaLinear}`` of every RosaLinear inside ``model`` (``named_modules`` order)."""
+    if isinstance(model, RosaLinear):
+        return {"": model}
+    if isinstance(model, RosaModel):
+        return model.rosa_layers()
+    return {name: m for name, m in model.named_modules() if isinstance(m, RosaLinear)}
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Replaces every RosaLinear by a plain ``nn.Linear`` with W + S + scale·B·A; returns the model."""
+    if isinstance(model, RosaModel):
+        return model.merge_and_unload()
+    for name, layer in rosa_layers(model).items():
+        _set_submodule(model, name, layer.merge())
+    return model
+
+
+def progress(iterable, total: int | None = None, desc: str = "", enabled: bool | None = None):
+    """A progress bar on stderr: tqdm's when it is installed, else a plain one-line counter.
+
+    ``enabled=None`` shows it only when stderr is a terminal.
+    """
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    if not enabled:
+        yield from iterable
+        return
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        tqdm = None
+    if tqdm is not None:
+        yield from tqdm(iterable, total=total, desc=desc)
+        return
+    total = total if total is not None else len(iterable)
+    start = time.perf_counter()
+    for i, item in enumerate(iterable):
+        yield item
+        width = 30
+        done = int(width * (i + 1) / max(total, 1))
+        sys.stderr.write(f"\r{desc} [{'#' * done}{'.' * (width - done)}] {i + 1}/{total} "
+                         f"{time.perf_counter() - start:.1f}s")
+        sys.stderr.flush()
+    sys.stderr.write("\n")
+
+
+def start_collection(model: nn.Module, rule: str | None = None) -> None:
+    """Puts every RosaLinear of ``model`` into the gradient-collection phase."""
+    for layer in rosa_layers(model).values():
+        layer.start_collection(rule)
+
+
+def select_masks(model: nn.Module, *, show_progress: bool | None = None, reset_adapters: bool = False) -> dict[str, CSR]:
+    """Selects every layer's mask from its collected statistic (all ranks in the same order)."""
+    layers = rosa_layers(model)
+    result = {}
+    for name, layer in progress(layers.items(), len(layers), "RoSA mask selection", show_progress):
+        result[name] = layer.select_mask()
+        if reset_adapters:
+            layer.reset_adapters()
+    return result
+
+
+class RosaScheduler:
+    """Drives the phases of every RosaLinear in ``model`` from optimizer-step counts.
+
+    Call :meth:`step` after each optimizer step. Steps ``0 .. warmup_steps-1`` train LoRA only, the
+    next ``collect_steps`` also collect the gradient statistic, then the masks are selected and the
+    sparse adapter trains with LoRA. ``config`` defaults to the model's (a :class:`RosaModel`) or
+    to :class:`RosaConfig`'s defaults.
+    """
+
+    def __init__(self, model: nn.Module, config: RosaConfig | None = None, *, show_progress: bool | None = None):
+        if config is None:
+            config = model.config if isinstance(model, RosaModel) else RosaConfig()
+        self.model, self.config, self.show_progress = model, config.validate(), show_progress
+        self.steps = 0
+        self.masks: dict[str, CSR] | None = None
+        if not rosa_layers(model):
+            raise ValueError("model contains no RosaLinear module: apply_rosa first")
+        if config.warmup_steps == 0:
+            start_collection(model, config.rule)
+
+    @property
+    def phase(self) -> str:
+        phases = {layer.phase for layer in rosa_layers(self.model).values()}
+        return phases.pop() if len(phases) == 1 else "mixed"
+
+    def step(self) -> None:
+        self.steps += 1
+        c = self.config
+        if self.steps == c.warmup_steps:
+            start_collection(self.model, c.rule)
+        if self.steps == c.warmup_steps + c.collect_steps:
+            self.masks = select_masks(self.model, show_progress=self.show_progress,
+                                      reset_adapters=c.reset_adapters_after_mask)
+
+    def trainer_callback(self):
+        """A ``transformers.TrainerCallback`` calling :meth:`step` at each step end."""
+        from transformers import TrainerCallback
+
+        scheduler = self
+
+        class RosaTrainerCallback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                scheduler.step()
+                return control
+
+        return RosaTrainerCallback()
+
+
+class RosaModel(nn.Module):
+    """A model whose targeted linear layers are RosaLinear, with PEFT-style saving and merging."""
+
+    def __init__(self, model: nn.Module, config: RosaConfig | None = None, **overrides):
+        config = dataclasses.replace(config or RosaConfig(), **overrides).validate()
+        replaced = apply_rosa(model, config)
+        super().__init__()
+        self.base_model = model
+        self.config = config
+        self.layer_names = list(replaced)
+
+    def forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("base_model"), name)
+
+    # -- inspection -----------------------------------------------------------------------------
+    def rosa_layers(self) -> dict[str, RosaLinear]:
+        return {name: self.base_model.get_submodule(name) for name in self.layer_names}
+
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def print_trainable_parameters(self) -> None:
+        total = sum(p.numel() for p in self.parameters())
+        trainable = self.trainable_parameters()
+        print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+
+    # -- life cycle -----------------------------------------------------------------------------
+    def scheduler(self, **kwargs) -> RosaScheduler:
+        return RosaScheduler(self, self.config, **kwargs)
+
+    def start_collection(self) -> None:
+        start_collection(self, self.config.rule)
+
+    def select_masks(self, *, show_progress: bool | None = None) -> dict[str, CSR]:
+        return select_masks(self, show_progress=show_progress, reset_adapters=self.config.reset_adapters_after_mask)
+
+    def masks(self) -> dict[str, CSR]:
+        return {name: m for name, layer in self.rosa_layers().items() if (m := layer.mask()) is not None}
+
+    def set_masks(self, masks: dict[str, CSR]) -> None:
+        """Sets the masks of the named layers (all are checked before any is set)."""
+        layers = self.rosa_layers()
+        unknown = sorted(set(masks) - set(layers))
+        if unknown:
+            raise ValueError(f"masks name layers this model does not adapt: {unknown}")
+        for name, mask in masks.items():
+            layer = layers[name]
+            if tuple(mask.shape) != (layer.out_features, layer.in_features) or mask.nnz != layer.nnz:
+                raise ValueError(f"mask for {name} has shape {tuple(mask.shape)} and {mask.nnz} nonzeros; the layer "
+                                 f"needs ({layer.out_features}, {layer.in_features}) and {layer.nnz}")
+        for name, mask in masks.items():
+            layers[name].set_mask(mask)
+
+    def save_masks(self, path) -> None:
+        _masks.save_masks(path, self.masks())
+
+    def load_masks(self, path) -> None:
+        self.set_masks(_masks.load_masks(path))
+
+    def merge_and_unload(self) -> nn.Module:
+        for name, layer in self.rosa_layers().items():
+            _set_submodule(self.base_model, name, layer.merge())
+        self.layer_names = []
+        return self.base_model
+
+    # -- saving and loading -------------------------------------------------------------------------
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        tensors = {}
+        for name, layer in self.rosa_layers().items():
+            tensors[f"{name}.lora_A"] = layer.lora_A.detach()
+            tensors[f"{name}.lora_B"] = layer.lora_B.detach()
+            if layer.phase == "sparse":
+                tensors[f"{name}.sparse_values"] = layer.sparse_values.detach()
+                tensors[f"{name}.row_offsets"] = layer.row_offsets
+                tensors[f"{name}.row_indices"] = layer.row_indices
+                tensors[f"{name}.col_indices"] = layer.col_indices
+        return tensors
+
+    def save_pretrained(self, directory) -> None:
+        """Writes ``adapter_config.json`` and ``adapter_model.safetensors`` into ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        layers = {name: [layer.out_features, layer.in_features, layer.nnz] for name, layer in self.rosa_layers().items()}
+        config = {"peft_type": "ROSA", "format": "rosa_kernels", **self.config.to_dict(), "layers": layers}
+        (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        _masks.save_safetensors(self.adapter_state(), directory / WEIGHTS_NAME, {"format": "rosa_kernels"})
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, directory) -> "RosaModel":
+        """Applies a saved adapter to ``model`` (the same base architecture) and loads its weights.
+
+        The saved layer names and shapes are checked against ``model`` first: a mismatch raises a
+        ``ValueError`` and leaves ``model`` unchanged.
+        """
+        directory = Path(directory)
+        saved = json.loads((directory / CONFIG_NAME).read_text())
+        config = RosaConfig.from_dict(saved).validate()
+        tensors, _ = _masks.load_safetensors(directory / WEIGHTS_NAME)
+        names = find_target_modules(model, config)
+        _check_layers(saved["layers"], {n: model.get_submodule(n) for n in names}, config)
+        rosa = cls(model, config)
+        rosa._load_adapter_tensors(tensors)
+        return rosa
+
+    def load_adapter(self, directory) -> None:
+        """Loads a saved adapter's weights and masks into this (already wrapped) model."""
+        directory = Path(directory)
+        saved = json.loads((directory / CONFIG_NAME).read_text())
+        tensors, _ = _masks.load_safetensors(directory / WEIGHTS_NAME)
+        _check_layers(saved["layers"], self.rosa_layers(), RosaConfig.from_dict(saved))
+        self._load_adapter_tensors(tensors)
+
+    def _load_adapter_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        layers = self.rosa_layers()
+        for name, layer in layers.items():  # check every tensor before changing anything
+            for key, param in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B)):
+                t = tensors.get(f"{name}.{key}")
+                if t is None or t.shape != param.shape:
+                    raise ValueError(f"adapter tensor {name}.{key} has shape {None if t is None else tuple(t.shape)}, "
+                                     f"the model needs {tuple(param.shape)}")
+        for name, layer in layers.items():
+            device = layer.weight.device
+            if f"{name}.sparse_values" in tensors:
+                layer.set_mask(CSR(tensors[f"{name}.sparse_values"], tensors[f"{name}.row_offsets"],
+                                   tensors[f"{name}.row_indices"], tensors[f"{name}.col_indices"],
+                                   (layer.out_features, layer.in_features)))
+                with torch.no_grad():
+                    layer.sparse_values.copy_(tensors[f"{name}.sparse_values"].to(device))
+            with torch.no_grad():
+                layer.lora_A.copy_(tensors[f"{name}.lora_A"].to(device))
+                layer.lora_B.copy_(tensors[f"{name}.lora_B"].to(device))
+
+
+def _check_layers(saved_layers: dict, modules: dict[str, nn.Module], config: RosaConfig) -> None:
+    if set(saved_layers) != set(modules):
+        missing = sorted(set(saved_layers) - set(modules))
+        extra = sorted(set(modules) - set(saved_layers))
+        raise ValueError(f"the adapter does not fit this model: layers missing from the model {missing}, "
+                         f"targeted layers the adapter lacks {extra}")
+    for name, (out_features, in_features, nnz) in saved_layers.items():
+        module = modules[name]
+        if (module.out_features, module.in_features) != (out_features, in_features):
+            raise ValueError(f"the adapter does not fit this model: {name} is {module.out_features}x"
+                             f"{module.in_features} here, {out_features}x{in_features} in the adapter")
+        expected = _masks.mask_count(out_features, in_features, config.density)
+        if nnz != expected:
+            raise ValueError(f"adapter layer {name} has {nnz} sparse values, density {config.density} gives {expected}")
+
+
+def get_rosa_model(model: nn.Module, config: RosaConfig | None = None, **overrides) -> RosaModel:
+    """Wraps ``model`` in a :class:`RosaModel` (PEFT's ``get_peft_model`` for RoSA)."""
+    return RosaModel(model, config, **overrides)

@@ -1,0 +1,433 @@
+"""RosaLinear against a float64 dense reference of the same math: W + S + scale * B A."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import rosa_kernels
+from rosa_kernels import CSR, RosaLinear
+from rosa_kernels.linear import _RosaFunction
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not rosa_kernels.cuda_available(), reason="needs CUDA"))]
+MODES = ["merged", "csr_add", "spmm"]
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
+
+
+def random_mask(out_features, in_features, nnz, seed):
+    gen = torch.Generator().manual_seed(seed)
+    flat = torch.zeros(out_features * in_features, dtype=torch.bool)
+    flat[torch.randperm(out_features * in_features, generator=gen)[:nnz]] = True
+    return flat.view(out_features, in_features)
+
+
+def make_layer(in_features, out_features, *, mode="merged", dtype=torch.float32, device="cpu", density=0.3,
+               rank=3, dropout=0.0, seed=0, bias=True, with_mask=True):
+    torch.manual_seed(seed)
+    layer = RosaLinear(in_features, out_features, bias, rank=rank, density=density, alpha=8.0, dropout=dropout,
+                       sparse_mode=mode)
+    with torch.no_grad():
+        layer.lora_B.normal_()  # B starts at zero; make the LoRA path visible to the test
+    if with_mask:
+        layer.set_mask(random_mask(out_features, in_features, layer.nnz, seed + 1))
+        with torch.no_grad():
+            layer.sparse_values.normal_()
+    return layer.to(device=device, dtype=dtype)
+
+
+def reference(layer, x, dy, keep=None):
+    """Float64 dense autograd of Y = X W^T + b + X S^T + scale * (drop(X) A^T) B^T."""
+    f64 = dict(dtype=torch.float64)
+    W = layer.base_weight().to(**f64)
+    S = layer.sparse_delta().to(**f64).requires_grad_()
+    A = layer.lora_A.detach().to(**f64).requires_grad_()
+    B = layer.lora_B.detach().to(**f64).requires_grad_()
+    x64 = x.detach().to(**f64).requires_grad_()
+    xd = x64 if keep is None else x64 * keep.to(**f64) / (1 - layer.dropout)
+    y = x64 @ (W + S).t() + layer.scale * (xd @ A.t()) @ B.t()
+    if layer.bias is not None:
+        y = y + layer.bias.to(**f64)
+    y.backward(dy.to(**f64))
+    mask = layer.sparse_delta() != 0 if layer.phase == "sparse" else None
+    rows, cols = layer.flat_indices // layer.in_features, layer.flat_indices % layer.in_features
+    dS = S.grad[rows, cols] if mask is not None else None
+    return y.detach(), x64.grad, A.grad, B.grad, dS
+
+
+def assert_close(actual, expected, dtype, name):
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    err = (actual.double().cpu() - expected.cpu()).abs().max().item() if expected.numel() else 0.0
+    assert err <= TOL[dtype] * scale * 10, f"{name}: max error {err} (scale {scale})"
+
+
+SHAPES = [(1, 1, 1), (7, 5, 3), (33, 17, 9), (16, 1, 4), (1, 12, 5), (9, 6, 0)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("in_features,out_features,tokens", SHAPES)
+def test_forward_backward_match_float64_reference(device, mode, dtype, in_features, out_features, tokens):
+    layer = make_layer(in_features, out_features, mode=mode, dtype=dtype, device=device,
+                       seed=in_features * 31 + out_features)
+    x = torch.randn(2, tokens, in_features, dtype=dtype, device=device, requires_grad=True)
+    dy = torch.randn(2, tokens, out_features, dtype=dtype, device=device)
+    y = layer(x)
+    y.backward(dy)
+    y_ref, dx_ref, dA_ref, dB_ref, dS_ref = reference(layer, x, dy)
+    assert y.dtype == dtype and y.shape == (2, tokens, out_features)
+    assert_close(y, y_ref, dtype, "y")
+    assert_close(x.grad, dx_ref, dtype, "dx")
+    assert_close(layer.lora_A.grad, dA_ref, dtype, "dA")
+    assert_close(layer.lora_B.grad, dB_ref, dtype, "dB")
+    assert_close(layer.sparse_values.grad, dS_ref, dtype, "dS")
+    assert layer.weight.grad is None and layer.bias.grad is None
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_dropout_matches_reference_with_the_same_keep_mask(mode):
+    layer = make_layer(10, 7, mode=mode, dtype=torch.float64, dropout=0.3)
+    x = torch.randn(6, 10, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(6, 7, dtype=torch.float64)
+    torch.manual_seed(123)
+    keep = torch.empty_like(x).bernoulli_(0.7)  # the layer's first random draw
+    torch.manual_seed(123)
+    layer(x).backward(dy)
+    y_ref, dx_ref, dA_ref, dB_ref, dS_ref = reference(layer, x, dy, keep)
+    assert_close(x.grad, dx_ref, torch.float64, "dx")
+    assert_close(layer.lora_A.grad, dA_ref, torch.float64, "dA")
+    assert_close(layer.lora_B.grad, dB_ref, torch.float64, "dB")
+    assert_close(layer.sparse_values.grad, dS_ref, torch.float64, "dS")
+    layer.eval()  # no dropout in eval: deterministic
+    assert torch.equal(layer(x), layer(x))
+
+
+@pytest.mark.parametrize("mode", ["csr_add", "spmm"])
+def test_gradcheck_float64(mode):
+    layer = make_layer(6, 5, mode=mode, dtype=torch.float64, density=0.4)
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+
+    def f(x, A, B, values):
+        return _RosaFunction.apply(x, layer.weight, layer.bias, A, B, values, layer.row_offsets, layer.row_indices,
+                                   layer.col_indices, layer.row_offsets_t, layer.row_indices_t, layer.col_indices_t,
+                                   layer.permutation, None, layer.scale, 0.0, mode)
+
+    params = [p.detach().clone().requires_grad_() for p in (layer.lora_A, layer.lora_B, layer.sparse_values)]
+    assert torch.autograd.gradcheck(f, (x, *params))
+    assert torch.autograd.gradgradcheck is not None
+
+
+def test_gradcheck_float64_merged_through_the_layer():
+    # In merged mode S lives inside the dense weight, so check the layer as a whole: the gradient
+    # of every trainable parameter against finite differences of the layer's own output.
+    layer = make_layer(5, 4, dtype=torch.float64, density=0.5)
+    x = torch.randn(3, 5, dtype=torch.float64)
+    params = [layer.lora_A, layer.lora_B, layer.sparse_values]
+    (layer(x) * torch.sin(torch.arange(4.0, dtype=torch.float64))).sum().backward()
+    eps = 1e-6
+    for p in params:
+        for i in range(p.numel()):
+            with torch.no_grad():
+                p.view(-1)[i] += eps
+            up = (layer(x) * torch.sin(torch.arange(4.0, dtype=torch.float64))).sum().item()
+            with torch.no_grad():
+                p.view(-1)[i] -= 2 * eps
+            down = (layer(x) * torch.sin(torch.arange(4.0, dtype=torch.float64))).sum().item()
+            with torch.no_grad():
+                p.view(-1)[i] += eps
+            assert abs((up - down) / (2 * eps) - p.grad.view(-1)[i].item()) < 1e-6
+
+
+def test_merged_and_unmerged_agree_through_training_without_drift():
+    torch.manual_seed(0)
+    layers = {mode: make_layer(20, 12, mode=mode, seed=3) for mode in MODES}
+    for layer in layers.values():
+        layer.load_state_dict(layers["merged"].state_dict())
+    optimizers = {mode: torch.optim.AdamW([p for p in l.parameters() if p.requires_grad], lr=1e-2)
+                  for mode, l in layers.items()}
+    for step in range(4):
+        x = torch.randn(8, 20)
+        for mode, layer in layers.items():
+            optimizers[mode].zero_grad()
+            layer(x).square().mean().backward()
+            optimizers[mode].step()
+    x = torch.randn(5, 20)
+    outputs = {mode: layer(x) for mode, layer in layers.items()}
+    torch.testing.assert_close(outputs["merged"], outputs["spmm"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outputs["csr_add"], outputs["spmm"], rtol=1e-5, atol=1e-5)
+    merged = layers["merged"]
+    # W_eff[mask] was recomputed from the saved W: exactly base + S, no accumulated rounding.
+    assert torch.equal(merged.weight.view(-1)[merged.flat_indices], merged.base_values + merged.sparse_values.detach())
+    # Switching modes un-merges and re-merges exactly.
+    before = merged.weight.detach().clone()
+    merged.sparse_mode = "spmm"
+    torch.testing.assert_close(merged(x), outputs["merged"], rtol=1e-5, atol=1e-5)
+    merged.sparse_mode = "merged"
+    assert torch.equal(merged.weight, before)
+
+
+def test_manual_value_change_is_seen_by_the_next_forward():
+    layer = make_layer(8, 6)
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        layer.sparse_values.mul_(3.0)
+    expected = x @ (layer.base_weight() + layer.sparse_delta() + layer.scale * layer.lora_B @ layer.lora_A).t() + layer.bias
+    torch.testing.assert_close(layer(x), expected.detach())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_state_dict_round_trip_into_fresh_layer_is_exact(mode):
+    layer = make_layer(14, 9, mode=mode, seed=5)
+    state = layer.state_dict()
+    assert set(state) == {"weight", "bias", "lora_A", "lora_B", "sparse_values", "row_offsets", "row_indices",
+                          "col_indices", "has_mask"}
+    assert torch.equal(state["weight"], layer.base_weight())  # always the original W
+    for target_mode in MODES:
+        fresh = RosaLinear(14, 9, rank=3, density=0.3, alpha=8.0, dropout=0.0, sparse_mode=target_mode)
+        fresh.load_state_dict(state)
+        assert fresh.phase == "sparse"
+        x = torch.randn(3, 14)
+        torch.testing.assert_close(fresh(x), layer(x), rtol=1e-6, atol=1e-6)
+        assert torch.equal(fresh.mask().col_indices, layer.mask().col_indices)
+        assert torch.equal(fresh.sparse_values, layer.sparse_values)
+
+
+def test_to_dtype_and_merge():
+    layer = make_layer(10, 8)
+    x = torch.randn(4, 10)
+    y32 = layer(x)
+    merged = layer.merge()
+    assert type(merged) is nn.Linear and not any(p is layer.weight for p in merged.parameters())
+    torch.testing.assert_close(merged(x), y32, rtol=1e-5, atol=1e-5)
+    layer.to(torch.bfloat16)
+    assert layer.weight.dtype == torch.bfloat16 and layer.row_offsets.dtype == torch.int32
+    torch.testing.assert_close(layer(x.bfloat16()).float(), y32, rtol=3e-2, atol=3e-2)
+    assert torch.equal(layer.weight.view(-1)[layer.flat_indices],
+                       (layer.base_values.float() + layer.sparse_values.float()).bfloat16())
+
+
+def test_no_grad_eval_and_gradient_checkpointing():
+    layer = make_layer(12, 7, dropout=0.0)
+    x = torch.randn(5, 12, requires_grad=True)
+    with torch.no_grad():
+        y0 = layer(x)
+    assert not y0.requires_grad
+    y = layer(x)
+    y.sum().backward()
+    grads = [p.grad.clone() for p in (layer.lora_A, layer.lora_B, layer.sparse_values)] + [x.grad.clone()]
+    layer.zero_grad()
+    x.grad = None
+    y_ckpt = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
+    y_ckpt.sum().backward()
+    torch.testing.assert_close(y_ckpt, y)
+    for g, p in zip(grads, [layer.lora_A, layer.lora_B, layer.sparse_values, x]):
+        torch.testing.assert_close(p.grad, g)
+
+
+@pytest.mark.parametrize("mode", ["merged", "spmm"])
+@pytest.mark.parametrize("phase", ["warmup", "sparse"])
+def test_torch_compile_fullgraph(mode, phase):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        RosaLinear(16, 24, rank=4, density=0.1, dropout=0.1, sparse_mode=mode),
+        nn.GELU(),
+        RosaLinear(24, 8, rank=4, density=0.1, dropout=0.1, sparse_mode=mode),
+    )
+    if phase == "sparse":
+        for i, layer in enumerate(model[::2]):
+            layer.set_mask(random_mask(layer.out_features, layer.in_features, layer.nnz, i))
+            with torch.no_grad():
+                layer.sparse_values.normal_()
+                layer.lora_B.normal_()
+            layer.refresh_merged_weight()  # values changed outside an optimizer step
+    model.eval()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 16)
+    torch.testing.assert_close(compiled(x), model(x))
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    for _ in range(2):
+        optimizer.zero_grad()
+        compiled(x).square().mean().backward()
+        optimizer.step()
+    assert model[0].lora_A.grad is not None
+    model.eval()
+    torch.testing.assert_close(compiled(x), model(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# Gradient collection and mask selection
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rule", ["fisher", "mean"])
+def test_selected_mask_is_the_top_k_of_the_collected_statistic(rule):
+    torch.manual_seed(0)
+    linear = nn.Linear(15, 11)
+    layer = RosaLinear.from_linear(linear, rank=2, density=0.2, dropout=0.0, rule=rule)
+    layer.start_collection()
+    assert layer.phase == "collect"
+    statistic = torch.zeros(11, 15, dtype=torch.float64)
+    optimizer = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=0.0)
+    for step in range(3):
+        # Two forwards per step (a siamese encoder): the step's gradient is their sum.
+        x, x2 = torch.randn(2, 4, 15), torch.randn(3, 15)
+        target, target2 = torch.randn(2, 4, 11), torch.randn(3, 11)
+        ((layer(x) * target).sum() + (layer(x2) * target2).sum()).backward()
+        optimizer.step()  # ends the step: statistic += dW ∘ dW
+        # Independent: the dense gradient of an ordinary nn.Linear.
+        linear.zero_grad()
+        ((linear(x) * target).sum() + (linear(x2) * target2).sum()).backward()
+        g = linear.weight.grad.double()
+        statistic += g * g if rule == "fisher" else g
+    statistic /= 3
+    torch.testing.assert_close(layer.statistic().double(), statistic, rtol=1e-5, atol=1e-5)
+    mask = layer.select_mask()
+    expected = torch.zeros(11 * 15, dtype=torch.bool)
+    expected[torch.topk(statistic.abs().flatten(), layer.nnz).indices] = True
+    assert layer.phase == "sparse" and mask.nnz == layer.nnz == round(0.2 * 11 * 15)
+    assert torch.equal(layer.sparse_delta() != 0, torch.zeros(11, 15, dtype=torch.bool))  # S starts at 0
+    selected = torch.zeros(11, 15, dtype=torch.bool)
+    rows = torch.repeat_interleave(torch.arange(11), (mask.row_offsets[1:] - mask.row_offsets[:-1]).long())
+    selected[rows, mask.col_indices.long()] = True
+    assert torch.equal(selected.flatten(), expected)
+    assert layer.weight.requires_grad is False
+
+
+def test_collection_does_not_count_no_grad_or_eval_forwards():
+    layer = RosaLinear(6, 4, rank=2, density=0.5, dropout=0.0)
+    layer.start_collection()
+    with torch.no_grad():
+        layer(torch.randn(3, 6))
+    assert float(layer._pending.abs().sum()) == 0.0
+    layer(torch.randn(3, 6)).sum().backward()
+    assert float(layer._pending.abs().sum()) > 0.0
+    layer.finish_collection_step()
+    assert layer._collected == 1 and float(layer._pending.abs().sum()) == 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: clear errors, layer unchanged
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs,error", [
+    ({"density": 0.0}, ValueError), ({"density": 1.5}, ValueError), ({"density": -0.1}, ValueError),
+    ({"rank": 0}, ValueError), ({"rank": -2}, ValueError), ({"rank": 2.5}, TypeError),
+    ({"density": "0.1"}, TypeError), ({"dropout": 1.0}, ValueError), ({"sparse_mode": "dense"}, ValueError),
+    ({"rule": "max"}, ValueError),
+])
+def test_bad_hyperparameters(kwargs, error):
+    with pytest.raises(error):
+        RosaLinear(8, 4, **{"rank": 2, "density": 0.1, **kwargs})
+
+
+def test_bad_masks_leave_the_layer_unchanged():
+    layer = make_layer(9, 7, seed=2)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    weight = layer.weight.detach().clone()
+    bad = [
+        (random_mask(7, 8, layer.nnz, 0), ValueError, "shape"),
+        (random_mask(7, 9, layer.nnz + 1, 0), ValueError, "nonzeros"),
+        (random_mask(7, 9, layer.nnz, 0).float(), TypeError, "bool"),
+        ([[True]], TypeError, "CSR"),
+        (CSR(torch.zeros(layer.nnz), torch.zeros(8, dtype=torch.int32), torch.arange(7, dtype=torch.int32),
+             torch.zeros(layer.nnz, dtype=torch.int32), (7, 9)), ValueError, "row_offsets"),
+    ]
+    for mask, error, match in bad:
+        with pytest.raises(error, match=match):
+            layer.set_mask(mask)
+        assert layer.phase == "sparse"
+        for k, v in layer.state_dict().items():
+            assert torch.equal(v, state[k]), k
+        assert torch.equal(layer.weight, weight)
+    with pytest.raises(ValueError, match="features"):
+        layer(torch.randn(3, 8))
+
+
+def test_from_linear_copies_and_freezes():
+    linear = nn.Linear(5, 3, dtype=torch.float64)
+    layer = RosaLinear.from_linear(linear, rank=2, density=0.4)
+    assert torch.equal(layer.weight, linear.weight) and torch.equal(layer.bias, linear.bias)
+    assert layer.weight.dtype == torch.float64
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["lora_A", "lora_B", "sparse_values"]
+    assert layer.sparse_values.shape == (round(0.4 * 15),)
+    assert math.isclose(layer.scale, 16.0 / 2)
+    assert math.isclose(RosaLinear(5, 3, rank=4, use_rslora=True).scale, 16.0 / 2)
+    with pytest.raises(TypeError):
+        RosaLinear.from_linear(nn.Conv1d(2, 2, 1))
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph_inductor():
+    """The default backend too (C++ code generation on the CPU): no graph breaks, same results."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(RosaLinear(16, 24, rank=4, density=0.1, dropout=0.1), nn.GELU(),
+                          RosaLinear(24, 8, rank=4, density=0.1, dropout=0.1, sparse_mode="spmm"))
+    for i, layer in enumerate(model[::2]):
+        layer.set_mask(random_mask(layer.out_features, layer.in_features, layer.nnz, i))
+        with torch.no_grad():
+            layer.sparse_values.normal_()
+            layer.lora_B.normal_()
+        layer.refresh_merged_weight()
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(2, 3, 16)
+    model.eval()
+    torch.testing.assert_close(compiled(x), model(x))
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    for _ in range(2):
+        optimizer.zero_grad()
+        compiled(x).square().mean().backward()
+        optimizer.step()
+    model.eval()
+    torch.testing.assert_close(compiled(x), model(x))
+
+
+def test_real_rosa_masks_load_and_match_the_reference():
+    """Masks RoSA selected on all-MiniLM-L6-v2 (shared/data/masks) work as they are."""
+    from rosa_kernels.testing import real_masks
+
+    try:
+        masks = real_masks()
+    except FileNotFoundError:
+        pytest.skip("real masks not found")
+    for name in list(masks)[:4]:
+        mask = masks[name]
+        m, n = mask.shape
+        torch.manual_seed(0)
+        layer = RosaLinear(n, m, rank=4, density=mask.nnz / (m * n), dropout=0.0)
+        layer.set_mask(mask)
+        assert layer.nnz == mask.nnz
+        with torch.no_grad():
+            layer.sparse_values.copy_(mask.values)
+            layer.lora_B.normal_()
+        x = torch.randn(12, n, requires_grad=True)
+        dy = torch.randn(12, m)
+        y = layer(x)
+        y.backward(dy)
+        y_ref, dx_ref, dA_ref, dB_ref, dS_ref = reference(layer, x, dy)
+        assert_close(y, y_ref, torch.float32, name)
+        assert_close(x.grad, dx_ref, torch.float32, name)
+        assert_close(layer.sparse_values.grad, dS_ref, torch.float32, name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES)
+def test_autocast_runs_in_the_autocast_dtype(device, mode):
+    layer = make_layer(24, 10, mode=mode, device=device)
+    x = torch.randn(6, 24, device=device, requires_grad=True)
+    dy = torch.randn(6, 10, device=device)
+    y_ref, dx_ref, dA_ref, dB_ref, dS_ref = reference(layer, x, dy)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().backward(dy)
+    assert layer.lora_A.grad.dtype == torch.float32 and layer.sparse_values.grad.dtype == torch.float32
+    assert_close(y, y_ref, torch.bfloat16, "y")
+    assert_close(x.grad, dx_ref, torch.bfloat16, "dx")
+    assert_close(layer.lora_A.grad, dA_ref, torch.bfloat16, "dA")
+    assert_close(layer.sparse_values.grad, dS_ref, torch.bfloat16, "dS")
