@@ -47,10 +47,16 @@ from . import masks as _masks
 from .csr import CSR, csr_from_mask, row_order, validate_csr
 from .ops import csr_add, csr_transpose, sddmm, spmm
 
-__all__ = ["RosaLinear", "PHASES", "SPARSE_MODES"]
+__all__ = ["RosaLinear", "PHASES", "SPARSE_MODES", "SPARSE_GRADS"]
 
 PHASES = ("warmup", "collect", "sparse")
 SPARSE_MODES = ("merged", "csr_add", "spmm")
+# How dS is computed: "sddmm" only at the mask, "dense" as (dY^T X)[mask] with one dense GEMM, or
+# "auto": the SDDMM on the CPU and on a GPU below DENSE_GRAD_DENSITY, the GEMM above it. On an
+# H100 (bf16, 4096 x 4096, 4096 tokens) the SDDMM took 0.15 ms at density 0.3% and 0.3 ms at 1%,
+# against 0.18 ms for the GEMM and gather (docs/perf-notes.md): the crossover is near 0.4%.
+SPARSE_GRADS = ("auto", "sddmm", "dense")
+DENSE_GRAD_DENSITY = 0.004
 
 
 # ----------------------------------------------------------------------------------------------
@@ -62,8 +68,8 @@ SPARSE_MODES = ("merged", "csr_add", "spmm")
 class _RosaFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, values, row_offsets, row_indices, col_indices,
-                row_offsets_t, row_indices_t, col_indices_t, permutation, pending,
-                scale, dropout, mode):
+                row_offsets_t, row_indices_t, col_indices_t, permutation, flat_indices, pending,
+                scale, dropout, mode, dense_grad):
         in_features = x.shape[-1]
         out_features = weight.shape[0]
         x2d = x.reshape(-1, in_features)
@@ -84,18 +90,18 @@ class _RosaFunction(torch.autograd.Function):
             h = torch.mm(x2d, lora_A.t())
         y = torch.addmm(y, h, lora_B.t(), alpha=scale)
         ctx.save_for_backward(x2d, keep, h, weight, lora_A, lora_B, values, row_offsets, row_indices, col_indices,
-                              row_offsets_t, row_indices_t, col_indices_t, permutation)
+                              row_offsets_t, row_indices_t, col_indices_t, permutation, flat_indices)
         # Not saved for backward: every backward of the step adds into it in place, which would
         # trip the saved-tensor version check of the other forwards of the same step.
         ctx.pending = pending
-        ctx.scale, ctx.dropout, ctx.mode = scale, dropout, mode
+        ctx.scale, ctx.dropout, ctx.mode, ctx.dense_grad = scale, dropout, mode, dense_grad
         ctx.x_shape = x.shape
         return y.reshape(*x.shape[:-1], out_features)
 
     @staticmethod
     def backward(ctx, dy):
         (x2d, keep, h, weight, lora_A, lora_B, values, row_offsets, row_indices, col_indices,
-         row_offsets_t, row_indices_t, col_indices_t, permutation) = ctx.saved_tensors
+         row_offsets_t, row_indices_t, col_indices_t, permutation, flat_indices) = ctx.saved_tensors
         scale, dropout, mode = ctx.scale, ctx.dropout, ctx.mode
         in_features = x2d.shape[1]
         dy2d = dy.reshape(-1, weight.shape[0])
@@ -126,12 +132,16 @@ class _RosaFunction(torch.autograd.Function):
         if ctx.needs_input_grad[5]:
             if mode == "nomask":
                 d_values = torch.zeros_like(values)
+            elif ctx.dense_grad:
+                # dS = (dY^T X)[mask] through one dense GEMM: faster than the SDDMM on a GPU once the
+                # mask is dense enough (see SPARSE_GRADS); the m x n product is freed at once.
+                d_values = torch.mm(dy2d.t(), x2d).view(-1).index_select(0, flat_indices)
             else:
                 # dS = SDDMM(mask, dY^T, X^T): transposed views, read without copies by the kernels.
                 d_values = sddmm(row_offsets, row_indices, col_indices, dy2d.t(), x2d.t(), validate=False)
         if ctx.pending is not None:
             _masks.accumulate_gradient(ctx.pending, dy2d, x2d)  # dW = dY^T X of the frozen base
-        return (dx, None, None, d_lora_A, d_lora_B, d_values) + (None,) * 11
+        return (dx, None, None, d_lora_A, d_lora_B, d_values) + (None,) * 13
 
 
 # Optimizer steps change sparse_values in place; merged layers re-scatter right after (eagerly,
@@ -193,10 +203,13 @@ class RosaLinear(nn.Module):
         use_rslora: scale by ``alpha / sqrt(rank)`` instead of ``alpha / rank``.
         rule: gradient statistic for mask selection, ``'fisher'`` (mean of squares) or ``'mean'``.
         sparse_mode: ``'merged'`` (default), ``'csr_add'`` or ``'spmm'`` (see the module docs).
+        sparse_grad: how the sparse values' gradient is computed: ``'auto'`` (default), ``'sddmm'``
+            or ``'dense'`` (see ``SPARSE_GRADS``). All give the same gradient to rounding.
     """
 
     def __init__(self, in_features, out_features, bias=True, *, rank=16, density=0.006, alpha=16.0, dropout=0.05,
-                 use_rslora=False, rule="fisher", sparse_mode="merged", device=None, dtype=None, _init_base=True):
+                 use_rslora=False, rule="fisher", sparse_mode="merged", sparse_grad="auto", device=None, dtype=None,
+                 _init_base=True):
         super().__init__()
         in_features = _check_features(in_features, "in_features")
         out_features = _check_features(out_features, "out_features")
@@ -204,6 +217,9 @@ class RosaLinear(nn.Module):
         _masks.check_rule(rule)
         if sparse_mode not in SPARSE_MODES:
             raise ValueError(f"sparse_mode must be one of {SPARSE_MODES}, got {sparse_mode!r}")
+        if sparse_grad not in SPARSE_GRADS:
+            raise ValueError(f"sparse_grad must be one of {SPARSE_GRADS}, got {sparse_grad!r}")
+        self.sparse_grad = sparse_grad
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = in_features, out_features
         self.rank, self.density, self.alpha = int(rank), float(density), float(alpha)
@@ -279,7 +295,8 @@ class RosaLinear(nn.Module):
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"rank={self.rank}, density={self.density}, nnz={self.nnz}, alpha={self.alpha}, "
-                f"dropout={self.dropout}, phase={self.phase!r}, sparse_mode={self._sparse_mode!r}")
+                f"dropout={self.dropout}, phase={self.phase!r}, sparse_mode={self._sparse_mode!r}, "
+                f"sparse_grad={self.sparse_grad!r}")
 
     # ------------------------------------------------------------------------------------------
     # Forward
@@ -310,10 +327,16 @@ class RosaLinear(nn.Module):
         return _RosaFunction.apply(
             x, weight, bias, lora_A, lora_B, values,
             self.row_offsets, self.row_indices, self.col_indices,
-            self.row_offsets_t, self.row_indices_t, self.col_indices_t, self.permutation,
+            self.row_offsets_t, self.row_indices_t, self.col_indices_t, self.permutation, self.flat_indices,
             self._pending if collecting else None,
-            self.scale, self.dropout if self.training else 0.0, mode,
+            self.scale, self.dropout if self.training else 0.0, mode, self._dense_grad(x),
         )
+
+    def _dense_grad(self, x) -> bool:
+        """Whether dS goes through the dense GEMM (``sparse_grad``, decided from shapes, no sync)."""
+        if self.sparse_grad == "auto":
+            return x.device.type == "cuda" and self.density >= DENSE_GRAD_DENSITY
+        return self.sparse_grad == "dense"
 
     # ------------------------------------------------------------------------------------------
     # Sparse mode and merging of S into the dense weight
