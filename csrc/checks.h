@@ -5,24 +5,55 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include <string>
+#include <type_traits>
+
 namespace rosa {
 
+// ROSA_CHECK(cond, parts...) is TORCH_CHECK with the message built here, without std::ostream:
+// torch's c10::str formats numbers through an ostream, and in a CUDA build of this extension on the
+// GPU machine (g++ 13, torch 2.11) that formatting crashed the process (a segfault inside
+// basic_ostream::_M_insert<long>, whose weak copy this library carries) instead of raising. A
+// single std::string reaches TORCH_CHECK untouched, so the message is assembled with to_string.
+namespace detail {
+inline void append(std::string& out, const char* part) { out += part; }
+inline void append(std::string& out, const std::string& part) { out += part; }
+inline void append(std::string& out, c10::ScalarType part) { out += c10::toString(part); }
+inline void append(std::string& out, const c10::Device& part) { out += part.str(); }
+template <typename Integer, std::enable_if_t<std::is_integral_v<Integer>, int> = 0>
+inline void append(std::string& out, Integer part) { out += std::to_string(part); }
+inline void append(std::string& out, c10::IntArrayRef part) {
+  out += "[";
+  for (size_t i = 0; i < part.size(); ++i) out += (i ? ", " : "") + std::to_string(part[i]);
+  out += "]";
+}
+
+template <typename... Parts>
+std::string message(const Parts&... parts) {
+  std::string out;
+  (append(out, parts), ...);
+  return out;
+}
+}  // namespace detail
+
+#define ROSA_CHECK(cond, ...) TORCH_CHECK(cond, ::rosa::detail::message(__VA_ARGS__))
+
 inline void check_index(const at::Tensor& t, const char* name, int64_t length) {
-  TORCH_CHECK(t.scalar_type() == at::kInt, name, " must be int32, got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 1, name, " must be 1-D, got ", t.dim(), " dimensions");
-  TORCH_CHECK(length < 0 || t.size(0) == length, name, " must have length ", length, ", got ",
+  ROSA_CHECK(t.scalar_type() == at::kInt, name, " must be int32, got ", t.scalar_type());
+  ROSA_CHECK(t.dim() == 1, name, " must be 1-D, got ", t.dim(), " dimensions");
+  ROSA_CHECK(length < 0 || t.size(0) == length, name, " must have length ", length, ", got ",
               t.size(0));
 }
 
 inline void check_value_dtype(const at::Tensor& t, const char* name) {
   const auto dtype = t.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+  ROSA_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
                   dtype == at::kBFloat16,
               name, " must be float32, float64, float16 or bfloat16, got ", dtype);
 }
 
 inline void check_same_device(const at::Tensor& reference, const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device() == reference.device(), name, " must be on ", reference.device(),
+  ROSA_CHECK(t.device() == reference.device(), name, " must be on ", reference.device(),
               ", got ", t.device());
 }
 
@@ -31,8 +62,8 @@ inline void check_same_device(const at::Tensor& reference, const at::Tensor& t, 
 inline void check_csr(const at::Tensor& device_reference, const at::Tensor& row_offsets,
                       const at::Tensor& row_indices, const at::Tensor& col_indices, int64_t m,
                       int64_t nnz) {
-  TORCH_CHECK(m >= 0, "m must be >= 0, got ", m);
-  TORCH_CHECK(m < (int64_t(1) << 31) - 1, "m must be below 2^31 - 1, got ", m);
+  ROSA_CHECK(m >= 0, "m must be >= 0, got ", m);
+  ROSA_CHECK(m < (int64_t(1) << 31) - 1, "m must be below 2^31 - 1, got ", m);
   check_index(row_offsets, "row_offsets", m + 1);
   check_index(col_indices, "col_indices", nnz);
   check_same_device(device_reference, row_offsets, "row_offsets");
@@ -45,16 +76,16 @@ inline void check_csr(const at::Tensor& device_reference, const at::Tensor& row_
 
 inline void check_values(const at::Tensor& values) {
   check_value_dtype(values, "values");
-  TORCH_CHECK(values.dim() == 1, "values must be 1-D, got ", values.dim(), " dimensions");
+  ROSA_CHECK(values.dim() == 1, "values must be 1-D, got ", values.dim(), " dimensions");
 }
 
 inline void check_dense(const at::Tensor& reference, const at::Tensor& dense, const char* name,
                         int64_t rows) {
   check_value_dtype(dense, name);
-  TORCH_CHECK(dense.dim() == 2, name, " must be 2-D, got ", dense.dim(), " dimensions");
-  TORCH_CHECK(rows < 0 || dense.size(0) == rows, name, " must have ", rows, " rows, got ",
+  ROSA_CHECK(dense.dim() == 2, name, " must be 2-D, got ", dense.dim(), " dimensions");
+  ROSA_CHECK(rows < 0 || dense.size(0) == rows, name, " must have ", rows, " rows, got ",
               dense.size(0));
-  TORCH_CHECK(dense.scalar_type() == reference.scalar_type(), name, " must have dtype ",
+  ROSA_CHECK(dense.scalar_type() == reference.scalar_type(), name, " must have dtype ",
               reference.scalar_type(), ", got ", dense.scalar_type());
   check_same_device(reference, dense, name);
 }

@@ -33,7 +33,7 @@ void check_structure_is_safe(const at::Tensor& row_offsets, const at::Tensor& ro
       row_offsets.data_ptr<int32_t>(),
       row_indices.defined() ? row_indices.data_ptr<int32_t>() : nullptr,
       col_indices.data_ptr<int32_t>(), m, n, col_indices.size(0));
-  TORCH_CHECK(problem.empty(), problem);
+  ROSA_CHECK(problem.empty(), problem);
 }
 
 at::Tensor spmm_cpu(const at::Tensor& values, const at::Tensor& row_offsets,
@@ -61,7 +61,7 @@ at::Tensor sddmm_cpu(const at::Tensor& row_offsets, const at::Tensor& row_indice
   check_dense(a, a, "a", -1);
   check_dense(a, bt, "bt", -1);
   const int64_t m = a.size(0);
-  TORCH_CHECK(bt.size(1) == a.size(1), "bt must have ", a.size(1), " columns (a's), got ",
+  ROSA_CHECK(bt.size(1) == a.size(1), "bt must have ", a.size(1), " columns (a's), got ",
               bt.size(1));
   check_csr(a, row_offsets, row_indices, col_indices, m, col_indices.size(0));
   const auto a_rows = rows_contiguous(a), bt_rows = rows_contiguous(bt);
@@ -83,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> csr_transpose_cpu(
     int64_t m, int64_t n) {
   check_values(values);
   check_csr(values, row_offsets, at::Tensor(), col_indices, m, values.size(0));
-  TORCH_CHECK(n >= 0 && n < (int64_t(1) << 31) - 1, "n must be in [0, 2^31 - 1), got ", n);
+  ROSA_CHECK(n >= 0 && n < (int64_t(1) << 31) - 1, "n must be in [0, 2^31 - 1), got ", n);
   const int64_t nnz = values.size(0);
   const auto offsets = row_offsets.contiguous(), cols = col_indices.contiguous(),
              vals = values.contiguous();
@@ -108,7 +108,7 @@ void csr_add_inplace_cpu(const at::Tensor& values, const at::Tensor& row_offsets
   check_values(values);
   check_dense(values, dense, "dense", -1);
   check_csr(values, row_offsets, row_indices, col_indices, dense.size(0), values.size(0));
-  TORCH_CHECK(dense.stride(1) == 1 || dense.size(1) <= 1,
+  ROSA_CHECK(dense.stride(1) == 1 || dense.size(1) <= 1,
               "dense must have contiguous rows for an in-place csr_add");
   const auto offsets = row_offsets.contiguous(), cols = col_indices.contiguous(),
              vals = values.contiguous();

@@ -46,7 +46,7 @@ typename CudaValue<S>::type* cuda_mutable_ptr(const at::Tensor& t) {
 }
 
 void check_cuda(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got ", t.device());
+  ROSA_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got ", t.device());
 }
 
 // ROSA_SPMM_KERNEL=slab32|slab16|rows forces one SpMM kernel (for measurements); default auto.
@@ -66,7 +66,7 @@ at::Tensor spmm_cuda(const at::Tensor& values, const at::Tensor& row_offsets,
   check_values(values);
   check_csr(values, row_offsets, row_indices, col_indices, m, values.size(0));
   check_dense(values, dense, "dense", -1);
-  TORCH_CHECK(dense.size(0) < (int64_t(1) << 31) - 1 && dense.size(1) < (int64_t(1) << 31) - 1,
+  ROSA_CHECK(dense.size(0) < (int64_t(1) << 31) - 1 && dense.size(1) < (int64_t(1) << 31) - 1,
               "dense dimensions must be below 2^31 - 1, got ", dense.sizes());
   const c10::cuda::CUDAGuard guard(values.device());
   const auto dense_rows = rows_contiguous(dense);
@@ -102,11 +102,11 @@ at::Tensor sddmm_cuda(const at::Tensor& row_offsets, const at::Tensor& row_indic
                       const at::Tensor& col_indices, const at::Tensor& a, const at::Tensor& bt) {
   check_cuda(a, "a");
   check_index(row_offsets, "row_offsets", -1);
-  TORCH_CHECK(row_offsets.size(0) >= 1, "row_offsets must have length >= 1");
+  ROSA_CHECK(row_offsets.size(0) >= 1, "row_offsets must have length >= 1");
   const int64_t m = row_offsets.size(0) - 1;
   check_dense(a, a, "a", m);
   check_dense(a, bt, "bt", -1);
-  TORCH_CHECK(bt.size(1) == a.size(1), "bt must have ", a.size(1), " columns (a's), got ",
+  ROSA_CHECK(bt.size(1) == a.size(1), "bt must have ", a.size(1), " columns (a's), got ",
               bt.size(1));
   check_csr(a, row_offsets, row_indices, col_indices, m, col_indices.size(0));
   const c10::cuda::CUDAGuard guard(a.device());
@@ -142,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> csr_transpose_cuda(
   check_cuda(values, "values");
   check_values(values);
   check_csr(values, row_offsets, at::Tensor(), col_indices, m, values.size(0));
-  TORCH_CHECK(n >= 0 && n < (int64_t(1) << 31) - 1, "n must be in [0, 2^31 - 1), got ", n);
+  ROSA_CHECK(n >= 0 && n < (int64_t(1) << 31) - 1, "n must be in [0, 2^31 - 1), got ", n);
   const c10::cuda::CUDAGuard guard(values.device());
   const int64_t nnz = values.size(0);
   const auto offsets = row_offsets.contiguous(), cols = col_indices.contiguous(),
@@ -175,7 +175,7 @@ void csr_add_inplace_cuda(const at::Tensor& values, const at::Tensor& row_offset
   check_values(values);
   check_dense(values, dense, "dense", -1);
   check_csr(values, row_offsets, row_indices, col_indices, dense.size(0), values.size(0));
-  TORCH_CHECK(dense.stride(1) == 1 || dense.size(1) <= 1,
+  ROSA_CHECK(dense.stride(1) == 1 || dense.size(1) <= 1,
               "dense must have contiguous rows for an in-place csr_add");
   const c10::cuda::CUDAGuard guard(values.device());
   const auto offsets = row_offsets.contiguous(), cols = col_indices.contiguous(),
