@@ -45,7 +45,9 @@ from torch import nn
 
 from . import masks as _masks
 from .csr import CSR, csr_from_mask, row_order, validate_csr
-from .ops import csr_add, csr_transpose, sddmm, spmm
+from .ops import csr_transpose
+
+_ops = torch.ops.rosa_kernels
 
 __all__ = ["RosaLinear", "PHASES", "SPARSE_MODES", "SPARSE_GRADS"]
 
@@ -74,27 +76,31 @@ class _RosaFunction(torch.autograd.Function):
         out_features = weight.shape[0]
         x2d = x.reshape(-1, in_features)
         # mode: "nomask" (LoRA only), "merged" (the weight already holds W + S), "csr_add", "spmm".
+        # The mask was validated when it was set: the raw ops skip the public wrappers' checks,
+        # whose host time would show in every step of a launch-bound layer.
         if mode == "csr_add":
-            y = F.linear(x2d, csr_add(values, row_offsets, row_indices, col_indices, weight, validate=False), bias)
+            y = F.linear(x2d, _ops.csr_add(values, row_offsets, row_indices, col_indices, weight), bias)
         else:
             y = F.linear(x2d, weight, bias)
         if mode == "spmm":
             # X S^T = (S X^T)^T
-            y = y + spmm(values, row_offsets, row_indices, col_indices, x2d.t(), out_features, validate=False).t()
+            y = y + _ops.spmm(values, row_offsets, row_indices, col_indices, x2d.t(), out_features).t()
+        # h = (X ∘ keep) A^T without the dropout's 1 / (1 - p): that factor rides on the LoRA scale.
         if dropout > 0.0:
             keep = torch.empty_like(x2d).bernoulli_(1.0 - dropout)
-            h = torch.mm(x2d * keep, lora_A.t()).mul_(1.0 / (1.0 - dropout))
+            h = torch.mm(x2d * keep, lora_A.t())
             keep = keep.bool()
         else:
             keep = None
             h = torch.mm(x2d, lora_A.t())
-        y = torch.addmm(y, h, lora_B.t(), alpha=scale)
+        lora_scale = scale / (1.0 - dropout)
+        y = torch.addmm(y, h, lora_B.t(), alpha=lora_scale)
         ctx.save_for_backward(x2d, keep, h, weight, lora_A, lora_B, values, row_offsets, row_indices, col_indices,
                               row_offsets_t, row_indices_t, col_indices_t, permutation, flat_indices)
         # Not saved for backward: every backward of the step adds into it in place, which would
         # trip the saved-tensor version check of the other forwards of the same step.
         ctx.pending = pending
-        ctx.scale, ctx.dropout, ctx.mode, ctx.dense_grad = scale, dropout, mode, dense_grad
+        ctx.lora_scale, ctx.mode, ctx.dense_grad = lora_scale, mode, dense_grad
         ctx.x_shape = x.shape
         return y.reshape(*x.shape[:-1], out_features)
 
@@ -102,33 +108,32 @@ class _RosaFunction(torch.autograd.Function):
     def backward(ctx, dy):
         (x2d, keep, h, weight, lora_A, lora_B, values, row_offsets, row_indices, col_indices,
          row_offsets_t, row_indices_t, col_indices_t, permutation, flat_indices) = ctx.saved_tensors
-        scale, dropout, mode = ctx.scale, ctx.dropout, ctx.mode
+        lora_scale, mode = ctx.lora_scale, ctx.mode
         in_features = x2d.shape[1]
         dy2d = dy.reshape(-1, weight.shape[0])
         dx = d_lora_A = d_lora_B = d_values = None
         g = torch.mm(dy2d, lora_B)  # dY B: T x rank, shared by dX and dA
         if ctx.needs_input_grad[0]:
-            # dX = dY (W + S) + scale * ((dY B) A) ∘ keep / (1 - p)
+            # dX = dY (W + S) + scale / (1 - p) * ((dY B) A) ∘ keep
             if mode == "csr_add":
-                dx = torch.mm(dy2d, csr_add(values, row_offsets, row_indices, col_indices, weight, validate=False))
+                dx = torch.mm(dy2d, _ops.csr_add(values, row_offsets, row_indices, col_indices, weight))
             else:
                 dx = torch.mm(dy2d, weight)
             if mode == "spmm":
                 # dY S = (S^T dY^T)^T with the cached transpose; values_t = values[permutation].
                 values_t = values[permutation.long()]
-                dx = dx + spmm(values_t, row_offsets_t, row_indices_t, col_indices_t, dy2d.t(), in_features,
-                               validate=False).t()
+                dx = dx + _ops.spmm(values_t, row_offsets_t, row_indices_t, col_indices_t, dy2d.t(), in_features).t()
             if keep is None:
-                dx = torch.addmm(dx, g, lora_A, alpha=scale)
+                dx = torch.addmm(dx, g, lora_A, alpha=lora_scale)
             else:
-                dx = dx + torch.mm(g, lora_A).mul_(keep).mul_(scale / (1.0 - dropout))
+                dx = dx.add_(torch.mm(g, lora_A).mul_(keep), alpha=lora_scale)
             dx = dx.reshape(ctx.x_shape)
         if ctx.needs_input_grad[3]:
-            # dA = scale * (dY B)^T drop(X)
-            x_dropped = x2d if keep is None else (x2d * keep).mul_(1.0 / (1.0 - dropout))
-            d_lora_A = torch.mm(g.t(), x_dropped).mul_(scale)
+            # dA = scale / (1 - p) * (dY B)^T (X ∘ keep)
+            x_kept = x2d if keep is None else x2d * keep
+            d_lora_A = torch.mm(g.t(), x_kept).mul_(lora_scale)
         if ctx.needs_input_grad[4]:
-            d_lora_B = torch.mm(dy2d.t(), h).mul_(scale)  # dB = scale * dY^T h
+            d_lora_B = torch.mm(dy2d.t(), h).mul_(lora_scale)  # dB = scale / (1 - p) * dY^T h
         if ctx.needs_input_grad[5]:
             if mode == "nomask":
                 d_values = torch.zeros_like(values)
@@ -138,7 +143,7 @@ class _RosaFunction(torch.autograd.Function):
                 d_values = torch.mm(dy2d.t(), x2d).view(-1).index_select(0, flat_indices)
             else:
                 # dS = SDDMM(mask, dY^T, X^T): transposed views, read without copies by the kernels.
-                d_values = sddmm(row_offsets, row_indices, col_indices, dy2d.t(), x2d.t(), validate=False)
+                d_values = _ops.sddmm(row_offsets, row_indices, col_indices, dy2d.t(), x2d.t())
         if ctx.pending is not None:
             _masks.accumulate_gradient(ctx.pending, dy2d, x2d)  # dW = dY^T X of the frozen base
         return (dx, None, None, d_lora_A, d_lora_B, d_values) + (None,) * 13
