@@ -48,3 +48,12 @@ def real_masks_sample():
 def pytest_configure(config):
     # Also registered in pyproject.toml by the GPU check; repeated here so the suite runs alone.
     config.addinivalue_line("markers", "sanitizer: small CUDA cases run under compute-sanitizer")
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    """Runs a test with torch (and so the CPU kernels' OpenMP) on 1 and on 2 threads."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(previous)

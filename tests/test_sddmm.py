@@ -131,14 +131,6 @@ def test_sddmm_property_random_shapes(m, n, k, density, seed):
     check_sddmm(mask, a, bt, run_sddmm(mask, a, bt))
 
 
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(previous)
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_sddmm_many_used_rows_and_padded_steps(dtype, threads, device, gen):
     # ~2100 used rows of bt and k = 300, not a whole number of vector steps: the CPU kernel

@@ -142,14 +142,6 @@ def test_spmm_property_random_shapes(m, n, k, density, seed):
     check_spmm(A, dense, run_spmm(A, dense))
 
 
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(previous)
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_spmm_many_used_rows_and_a_ragged_tile(dtype, threads, device, gen):
     # ~1100 used rows of dense (converted once for 16-bit types) and k = 200, which is three full
