@@ -4,6 +4,9 @@
 // implementations of the same schemas, and python/rosa_kernels/ops.py registers fake kernels and
 // autograd. This layer checks shapes/dtypes/devices, dispatches on dtype and calls the torch-free
 // kernels in cpu/.
+#include <algorithm>
+#include <vector>
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -11,6 +14,7 @@
 #include "checks.h"
 #include "cpu/csr_add.h"
 #include "cpu/csr_transpose.h"
+#include "cpu/gather_rows.h"
 #include "cpu/sddmm.h"
 #include "cpu/spmm.h"
 #include "cpu/structure.h"
@@ -34,6 +38,37 @@ void check_structure_is_safe(const at::Tensor& row_offsets, const at::Tensor& ro
       row_indices.defined() ? row_indices.data_ptr<int32_t>() : nullptr,
       col_indices.data_ptr<int32_t>(), m, n, col_indices.size(0));
   ROSA_CHECK(problem.empty(), problem);
+}
+
+// Which rows of `a` the SDDMM reads (rows with nonzeros), and which rows of `bt` (the columns
+// that occur in the mask), as byte masks.
+std::vector<uint8_t> row_mask_of_rows(const at::Tensor& row_offsets, int64_t m) {
+  const int32_t* offsets = row_offsets.data_ptr<int32_t>();
+  std::vector<uint8_t> used(m);
+  for (int64_t i = 0; i < m; ++i) used[i] = offsets[i + 1] > offsets[i];
+  return used;
+}
+
+std::vector<uint8_t> row_mask_of_columns(const at::Tensor& col_indices, int64_t n) {
+  const int32_t* cols = col_indices.data_ptr<int32_t>();
+  std::vector<uint8_t> used(n, 0);
+  for (int64_t p = 0; p < col_indices.size(0); ++p) used[cols[p]] = 1;
+  return used;
+}
+
+// `t` itself when its rows are contiguous; else a row-contiguous buffer holding only the rows the
+// kernel reads (cpu/gather_rows.h), the others left unwritten -- or, when most rows are read
+// anyway, torch's whole copy, which was as fast as the tiled gather on the rows it copies.
+at::Tensor used_rows_contiguous(const at::Tensor& t, const std::vector<uint8_t>& used) {
+  if (t.stride(1) == 1 || t.size(1) <= 1) return t;
+  const int64_t used_count = std::count(used.begin(), used.end(), uint8_t(1));
+  if (2 * used_count > t.size(0)) return t.contiguous();
+  auto rows = at::empty({t.size(0), t.size(1)}, t.options());
+  ROSA_DISPATCH_VALUES(t.scalar_type(), "rosa_kernels::gather_rows", [&] {
+    cpu::gather_rows<scalar_t>(t.data_ptr<scalar_t>(), t.stride(0), t.stride(1), used.data(),
+                               t.size(0), t.size(1), rows.data_ptr<scalar_t>(), threads());
+  });
+  return rows;
 }
 
 at::Tensor spmm_cpu(const at::Tensor& values, const at::Tensor& row_offsets,
@@ -64,10 +99,11 @@ at::Tensor sddmm_cpu(const at::Tensor& row_offsets, const at::Tensor& row_indice
   ROSA_CHECK(bt.size(1) == a.size(1), "bt must have ", a.size(1), " columns (a's), got ",
               bt.size(1));
   check_csr(a, row_offsets, row_indices, col_indices, m, col_indices.size(0));
-  const auto a_rows = rows_contiguous(a), bt_rows = rows_contiguous(bt);
   const auto offsets = row_offsets.contiguous(), order = row_indices.contiguous(),
              cols = col_indices.contiguous();
   check_structure_is_safe(offsets, order, cols, m, bt.size(0));
+  const auto a_rows = used_rows_contiguous(a, row_mask_of_rows(offsets, m));
+  const auto bt_rows = used_rows_contiguous(bt, row_mask_of_columns(cols, bt.size(0)));
   auto out = at::empty({col_indices.size(0)}, a.options());
   ROSA_DISPATCH_VALUES(a.scalar_type(), "rosa_kernels::sddmm", [&] {
     cpu::sddmm<scalar_t>(offsets.data_ptr<int32_t>(), order.data_ptr<int32_t>(),

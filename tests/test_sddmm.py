@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import rosa_kernels
+from rosa_kernels.testing import rosa_mask, uniform_mask
 from reference import DTYPE_IDS, DTYPES, assert_close, f64, randn, random_csr
 
 # (m, n, k): 1x1, a single row, a single column, odd sizes, few reads per dense row (the CPU
@@ -139,3 +140,20 @@ def test_sddmm_many_used_rows_and_padded_steps(dtype, threads, device, gen):
     a = randn(30, 300, gen=gen, dtype=dtype, device=device)
     bt = randn(2100, 300, gen=gen, dtype=dtype, device=device)
     check_sddmm(mask, a, bt, run_sddmm(mask, a, bt))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("kind", ["rosa", "uniform"])
+def test_sddmm_training_layout_with_mostly_unused_rows_and_columns(kind, dtype, threads, device, gen):
+    # RoSA's dS = mask ∘ (dY^T X) on the views dY.t(), X.t(): on the CPU the op copies only the
+    # rows of a and bt the mask uses when they are fewer than half (the rest stays unwritten), so
+    # masks with empty rows and mostly empty columns must still give every nonzero right.
+    m, n, tokens = 70, 90, 45
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+    make = rosa_mask if kind == "rosa" else uniform_mask
+    mask = make(m, n, 0.005, seed=seed, dtype=dtype, device=device)
+    dY = randn(tokens, m, gen=gen, dtype=dtype, device=device)
+    X = randn(tokens, n, gen=gen, dtype=dtype, device=device)
+    used_columns = torch.unique(mask.col_indices).numel()
+    assert used_columns * 2 < n  # the partial copy is exercised
+    check_sddmm(mask, dY.t(), X.t(), run_sddmm(mask, dY.t(), X.t()))
