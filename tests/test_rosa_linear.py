@@ -255,26 +255,30 @@ def test_no_grad_eval_and_gradient_checkpointing():
         torch.testing.assert_close(p.grad, g)
 
 
-@pytest.mark.parametrize("mode", ["merged", "spmm"])
-@pytest.mark.parametrize("phase", ["warmup", "sparse"])
-def test_torch_compile_fullgraph(mode, phase):
-    torch._dynamo.reset()
+def two_layer_model(first_mode, second_mode, with_masks):
+    """RosaLinear -> GELU -> RosaLinear, with random masks and non-zero adapters when asked."""
     torch.manual_seed(0)
     model = nn.Sequential(
-        RosaLinear(16, 24, rank=4, density=0.1, dropout=0.1, sparse_mode=mode),
+        RosaLinear(16, 24, rank=4, density=0.1, dropout=0.1, sparse_mode=first_mode),
         nn.GELU(),
-        RosaLinear(24, 8, rank=4, density=0.1, dropout=0.1, sparse_mode=mode),
+        RosaLinear(24, 8, rank=4, density=0.1, dropout=0.1, sparse_mode=second_mode),
     )
-    if phase == "sparse":
+    if with_masks:
         for i, layer in enumerate(model[::2]):
             layer.set_mask(random_mask(layer.out_features, layer.in_features, layer.nnz, i))
             with torch.no_grad():
                 layer.sparse_values.normal_()
                 layer.lora_B.normal_()
             layer.refresh_merged_weight()  # values changed outside an optimizer step
-    model.eval()
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    return model
+
+
+def assert_compiled_matches_eager_through_training(model, backend):
+    """torch.compile(fullgraph=True): same outputs as eager before and after two optimizer steps."""
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
     x = torch.randn(2, 3, 16)
+    model.eval()
     torch.testing.assert_close(compiled(x), model(x))
     model.train()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
@@ -285,6 +289,13 @@ def test_torch_compile_fullgraph(mode, phase):
     assert model[0].lora_A.grad is not None
     model.eval()
     torch.testing.assert_close(compiled(x), model(x))
+
+
+@pytest.mark.parametrize("mode", ["merged", "spmm"])
+@pytest.mark.parametrize("phase", ["warmup", "sparse"])
+def test_torch_compile_fullgraph(mode, phase):
+    model = two_layer_model(mode, mode, with_masks=phase == "sparse")
+    assert_compiled_matches_eager_through_training(model, "aot_eager")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -393,29 +404,8 @@ def test_from_linear_copies_and_freezes():
 @pytest.mark.slow
 def test_torch_compile_fullgraph_inductor():
     """The default backend too (C++ code generation on the CPU): no graph breaks, same results."""
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    model = nn.Sequential(RosaLinear(16, 24, rank=4, density=0.1, dropout=0.1), nn.GELU(),
-                          RosaLinear(24, 8, rank=4, density=0.1, dropout=0.1, sparse_mode="spmm"))
-    for i, layer in enumerate(model[::2]):
-        layer.set_mask(random_mask(layer.out_features, layer.in_features, layer.nnz, i))
-        with torch.no_grad():
-            layer.sparse_values.normal_()
-            layer.lora_B.normal_()
-        layer.refresh_merged_weight()
-    compiled = torch.compile(model, fullgraph=True)
-    x = torch.randn(2, 3, 16)
-    model.eval()
-    torch.testing.assert_close(compiled(x), model(x))
-    model.train()
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    for _ in range(2):
-        optimizer.zero_grad()
-        compiled(x).square().mean().backward()
-        optimizer.step()
-    model.eval()
-    torch.testing.assert_close(compiled(x), model(x))
-
+    model = two_layer_model("merged", "spmm", with_masks=True)
+    assert_compiled_matches_eager_through_training(model, "inductor")
 
 def test_real_rosa_masks_load_and_match_the_reference():
     """Masks RoSA selected on all-MiniLM-L6-v2 (shared/data/masks) work as they are."""
