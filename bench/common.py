@@ -81,8 +81,29 @@ class Unavailable(Exception):
 # ----------------------------------------------------------------------------------------------
 
 
+class _CaseNames:
+    """What a measurement point's dataclass derives from its fields: dtype, shape, group, id."""
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    @property
+    def shape(self) -> str:
+        return f"{self.m}x{self.n}x{self.tokens}"
+
+    @property
+    def group(self) -> str:
+        """pytest-benchmark group: every implementation of one case lands in one table."""
+        return f"{self.kind}-{self.shape}-{self.density:g}-{self.mask}-{self.dtype}"
+
+    @property
+    def id(self) -> str:
+        return self.group
+
+
 @dataclasses.dataclass(frozen=True)
-class Case:
+class Case(_CaseNames):
     """One measurement point. ``tokens`` is unused by csr_transpose and csr_add."""
 
     op: str
@@ -95,27 +116,18 @@ class Case:
     device: str
 
     @property
-    def torch_dtype(self) -> torch.dtype:
-        return _DTYPES[self.dtype]
+    def kind(self) -> str:
+        return self.op
 
     @property
     def shape(self) -> str:
         if self.op in ("csr_transpose", "csr_add"):
             return f"{self.m}x{self.n}"
-        return f"{self.m}x{self.n}x{self.tokens}"
-
-    @property
-    def group(self) -> str:
-        """pytest-benchmark group: every implementation of one case lands in one table."""
-        return f"{self.op}-{self.shape}-{self.density:g}-{self.mask}-{self.dtype}"
-
-    @property
-    def id(self) -> str:
-        return self.group
+        return super().shape
 
 
 @dataclasses.dataclass(frozen=True)
-class LayerCase:
+class LayerCase(_CaseNames):
     """One training step of a layer: ``out_features`` = m, ``in_features`` = n."""
 
     m: int
@@ -126,21 +138,7 @@ class LayerCase:
     dtype: str
     device: str
 
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return _DTYPES[self.dtype]
-
-    @property
-    def shape(self) -> str:
-        return f"{self.m}x{self.n}x{self.tokens}"
-
-    @property
-    def group(self) -> str:
-        return f"layer-step-{self.shape}-{self.density:g}-{self.mask}-{self.dtype}"
-
-    @property
-    def id(self) -> str:
-        return self.group
+    kind = "layer-step"
 
 
 def op_cases(ops, shapes, densities, masks, dtypes, device) -> list[Case]:
