@@ -27,8 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import common  # noqa: E402
 
 
-def profile(step, device: torch.device) -> tuple[float, int]:
-    """(summed kernel milliseconds, kernel count) of one step, from torch.profiler."""
+def profile(step, device: torch.device, top: int = 0) -> tuple[float, int]:
+    """(summed kernel milliseconds, kernel count) of one step, from torch.profiler; prints the
+    ``top`` most expensive kernels (CUDA) or ops (CPU) when asked."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -36,6 +37,10 @@ def profile(step, device: torch.device) -> tuple[float, int]:
         step()
         common.synchronize(device)
     events = prof.events()
+    if top:
+        table = prof.key_averages().table(
+            sort_by="self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total", row_limit=top)
+        print(table)
     if device.type == "cuda":
         kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
         return sum(e.device_time for e in kernels) / 1e3, len(kernels)
@@ -69,6 +74,7 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--top", type=int, default=0, help="print the N most expensive kernels of each step")
     args = parser.parse_args()
     m, n, tokens = (int(v) for v in args.shape.split("x"))
     dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
@@ -83,7 +89,7 @@ def main() -> None:
     for name, step in prepared.calls.items():
         step_ms = common.measure(step, device, budget=0.3)["median"] * 1e3
         host_ms = host_time(step, device, args.reps) * 1e3
-        gpu_ms, kernels = profile(step, device)
+        gpu_ms, kernels = profile(step, device, args.top)
         print(f"{name:10s} {step_ms:8.3f} {host_ms:8.3f} {gpu_ms:8.3f} {kernels:8d}")
 
 
