@@ -18,7 +18,7 @@ for src in "${sources[@]}"; do
 done
 rm -rf "$out"
 
-# The CUDA binding layer needs torch's headers: syntax-check it with the CPU torch's headers when a
+# The CUDA binding layers (csrc/*_cuda.cpp) need torch's headers: syntax-check them with the CPU torch's headers when a
 # Python with torch is at hand (PYTHON, default python3). A CPU wheel lacks one generated header,
 # which a stub replaces.
 PYTHON=${PYTHON:-python3}
@@ -28,10 +28,12 @@ if torch_include=$("$PYTHON" -c "import os, torch; print(os.path.join(os.path.di
   # nvcc may be a wrapper script: ask it where its headers are.
   cuda_include=$(nvcc --dryrun -c -x cu /dev/null 2>&1 | sed -n 's/.*INCLUDES="\?-I\([^" ]*\).*/\1/p' | head -1)
   [ -f "$cuda_include/cuda_runtime_api.h" ] || cuda_include=${CUDA_HOME:-/usr/local/cuda}/include
-  g++ -std=c++17 -fsyntax-only -w -I"$stub" -I"$torch_include" -I"$torch_include/torch/csrc/api/include" \
-    -I"$cuda_include" -Icsrc csrc/ops_cuda.cpp
+  for binding in csrc/*_cuda.cpp; do
+    g++ -std=c++17 -fsyntax-only -w -I"$stub" -I"$torch_include" -I"$torch_include/torch/csrc/api/include" \
+      -I"$cuda_include" -Icsrc "$binding"
+    echo "check_cuda_compiles: $binding OK (syntax, against torch's headers)"
+  done
   rm -rf "$stub"
-  echo "check_cuda_compiles: csrc/ops_cuda.cpp OK (syntax, against torch's headers)"
 else
-  echo "check_cuda_compiles: no torch for $PYTHON, skipping the syntax check of csrc/ops_cuda.cpp"
+  echo "check_cuda_compiles: no torch for $PYTHON, skipping the syntax check of csrc/*_cuda.cpp"
 fi

@@ -22,6 +22,7 @@ from .csr import (
     validate_csr,
 )
 from .ops import csr_add, csr_transpose, sddmm, spmm
+from . import dropout  # noqa: F401  (fake kernels of the fused LoRA dropout ops)
 from .linear import RosaLinear
 from .masks import load_masks, save_masks, select_mask
 from .model import RosaConfig, RosaModel, RosaScheduler, apply_rosa, get_rosa_model, merge_and_unload
