@@ -8,6 +8,7 @@ from torch import nn
 
 import rosa_kernels
 from rosa_kernels import CSR, RosaLinear
+from rosa_kernels.dropout import draw_seed, keep_mask
 from rosa_kernels.linear import _RosaFunction
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not rosa_kernels.cuda_available(), reason="needs CUDA"))]
@@ -121,7 +122,7 @@ def test_dropout_matches_reference_with_the_same_keep_mask(mode):
     x = torch.randn(6, 10, dtype=torch.float64, requires_grad=True)
     dy = torch.randn(6, 7, dtype=torch.float64)
     torch.manual_seed(123)
-    keep = torch.empty_like(x).bernoulli_(0.7)  # the layer's first random draw
+    keep = keep_mask(draw_seed(), 6, 10, 0.3)  # the layer's first random draw is its dropout seed
     torch.manual_seed(123)
     layer(x).backward(dy)
     y_ref, dx_ref, dA_ref, dB_ref, dS_ref = reference(layer, x, dy, keep)

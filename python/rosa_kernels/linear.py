@@ -45,6 +45,7 @@ from torch import nn
 
 from . import masks as _masks
 from .csr import CSR, csr_from_mask, row_order, validate_csr
+from .dropout import draw_seed
 from .ops import csr_transpose
 
 _ops = torch.ops.rosa_kernels
@@ -62,8 +63,9 @@ DENSE_GRAD_DENSITY = 0.004
 
 
 # ----------------------------------------------------------------------------------------------
-# The whole layer as one autograd function: the input is saved once, the dropout keep-mask (if
-# any) as bool, and the small T x rank product h = drop(X) A^T so that dB needs no recompute.
+# The whole layer as one autograd function: the input is saved once, with the small T x rank
+# product h = drop(X) A^T (so that dB needs no recompute) and, under dropout, a 64-bit seed: the
+# keep mask is regenerated from it inside the fused dropout ops (rosa_kernels.dropout), never saved.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -87,26 +89,25 @@ class _RosaFunction(torch.autograd.Function):
             y = y + _ops.spmm(values, row_offsets, row_indices, col_indices, x2d.t(), out_features).t()
         # h = (X ∘ keep) A^T without the dropout's 1 / (1 - p): that factor rides on the LoRA scale.
         if dropout > 0.0:
-            keep = torch.empty_like(x2d).bernoulli_(1.0 - dropout)
-            h = torch.mm(x2d * keep, lora_A.t())
-            keep = keep.bool()
+            seed = draw_seed()
+            h = _ops.lora_dropout_project(x2d, lora_A, seed, dropout)
         else:
-            keep = None
+            seed = None
             h = torch.mm(x2d, lora_A.t())
         lora_scale = scale / (1.0 - dropout)
         y = torch.addmm(y, h, lora_B.t(), alpha=lora_scale)
-        ctx.save_for_backward(x2d, keep, h, weight, lora_A, lora_B, values, row_offsets, row_indices, col_indices,
+        ctx.save_for_backward(x2d, seed, h, weight, lora_A, lora_B, values, row_offsets, row_indices, col_indices,
                               row_offsets_t, row_indices_t, col_indices_t, permutation, flat_indices)
         # Not saved for backward: every backward of the step adds into it in place, which would
         # trip the saved-tensor version check of the other forwards of the same step.
         ctx.pending = pending
-        ctx.lora_scale, ctx.mode, ctx.dense_grad = lora_scale, mode, dense_grad
+        ctx.lora_scale, ctx.dropout, ctx.mode, ctx.dense_grad = lora_scale, dropout, mode, dense_grad
         ctx.x_shape = x.shape
         return y.reshape(*x.shape[:-1], out_features)
 
     @staticmethod
     def backward(ctx, dy):
-        (x2d, keep, h, weight, lora_A, lora_B, values, row_offsets, row_indices, col_indices,
+        (x2d, seed, h, weight, lora_A, lora_B, values, row_offsets, row_indices, col_indices,
          row_offsets_t, row_indices_t, col_indices_t, permutation, flat_indices) = ctx.saved_tensors
         lora_scale, mode = ctx.lora_scale, ctx.mode
         in_features = x2d.shape[1]
@@ -123,15 +124,17 @@ class _RosaFunction(torch.autograd.Function):
                 # dY S = (S^T dY^T)^T with the cached transpose; values_t = values[permutation].
                 values_t = values[permutation.long()]
                 dx = dx + _ops.spmm(values_t, row_offsets_t, row_indices_t, col_indices_t, dy2d.t(), in_features).t()
-            if keep is None:
+            if seed is None:
                 dx = torch.addmm(dx, g, lora_A, alpha=lora_scale)
             else:
-                dx = dx.add_(torch.mm(g, lora_A).mul_(keep), alpha=lora_scale)
+                _ops.lora_dropout_grad_x_(dx, g, lora_A, seed, ctx.dropout, lora_scale)
             dx = dx.reshape(ctx.x_shape)
         if ctx.needs_input_grad[3]:
             # dA = scale / (1 - p) * (dY B)^T (X ∘ keep)
-            x_kept = x2d if keep is None else x2d * keep
-            d_lora_A = torch.mm(g.t(), x_kept).mul_(lora_scale)
+            if seed is None:
+                d_lora_A = torch.mm(g.t(), x2d).mul_(lora_scale)
+            else:
+                d_lora_A = _ops.lora_dropout_grad_A(g, x2d, seed, ctx.dropout, lora_scale)
         if ctx.needs_input_grad[4]:
             d_lora_B = torch.mm(dy2d.t(), h).mul_(lora_scale)  # dB = scale / (1 - p) * dY^T h
         if ctx.needs_input_grad[5]:
