@@ -9,7 +9,7 @@ import torch
 
 import rosa_kernels
 from rosa_kernels import CSR, MaskPlan, csr_from_mask
-from rosa_kernels.plan import planned_seconds
+from rosa_kernels.plan import _auto_threshold_count, planned_seconds
 from rosa_kernels.testing import rosa_mask, uniform_mask
 from reference import DTYPE_IDS, DTYPES, TOLERANCE, assert_close, f64, randn, random_csr, scipy64
 
@@ -181,25 +181,41 @@ def test_thresholds_split_as_documented():
     torch.testing.assert_close(none_hot.rest_col_indices, mask.col_indices)
 
 
+def auto_split(mask: CSR, dtype=torch.bfloat16):
+    """(|J|, remainder nnz) that hot_fill="auto" picks on a GPU for this mask."""
+    m, n = mask.shape
+    counts = torch.bincount(mask.col_indices.long(), minlength=n)
+    threshold = _auto_threshold_count(counts, m, mask.nnz, torch.empty((), dtype=dtype).element_size())
+    hot = counts >= threshold
+    return int(hot.sum()), mask.nnz - int(counts[hot].sum())
+
+
 def test_auto_follows_the_cost_model():
     # A large uniform mask at low density: the CSR kernel is cheaper than any GEMM over its columns.
-    low = MaskPlan.from_csr(uniform_mask(4096, 4096, 0.001))
-    assert low.hot_nnz == 0 and low.hot_fill == math.inf
+    assert auto_split(uniform_mask(4096, 4096, 0.001)) == (0, 16777)
     # A dense uniform mask: one GEMM over every column (mm + gather).
-    high = MaskPlan.from_csr(uniform_mask(1024, 1024, 0.2))
-    assert high.rest_nnz == 0 and high.hot_columns.numel() == 1024
+    assert auto_split(uniform_mask(1024, 1024, 0.2)) == (1024, 0)
     # A RoSA mask: its non-empty columns are few, the GEMM over them is cheap.
-    rosa = MaskPlan.from_csr(rosa_mask(1024, 1024, 0.01))
-    assert rosa.hot_nnz > 0.9 * rosa.nnz and rosa.hot_columns.numel() < 0.5 * 1024
-    # The chosen split is the model's minimum over the thresholds.
     mask = rosa_mask(1024, 1024, 0.01)
-    chosen = planned_seconds(1024, rosa.hot_columns.numel(), rosa.rest_nnz, 4096)
+    hot_columns, rest_nnz = auto_split(mask)
+    assert rest_nnz < 0.1 * mask.nnz and hot_columns < 0.5 * 1024
+    # The chosen split is the model's minimum over the thresholds.
+    chosen = planned_seconds(1024, hot_columns, rest_nnz, 4096)
     for hot_fill in (0, 0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 1):
         other = MaskPlan.from_csr(mask, hot_fill=hot_fill)
         assert chosen <= planned_seconds(1024, other.hot_columns.numel(), other.rest_nnz, 4096) * (1 + 1e-12)
     # 32-bit operands: the GEMM has no tensor cores, fewer columns are worth it.
-    fp32 = MaskPlan.from_csr(mask, dtype=torch.float32)
-    assert fp32.hot_columns.numel() <= rosa.hot_columns.numel()
+    assert auto_split(mask, torch.float32)[0] <= hot_columns
+
+
+def test_auto_on_the_device(device):
+    # On a GPU auto applies the model; on a CPU (unmeasured) it keeps everything in the remainder.
+    mask = rosa_mask(1024, 1024, 0.01, device=device)
+    plan = MaskPlan.from_csr(mask)
+    if device == "cuda":
+        assert (plan.hot_columns.numel(), plan.rest_nnz) == auto_split(mask.to("cpu"))
+    else:
+        assert plan.hot_nnz == 0 and plan.hot_fill == math.inf
 
 
 @pytest.mark.parametrize("hot_fill", [0, 0.2, 1], ids=str)
