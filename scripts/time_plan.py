@@ -133,6 +133,12 @@ def best_of(times, names):
     return min(times[name] for name in names if times.get(name) is not None)
 
 
+def best_rule(times):
+    """The fastest plan rule of a case and its time."""
+    name = min((f"plan:{h}" for h in HOT_FILLS), key=lambda key: times[key])
+    return f"{name[5:]} {times[name]:.4f}"
+
+
 def _ms(value):
     return "n/a" if value is None else f"{value:.4f}"
 
@@ -140,17 +146,17 @@ def _ms(value):
 def tables(records):
     lines = ["### SDDMM, RoSA layout (a = dY.t(), bt = X.t()), bf16, ms; × = time of the other / plan:auto", "",
              "| m x n | mask | d | nnz | non-empty cols | auto: J / rest nnz | plan:auto | ours (raw) | mm+take | "
-             "× ours | × mm+take | plan:0 | plan:0.005 | plan:0.02 | plan:0.05 | plan:1 |", "|" + "---|" * 16]
+             "× ours | × mm+take | plan:0 | plan:0.005 | plan:0.02 | plan:0.05 | plan:1 | best rule |", "|" + "---|" * 17]
     for r in records:
         t, p = r["sddmm"], r["plans"]["plan:auto"]
         auto = t["plan:auto"]
         lines.append(f"| {r['m']}x{r['n']} | {r['kind']} | {r['density']:g} | {r['nnz']} | {r['nonempty_columns']} | "
                      f"{p['hot_columns']} / {p['rest_nnz']} | **{auto:.4f}** | {t['ours']:.4f} | {t['mm+take']:.4f} | "
                      f"{t['ours'] / auto:.2f}x | {t['mm+take'] / auto:.2f}x | "
-                     + " | ".join(f"{t[f'plan:{h}']:.4f}" for h in HOT_FILLS[1:]) + " |")
+                     + " | ".join(f"{t[f'plan:{h}']:.4f}" for h in HOT_FILLS[1:]) + f" | {best_rule(t)} |")
     lines += ["", "### SpMM, A @ D with D (n x k) row-major, bf16, ms; × = time of the other / plan:auto", "",
               "| m x n | mask | d | plan:auto | plan:auto on X.t() | ours (raw) | torch.sparse | dense | × ours | "
-              "× best alternative | plan:0 | plan:0.005 | plan:0.02 | plan:0.05 | plan:1 |", "|" + "---|" * 15]
+              "× best alternative | plan:0 | plan:0.005 | plan:0.02 | plan:0.05 | plan:1 | best rule |", "|" + "---|" * 16]
     for r in records:
         t = r["spmm"]
         auto = t["plan:auto"]
@@ -158,7 +164,7 @@ def tables(records):
         lines.append(f"| {r['m']}x{r['n']} | {r['kind']} | {r['density']:g} | **{auto:.4f}** | "
                      f"{t['plan:auto X.t()']:.4f} | {t['ours']:.4f} | {_ms(t['torch.sparse'])} | {t['dense']:.4f} | "
                      f"{t['ours'] / auto:.2f}x | {best / auto:.2f}x | "
-                     + " | ".join(f"{t[f'plan:{h}']:.4f}" for h in HOT_FILLS[1:]) + " |")
+                     + " | ".join(f"{t[f'plan:{h}']:.4f}" for h in HOT_FILLS[1:]) + f" | {best_rule(t)} |")
     worst = max(max(e for pair in r["relative_error_vs_raw"].values() for e in pair) for r in records)
     lines += ["", f"largest relative error (plan vs raw op, whole vector, bf16): {worst:.2e}"]
     return "\n".join(lines)

@@ -344,3 +344,29 @@ def test_repr_and_sizes():
     plan = MaskPlan.from_csr(rosa_mask(64, 128, 0.05), hot_fill=0.05)
     text = repr(plan)
     assert "MaskPlan(shape=(64, 128)" in text and f"hot_nnz={plan.hot_nnz}" in text
+
+
+@pytest.mark.parametrize("hot_columns", [1, 7, 8, 9, 30])
+def test_gemm_width_is_padded_to_a_multiple_of_8(hot_columns, device, gen):
+    # cuBLAS wants 16-byte leading dimensions: G and A_hot are m x ceil(|J| / 8) * 8, the padding
+    # columns are never read (sddmm) and stay zero (spmm), every J but the full one is padded.
+    m, n = 20, 40
+    mask_bool = torch.rand(m, n, generator=gen) < 0.05
+    mask_bool[:, :hot_columns] = True
+    mask = with_values(csr_from_mask(mask_bool), gen, torch.float32, device)
+    plan = MaskPlan.from_csr(mask, hot_fill=0.9)
+    assert plan.hot_columns.tolist() == list(range(hot_columns))
+    assert plan._width == -(-hot_columns // 8) * 8
+    check_structure(plan, mask)
+    check_sddmm(plan, mask, randn(m, 8, gen=gen, device=device), randn(n, 8, gen=gen, device=device))
+    for _ in range(2):
+        check_spmm(plan, mask, randn(n, 5, gen=gen, device=device))
+
+
+def test_every_column_hot_uses_the_operands_as_they_are(device, gen):
+    mask = with_values(csr_from_mask(torch.rand(12, 13, generator=gen) < 0.6), gen, torch.float32, device)
+    plan = MaskPlan.from_csr(mask, hot_fill=0)
+    assert plan.hot_columns.numel() == 13 and plan._gather is None and plan._width == 13
+    check_sddmm(plan, mask, randn(12, 6, gen=gen, device=device).t().contiguous().t(),
+                randn(13, 6, gen=gen, device=device))
+    check_spmm(plan, mask, randn(13, 4, gen=gen, device=device))

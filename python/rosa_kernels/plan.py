@@ -11,7 +11,8 @@ once per mask, splits the nonzeros into
 - the **remainder**: the other nonzeros, as their own row-sorted CSR (with ``row_indices``), through
   ``torch.ops.rosa_kernels.sddmm`` / ``spmm`` (the CUDA-core kernels).
 
-Both parts land in one buffer ``[G (m * |J|) | remainder (nnz_rest)]`` and one index ``target``
+Both parts land in one buffer ``[G (m x width) | remainder (nnz_rest)]`` (width: |J| rounded up to
+a multiple of 8, so cuBLAS's tensor-core paths apply) and one index ``target``
 (nnz,) maps each original nonzero position ``p`` to its slot there: SDDMM's result is the gather
 ``buffer[target]``; SpMM builds ``[A_hot | remainder values]`` with the scatter
 ``buffer[target] = values``. A plan costs one pass of host synchronizations when it is built and
@@ -64,6 +65,7 @@ from .csr import (
 __all__ = ["MaskPlan", "planned_seconds", "DEFAULT_HOT_FILL"]
 
 _ops = torch.ops.rosa_kernels
+_WIDTH_MULTIPLE = 8  # elements: 16 bytes of bfloat16 / float16, 32 of float32
 
 DEFAULT_HOT_FILL = "auto"
 
@@ -192,6 +194,17 @@ class MaskPlan:
             hot = (counts > 0) & (counts >= hot_fill * m)
         self.hot_columns = hot.nonzero().flatten()
         h = self.hot_columns.shape[0]
+        # cuBLAS takes its tensor-core paths only when leading dimensions are multiples of 16 bytes:
+        # with an odd |J| the GEMM ran 3-6x slower on the H200 (docs/perf-notes-plan.md). So G and
+        # A_hot get width = |J| rounded up to a multiple of 8, the extra columns gathering copies of
+        # J's first column: their products are never read, and A_hot's extra columns stay zero.
+        # When J is every column, the operands are used as they are (no gather at all).
+        if h == n or h == 0:
+            self._width, self._gather = h, None
+        else:
+            self._width = -(-h // _WIDTH_MULTIPLE) * _WIDTH_MULTIPLE
+            self._gather = torch.cat([self.hot_columns, self.hot_columns[:1].expand(self._width - h)])
+        width = self._width
 
         # slot_of_column[j] = position of column j in J, or -1.
         slot_of_column = torch.full((n,), -1, dtype=torch.long, device=device)
@@ -211,10 +224,10 @@ class MaskPlan:
         self.rest_row_indices = row_order(rest_offsets)
         self.rest_col_indices = col_indices[self.rest_positions].contiguous()
 
-        # target[p]: where nonzero p lives in [G or A_hot (m x |J|, row-major) | remainder (rest_nnz)].
+        # target[p]: where nonzero p lives in [G or A_hot (m x width, row-major) | remainder (rest_nnz)].
         self.target = torch.empty(nnz, dtype=torch.long, device=device)
-        self.target[self.hot_positions] = self.hot_rows * h + self.hot_slots
-        self.target[self.rest_positions] = m * h + torch.arange(rest_nnz, device=device)
+        self.target[self.hot_positions] = self.hot_rows * width + self.hot_slots
+        self.target[self.rest_positions] = m * width + torch.arange(rest_nnz, device=device)
         self._buffers = {}  # dtype -> zeroed [A_hot | rest values] buffer of spmm without autograd
 
     @classmethod
@@ -252,6 +265,10 @@ class MaskPlan:
     # The ops
     # ------------------------------------------------------------------------------------------
 
+    def _hot_rows_of(self, x):
+        """x[J] padded to the plan's width (x itself when J is every row of x)."""
+        return x if self._gather is None else _select_rows(x, self._gather)
+
     def _rest_sddmm(self, a, bt):
         return _ops.sddmm(self.rest_row_offsets, self.rest_row_indices, self.rest_col_indices, a, bt)
 
@@ -276,10 +293,10 @@ class MaskPlan:
             raise ValueError(f"a must have m = {m} rows, got shape {tuple(a.shape)}")
         if bt.shape != (n, a.shape[1]):
             raise ValueError(f"bt must have shape (n, a.shape[1]) = ({n}, {a.shape[1]}), got {tuple(bt.shape)}")
-        h = self.hot_columns.shape[0]
+        h = self._width
         if h == 0:  # everything is remainder, in the original order
             return self._rest_sddmm(a, bt)
-        bt_hot = _select_rows(bt, self.hot_columns)
+        bt_hot = self._hot_rows_of(bt)
         rest_out = self._rest_sddmm(a, bt) if self.rest_nnz else None
         if self._uses_autograd(a, bt):
             g = torch.mm(a, bt_hot.t()).view(-1)
@@ -309,7 +326,7 @@ class MaskPlan:
             raise ValueError(f"values must have length nnz = {self.nnz}, got {values.shape[0]}")
         if dense.shape[0] != n:
             raise ValueError(f"dense must have n = {n} rows, got shape {tuple(dense.shape)}")
-        h = self.hot_columns.shape[0]
+        h = self._width
         if h == 0:  # everything is remainder, in the original order
             return self._rest_spmm(values, dense)
         size = m * h + self.rest_nnz
@@ -324,7 +341,7 @@ class MaskPlan:
                 merged = self._buffers[values.dtype] = values.new_zeros(size)
             merged.index_copy_(0, self.target, values)
         a_hot = merged[: m * h].view(m, h)
-        dense_hot = _select_rows(dense, self.hot_columns)
+        dense_hot = self._hot_rows_of(dense)
         if not self.rest_nnz:
             return torch.mm(a_hot, dense_hot)
         out = self._rest_spmm(merged[m * h:], dense)
