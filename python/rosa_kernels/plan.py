@@ -23,7 +23,7 @@ How ``J`` is chosen (``hot_fill``):
 - a number ``f`` in [0, 1]: ``J`` = the non-empty columns with fill (nonzeros / m) >= ``f``. ``0``
   sends every non-empty column through the GEMM (no remainder), ``1`` only full columns.
 - ``"auto"`` (default): the fill threshold that minimizes the cost model :func:`planned_seconds`
-  (its constants were measured on an H100, docs/perf-notes-plan.md). Per token of the inner
+  (its constants were fitted to an H200 run, docs/perf-notes-plan.md). Per token of the inner
   dimension the GEMM costs a read of ``a`` (m rows) plus ``m * |J|`` tensor-core multiply-adds, and
   the remainder kernel a fixed setup plus a cost per nonzero. The best ``J`` for such a model is
   always "the columns with the most nonzeros", so the choice is a scan over the fill thresholds.
@@ -70,18 +70,20 @@ _WIDTH_MULTIPLE = 8  # elements: 16 bytes of bfloat16 / float16, 32 of float32
 DEFAULT_HOT_FILL = "auto"
 
 # The cost model of "auto", in seconds per token of the inner dimension k (every term of both
-# kernels grows with k, so the choice does not depend on it). Measured on an H100, see
-# docs/perf-notes-plan.md. Keys: operand width in bytes, 2 (float16/bfloat16) or 4 (float32/64).
-#   gemm_fixed:          launches of the hot path (the gather of bt[J], the GEMM, the merge)
+# kernels grows with k, so the choice does not depend on it). Fitted to the H200 run of
+# scripts/time_plan.py (bf16, k = 4096; docs/perf-notes-plan.md). Keys: operand width in bytes,
+# 2 (float16/bfloat16) or 4 (float32/float64; not measured with the plan: the raw kernel's fp32
+# times of docs/perf-notes-sddmm.md and a ~50 TFLOP/s non-tensor-core GEMM).
+#   gemm_fixed:          the hot path's launches and gathers (bt[J], the merge)
 #   gemm_per_row:        reading a row of a (an element per token) once
 #   gemm_per_row_column: a multiply-add per row x column of J (tensor cores for 16-bit)
 #   rest_fixed:          the remainder kernel's setup (staging, token splits, launches)
 #   rest_per_nonzero:    a multiply-add per remainder nonzero
 _COSTS = {
-    2: {"gemm_fixed": 2e-9, "gemm_per_row": 0.7e-12, "gemm_per_row_column": 2 / 600e12,
-        "rest_fixed": 24e-9, "rest_per_nonzero": 0.42e-12},
-    4: {"gemm_fixed": 2e-9, "gemm_per_row": 1.4e-12, "gemm_per_row_column": 2 / 50e12,
-        "rest_fixed": 45e-9, "rest_per_nonzero": 0.6e-12},
+    2: {"gemm_fixed": 5e-9, "gemm_per_row": 0.6e-12, "gemm_per_row_column": 2.3e-15,
+        "rest_fixed": 24e-9, "rest_per_nonzero": 0.37e-12},
+    4: {"gemm_fixed": 5e-9, "gemm_per_row": 1.2e-12, "gemm_per_row_column": 2 / 50e12,
+        "rest_fixed": 45e-9, "rest_per_nonzero": 0.7e-12},
 }
 
 
@@ -195,7 +197,7 @@ class MaskPlan:
         self.hot_columns = hot.nonzero().flatten()
         h = self.hot_columns.shape[0]
         # cuBLAS takes its tensor-core paths only when leading dimensions are multiples of 16 bytes:
-        # with an odd |J| the GEMM ran 3-6x slower on the H200 (docs/perf-notes-plan.md). So G and
+        # with an odd |J| the GEMM ran 2.5-3.6x slower on the H200 (docs/perf-notes-plan.md). So G and
         # A_hot get width = |J| rounded up to a multiple of 8, the extra columns gathering copies of
         # J's first column: their products are never read, and A_hot's extra columns stay zero.
         # When J is every column, the operands are used as they are (no gather at all).
