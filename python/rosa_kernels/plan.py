@@ -40,7 +40,7 @@ float32 GEMM uses TF32 if ``torch.backends.cuda.matmul.allow_tf32`` is set. ``sp
 product to the remainder's already rounded result (``addmm``), so a 16-bit output can carry two
 roundings (at most 2 units in the last place instead of 1).
 
-Not thread- or stream-safe: ``spmm`` without autograd reuses one cached m x |J| buffer per dtype,
+Not thread- or stream-safe: ``spmm`` without autograd reuses one cached m x width buffer per dtype,
 so calls sharing a plan must run on one CUDA stream (as a training step does).
 """
 
