@@ -216,12 +216,15 @@ def _ceilings_text(ceilings: dict, versions: dict) -> str:
 
 
 def speedups(record: dict, alternatives) -> tuple[dict, float | None]:
-    """alternative time / our time per alternative, and over the best (fastest) alternative."""
+    """alternative time / our time per alternative, and over the best (fastest) alternative.
+
+    Our own variants (``common.VARIANTS``, e.g. ours+plan) get a ratio but are not alternatives a
+    user has, so they never count as the best one."""
     ours = record["times"].get(common.OURS)
     if not ours:
         return {}, None
     ratios = {name: record["times"][name] / ours for name in alternatives if name in record["times"]}
-    best = min((record["times"][name] for name in ratios), default=None)
+    best = min((record["times"][name] for name in ratios if name not in common.VARIANTS), default=None)
     return ratios, (best / ours if best else None)
 
 
@@ -299,6 +302,8 @@ def markdown(results: dict) -> str:
              f"{'quick' if results['quick'] else 'standard'} sweep, {results['timing']})", "",
              _ceilings_text(results["ceilings"], results["versions"]),
              "- × X = X's time / our time (above 1: we are faster); × best: over the fastest alternative; "
+             f"{', '.join(common.VARIANTS)}: our per-mask plan (rosa_kernels.MaskPlan), not counted in × best "
+             "(its × below 1: the plan is faster than ours); "
              "floor = max(min bytes / copy bandwidth, FLOPs / matmul peak of the dtype); "
              "floor frac = floor / our time (1.0 = at the floor)"]
     for op in common.OPS:
@@ -336,7 +341,7 @@ def plot(results: dict, path: Path) -> bool:
     shapes = sorted({(r["m"], r["n"]) for r in records})
     fig, axes = plt.subplots(len(ops), len(shapes), figsize=(4.2 * len(shapes), 3.2 * len(ops)), squeeze=False)
     colors = {name: f"C{i}" for i, name in enumerate([common.OURS, "torch.sparse", "dense", "scipy", "argsort",
-                                                       "index_add"])}
+                                                       "index_add", *common.VARIANTS])}
     for row, op in enumerate(ops):
         for col, (m, n) in enumerate(shapes):
             ax = axes[row][col]

@@ -1,7 +1,8 @@
 """rosa_kernels: sparse kernels and a drop-in RoSA layer for PyTorch.
 
 Raw ops (call-compatible with ``spops``): :func:`spmm`, :func:`sddmm`, :func:`csr_transpose`,
-:func:`csr_add`; CSR helpers in :mod:`rosa_kernels.csr`.
+:func:`csr_add`; CSR helpers in :mod:`rosa_kernels.csr`; :class:`MaskPlan` (a per-mask plan that
+sends a mask's hot columns through dense GEMMs).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .csr import (
 from .ops import csr_add, csr_transpose, sddmm, spmm
 from . import dropout  # noqa: F401  (fake kernels of the fused LoRA dropout ops)
 from .linear import RosaLinear
+from .plan import MaskPlan
 from .masks import load_masks, save_masks, select_mask
 from .model import RosaConfig, RosaModel, RosaScheduler, apply_rosa, get_rosa_model, merge_and_unload
 
@@ -59,6 +61,7 @@ __all__ = [
     "csr_to_scipy",
     "csr_to_torch_sparse",
     "RosaLinear",
+    "MaskPlan",
     "select_mask",
     "save_masks",
     "load_masks",
