@@ -99,21 +99,39 @@ def test_sparse_grad_paths_match_float64_reference(device, sparse_grad, dtype):
     assert_close(layer.sparse_values.grad, dS_ref, dtype, f"dS ({sparse_grad})")
 
 
-def test_auto_sparse_grad_uses_the_sddmm_on_cpu_and_the_gemm_only_for_dense_masks_on_cuda():
-    from rosa_kernels.linear import DENSE_GRAD_DENSITY
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("hot_fill", [0.0, 0.05, 1.0])
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_planned_sparse_grad_matches_float64_reference(device, hot_fill, dropout):
+    """sparse_grad="auto" through a plan with hot columns (forced here: on a CPU the automatic plan
+    keeps every nonzero in the SDDMM), in every sparse mode's backward."""
+    from rosa_kernels import MaskPlan
 
-    sparse = RosaLinear(64, 64, rank=2, density=DENSE_GRAD_DENSITY / 2)
-    dense = RosaLinear(64, 64, rank=2, density=DENSE_GRAD_DENSITY * 2)
-    cpu_x = torch.zeros(1, 64)
-    assert not sparse._dense_grad(cpu_x) and not dense._dense_grad(cpu_x)
-    meta_cuda_x = torch.empty(1, 64, device="meta")
-    assert not dense._dense_grad(meta_cuda_x)
-    dense.sparse_grad = "dense"
-    assert dense._dense_grad(cpu_x)
-    if torch.cuda.is_available():
-        cuda_x = torch.zeros(1, 64, device="cuda")
-        dense.sparse_grad = "auto"
-        assert dense._dense_grad(cuda_x) and not sparse._dense_grad(cuda_x)
+    layer = make_layer(40, 24, dtype=torch.float64, device=device, seed=6, dropout=dropout)
+    layer._grad_plan = MaskPlan(layer.row_offsets, layer.col_indices, 24, 40, hot_fill=hot_fill)
+    assert layer._plan_parts(torch.empty(1, device=device), "merged")[5] > 0 or hot_fill == 1.0
+    x = torch.randn(3, 11, 40, dtype=torch.float64, device=device, requires_grad=True)
+    dy = torch.randn(3, 11, 24, dtype=torch.float64, device=device)
+    torch.manual_seed(9)
+    keep = keep_mask(draw_seed(), 33, 40, dropout).view(3, 11, 40) if dropout else None
+    torch.manual_seed(9)
+    layer(x).backward(dy)
+    *_, dS_ref = reference(layer, x, dy, keep)
+    assert_close(layer.sparse_values.grad, dS_ref, torch.float64, f"dS (plan, hot_fill {hot_fill})")
+
+
+def test_auto_sparse_grad_builds_the_plan_with_the_mask_and_follows_the_layer():
+    layer = make_layer(40, 24, seed=7)
+    plan = layer._grad_plan
+    assert plan is not None and plan.nnz == layer.nnz and plan.device == layer.weight.device
+    # On a CPU the plan keeps everything in the SDDMM: the backward takes the raw op.
+    assert layer._plan_parts(torch.empty(1), "merged")[5] == 0
+    layer.to(torch.float64)
+    assert layer._grad_plan is not plan and layer._grad_plan_dtype == torch.float64
+    fresh = RosaLinear(40, 24, rank=3, density=0.3)
+    assert fresh._grad_plan is None and fresh._plan_parts(torch.empty(1), "nomask")[5] == 0
+    fresh.load_state_dict(layer.to(torch.float32).state_dict())
+    assert fresh._grad_plan is not None and fresh._grad_plan.nnz == layer.nnz
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -135,15 +153,21 @@ def test_dropout_matches_reference_with_the_same_keep_mask(mode):
 
 
 @pytest.mark.parametrize("mode", ["csr_add", "spmm"])
-@pytest.mark.parametrize("dense_grad", [False, True])
-def test_gradcheck_float64(mode, dense_grad):
+@pytest.mark.parametrize("grad_path", ["sddmm", "dense", "plan"])
+def test_gradcheck_float64(mode, grad_path):
+    from rosa_kernels import MaskPlan
+    from rosa_kernels.linear import _NO_PLAN
+
     layer = make_layer(6, 5, mode=mode, dtype=torch.float64, density=0.4)
     x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    plan_parts = (MaskPlan(layer.row_offsets, layer.col_indices, 5, 6, hot_fill=0.3).sddmm_parts()
+                  if grad_path == "plan" else _NO_PLAN)
 
     def f(x, A, B, values):
         return _RosaFunction.apply(x, layer.weight, layer.bias, A, B, values, layer.row_offsets, layer.row_indices,
                                    layer.col_indices, layer.row_offsets_t, layer.row_indices_t, layer.col_indices_t,
-                                   layer.permutation, layer.flat_indices, None, layer.scale, 0.0, mode, dense_grad)
+                                   layer.permutation, layer.flat_indices, *plan_parts, None, layer.scale, 0.0, mode,
+                                   grad_path == "dense")
 
     params = [p.detach().clone().requires_grad_() for p in (layer.lora_A, layer.lora_B, layer.sparse_values)]
     assert torch.autograd.gradcheck(f, (x, *params))
@@ -290,6 +314,26 @@ def assert_compiled_matches_eager_through_training(model, backend):
     assert model[0].lora_A.grad is not None
     model.eval()
     torch.testing.assert_close(compiled(x), model(x))
+
+
+def test_torch_compile_fullgraph_with_a_planned_sparse_grad():
+    """The planned dS (forced: a CPU's automatic plan keeps everything in the SDDMM) compiles and
+    gives eager's gradients."""
+    from rosa_kernels import MaskPlan
+
+    model = two_layer_model("merged", "merged", with_masks=True)
+    for layer in model[::2]:
+        layer._grad_plan = MaskPlan(layer.row_offsets, layer.col_indices, layer.out_features, layer.in_features,
+                                    hot_fill=0.0)
+    model.eval()  # no dropout: the eager and compiled steps see the same function
+    x = torch.randn(2, 3, 16)
+    model(x).square().mean().backward()
+    eager = [layer.sparse_values.grad.clone() for layer in model[::2]]
+    model.zero_grad()
+    torch._dynamo.reset()
+    torch.compile(model, fullgraph=True, backend="aot_eager")(x).square().mean().backward()
+    for layer, expected in zip(model[::2], eager):
+        torch.testing.assert_close(layer.sparse_values.grad, expected)
 
 
 @pytest.mark.parametrize("mode", ["merged", "spmm"])

@@ -46,6 +46,7 @@ from torch import nn
 from . import masks as _masks
 from .csr import CSR, csr_from_mask, row_order, validate_csr
 from .dropout import draw_seed
+from .plan import MaskPlan, planned_sddmm
 from .ops import csr_transpose
 
 _ops = torch.ops.rosa_kernels
@@ -55,11 +56,11 @@ __all__ = ["RosaLinear", "PHASES", "SPARSE_MODES", "SPARSE_GRADS"]
 PHASES = ("warmup", "collect", "sparse")
 SPARSE_MODES = ("merged", "csr_add", "spmm")
 # How dS is computed: "sddmm" only at the mask, "dense" as (dY^T X)[mask] with one dense GEMM, or
-# "auto": the SDDMM on the CPU and on a GPU below DENSE_GRAD_DENSITY, the GEMM above it. On an
-# H100 (bf16, 4096 x 4096, 4096 tokens) the SDDMM took 0.15 ms at density 0.3% and 0.3 ms at 1%,
-# against 0.18 ms for the GEMM and gather (docs/perf-notes.md): the crossover is near 0.4%.
+# "auto": through the mask's MaskPlan (rosa_kernels.plan), built once when the mask is set: on a GPU
+# the plan sends the columns where a GEMM is cheaper (for RoSA masks: the few hot input columns)
+# through one skinny tensor-core GEMM and the rest through the SDDMM; on the CPU it is the SDDMM.
 SPARSE_GRADS = ("auto", "sddmm", "dense")
-DENSE_GRAD_DENSITY = 0.004
+_NO_PLAN = (None, None, None, None, None, 0, 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -72,8 +73,9 @@ DENSE_GRAD_DENSITY = 0.004
 class _RosaFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, values, row_offsets, row_indices, col_indices,
-                row_offsets_t, row_indices_t, col_indices_t, permutation, flat_indices, pending,
-                scale, dropout, mode, dense_grad):
+                row_offsets_t, row_indices_t, col_indices_t, permutation, flat_indices,
+                plan_gather, plan_target, plan_row_offsets, plan_row_indices, plan_col_indices, plan_width,
+                plan_rest_nnz, pending, scale, dropout, mode, dense_grad):
         in_features = x.shape[-1]
         out_features = weight.shape[0]
         x2d = x.reshape(-1, in_features)
@@ -97,7 +99,9 @@ class _RosaFunction(torch.autograd.Function):
         lora_scale = scale / (1.0 - dropout)
         y = torch.addmm(y, h, lora_B.t(), alpha=lora_scale)
         ctx.save_for_backward(x2d, seed, h, weight, lora_A, lora_B, values, row_offsets, row_indices, col_indices,
-                              row_offsets_t, row_indices_t, col_indices_t, permutation, flat_indices)
+                              row_offsets_t, row_indices_t, col_indices_t, permutation, flat_indices,
+                              plan_gather, plan_target, plan_row_offsets, plan_row_indices, plan_col_indices)
+        ctx.plan_width, ctx.plan_rest_nnz = plan_width, plan_rest_nnz
         # Not saved for backward: every backward of the step adds into it in place, which would
         # trip the saved-tensor version check of the other forwards of the same step.
         ctx.pending = pending
@@ -108,7 +112,8 @@ class _RosaFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         (x2d, seed, h, weight, lora_A, lora_B, values, row_offsets, row_indices, col_indices,
-         row_offsets_t, row_indices_t, col_indices_t, permutation, flat_indices) = ctx.saved_tensors
+         row_offsets_t, row_indices_t, col_indices_t, permutation, flat_indices,
+         plan_gather, plan_target, plan_row_offsets, plan_row_indices, plan_col_indices) = ctx.saved_tensors
         lora_scale, mode = ctx.lora_scale, ctx.mode
         in_features = x2d.shape[1]
         dy2d = dy.reshape(-1, weight.shape[0])
@@ -144,12 +149,17 @@ class _RosaFunction(torch.autograd.Function):
                 # dS = (dY^T X)[mask] through one dense GEMM: faster than the SDDMM on a GPU once the
                 # mask is dense enough (see SPARSE_GRADS); the m x n product is freed at once.
                 d_values = torch.mm(dy2d.t(), x2d).view(-1).index_select(0, flat_indices)
+            elif ctx.plan_width:
+                # dS through the mask's plan: G = dY^T X[:, J] for the hot columns J by one GEMM, the
+                # remaining nonzeros by the SDDMM, gathered into the mask's order.
+                d_values = planned_sddmm(dy2d.t(), x2d.t(), plan_gather, plan_target, plan_row_offsets,
+                                         plan_row_indices, plan_col_indices, ctx.plan_width, ctx.plan_rest_nnz)
             else:
                 # dS = SDDMM(mask, dY^T, X^T): transposed views, read without copies by the kernels.
                 d_values = _ops.sddmm(row_offsets, row_indices, col_indices, dy2d.t(), x2d.t())
         if ctx.pending is not None:
             _masks.accumulate_gradient(ctx.pending, dy2d, x2d)  # dW = dY^T X of the frozen base
-        return (dx, None, None, d_lora_A, d_lora_B, d_values) + (None,) * 13
+        return (dx, None, None, d_lora_A, d_lora_B, d_values) + (None,) * 20
 
 
 # Optimizer steps change sparse_values in place; merged layers re-scatter right after (eagerly,
@@ -228,6 +238,7 @@ class RosaLinear(nn.Module):
         if sparse_grad not in SPARSE_GRADS:
             raise ValueError(f"sparse_grad must be one of {SPARSE_GRADS}, got {sparse_grad!r}")
         self.sparse_grad = sparse_grad
+        self._grad_plan = self._grad_plan_dtype = None  # the mask's MaskPlan, built with the mask
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = in_features, out_features
         self.rank, self.density, self.alpha = int(rank), float(density), float(alpha)
@@ -336,15 +347,29 @@ class RosaLinear(nn.Module):
             x, weight, bias, lora_A, lora_B, values,
             self.row_offsets, self.row_indices, self.col_indices,
             self.row_offsets_t, self.row_indices_t, self.col_indices_t, self.permutation, self.flat_indices,
+            *self._plan_parts(x, mode),
             self._pending if collecting else None,
             self.scale, self.dropout if self.training else 0.0, mode, self._dense_grad(x),
         )
 
     def _dense_grad(self, x) -> bool:
-        """Whether dS goes through the dense GEMM (``sparse_grad``, decided from shapes, no sync)."""
-        if self.sparse_grad == "auto":
-            return x.device.type == "cuda" and self.density >= DENSE_GRAD_DENSITY
+        """Whether dS goes through the dense GEMM (``sparse_grad="dense"``)."""
         return self.sparse_grad == "dense"
+
+    def _plan_parts(self, x, mode) -> tuple:
+        """The tensors and sizes of the mask's plan for dS (``sparse_grad="auto"``), or none."""
+        plan = self._grad_plan
+        if self.sparse_grad != "auto" or mode == "nomask" or plan is None or plan.device != x.device:
+            return _NO_PLAN
+        parts = plan.sddmm_parts()
+        return parts if parts[5] > 0 else _NO_PLAN
+
+    def _build_plan(self):
+        """The mask's MaskPlan on the layer's device (one host synchronization, when the mask is set
+        or the layer moves; the plan's cost model decides per device)."""
+        self._grad_plan = MaskPlan(self.row_offsets, self.col_indices, self.out_features, self.in_features,
+                                   dtype=self.weight.dtype, validate=False)
+        self._grad_plan_dtype = self.weight.dtype
 
     # ------------------------------------------------------------------------------------------
     # Sparse mode and merging of S into the dense weight
@@ -409,6 +434,9 @@ class RosaLinear(nn.Module):
             self._pending = self._pending.to(self.weight.device)
         if self._merged:
             self._scatter()
+        if self._grad_plan is not None and (self._grad_plan.device != self.weight.device
+                                            or self._grad_plan_dtype != self.weight.dtype):
+            self._build_plan()
         return self
 
     # ------------------------------------------------------------------------------------------
@@ -514,6 +542,7 @@ class RosaLinear(nn.Module):
         counts = (self.row_offsets[1:] - self.row_offsets[:-1]).long()
         rows = torch.repeat_interleave(torch.arange(m, device=counts.device), counts, output_size=self.nnz)
         self.flat_indices.copy_(rows * n + self.col_indices.long())
+        self._build_plan()
 
     def mask(self) -> CSR | None:
         """The mask as a CSR whose values are a copy of the sparse values (None before one is set)."""

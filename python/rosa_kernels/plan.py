@@ -62,7 +62,7 @@ from .csr import (
     validate_csr,
 )
 
-__all__ = ["MaskPlan", "planned_seconds", "DEFAULT_HOT_FILL"]
+__all__ = ["MaskPlan", "planned_sddmm", "planned_seconds", "DEFAULT_HOT_FILL"]
 
 _ops = torch.ops.rosa_kernels
 _WIDTH_MULTIPLE = 8  # elements: 16 bytes of bfloat16 / float16, 32 of float32
@@ -146,6 +146,20 @@ def _select_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     if x.dim() == 2 and x.stride(0) == 1 and x.stride(1) != 1 and x.shape[1] > 1:
         return x.t().index_select(1, index).t()
     return x.index_select(0, index)
+
+
+def planned_sddmm(a, bt, gather, target, rest_row_offsets, rest_row_indices, rest_col_indices, width: int,
+                  rest_nnz: int) -> torch.Tensor:
+    """:meth:`MaskPlan.sddmm` without checks or autograd, from :meth:`MaskPlan.sddmm_parts`
+    (``width > 0``): G = a @ bt[J]^T written straight into the merged buffer (no copy of G), the
+    remainder after it, one gather into the mask's order."""
+    m = a.shape[0]
+    bt_hot = bt if gather is None else _select_rows(bt, gather)
+    merged = torch.empty(m * width + rest_nnz, dtype=a.dtype, device=a.device)
+    torch.mm(a, bt_hot.t(), out=merged[: m * width].view(m, width))
+    if rest_nnz:
+        merged[m * width:].copy_(_ops.sddmm(rest_row_offsets, rest_row_indices, rest_col_indices, a, bt))
+    return merged.index_select(0, target)
 
 
 class MaskPlan:
@@ -298,18 +312,20 @@ class MaskPlan:
         h = self._width
         if h == 0:  # everything is remainder, in the original order
             return self._rest_sddmm(a, bt)
+        if not self._uses_autograd(a, bt):
+            return planned_sddmm(a, bt, *self.sddmm_parts())
         bt_hot = self._hot_rows_of(bt)
-        rest_out = self._rest_sddmm(a, bt) if self.rest_nnz else None
-        if self._uses_autograd(a, bt):
-            g = torch.mm(a, bt_hot.t()).view(-1)
-            merged = g if rest_out is None else torch.cat([g, rest_out])
-        else:
-            # G written straight into the merged buffer: no copy of G.
-            merged = torch.empty(m * h + self.rest_nnz, dtype=a.dtype, device=a.device)
-            torch.mm(a, bt_hot.t(), out=merged[: m * h].view(m, h))
-            if rest_out is not None:
-                merged[m * h:].copy_(rest_out)
+        g = torch.mm(a, bt_hot.t()).view(-1)
+        merged = g if not self.rest_nnz else torch.cat([g, self._rest_sddmm(a, bt)])
         return merged.index_select(0, self.target)
+
+    def sddmm_parts(self) -> tuple:
+        """``(gather, target, rest_row_offsets, rest_row_indices, rest_col_indices, width, rest_nnz)``:
+        what :func:`planned_sddmm` needs besides the operands (RosaLinear hands these to its autograd
+        function, which takes tensors and numbers only). ``gather`` is None when no column is
+        gathered (J is every column); only meaningful for a plan with hot columns (``width > 0``)."""
+        return (self._gather, self.target, self.rest_row_offsets, self.rest_row_indices, self.rest_col_indices,
+                self._width, self.rest_nnz)
 
     def spmm(self, values: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
         """``A @ dense`` (m, k) for the plan's mask with ``values`` (nnz,); ``dense`` is (n, k).
