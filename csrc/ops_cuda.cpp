@@ -49,16 +49,14 @@ void check_cuda(const at::Tensor& t, const char* name) {
   ROSA_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got ", t.device());
 }
 
-// ROSA_SPMM_KERNEL=tiles|rows|rows1|slab32|slab16 forces one SpMM kernel (for measurements);
-// default auto.
+// ROSA_SPMM_KERNEL=rows|rows2|slab32|slab16 forces one SpMM kernel (for measurements); default auto.
 cuda::SpmmKernel spmm_kernel_choice() {
   const char* choice = std::getenv("ROSA_SPMM_KERNEL");
   if (choice == nullptr) return cuda::SpmmKernel::kAuto;
   if (std::strcmp(choice, "slab32") == 0) return cuda::SpmmKernel::kSlab32;
   if (std::strcmp(choice, "slab16") == 0) return cuda::SpmmKernel::kSlab16;
   if (std::strcmp(choice, "rows") == 0) return cuda::SpmmKernel::kRows;
-  if (std::strcmp(choice, "tiles") == 0) return cuda::SpmmKernel::kTiles;
-  if (std::strcmp(choice, "rows1") == 0) return cuda::SpmmKernel::kRowsUnsplit;
+  if (std::strcmp(choice, "rows2") == 0) return cuda::SpmmKernel::kRows2;
   return cuda::SpmmKernel::kAuto;
 }
 
@@ -81,7 +79,7 @@ at::Tensor spmm_cuda(const at::Tensor& values, const at::Tensor& row_offsets,
   const auto kernel = cuda::spmm_select(spmm_kernel_choice(), m, n, k, nnz,
                                         static_cast<int>(values.element_size()));
   const size_t workspace_bytes =
-      cuda::spmm_workspace_bytes(kernel, m, k, nnz, static_cast<int>(values.element_size()));
+      cuda::spmm_workspace_bytes(kernel, m, nnz, static_cast<int>(values.element_size()));
   auto workspace = at::empty({static_cast<int64_t>(workspace_bytes)}, values.options().dtype(at::kByte));
   const auto stream = c10::cuda::getCurrentCUDAStream();
   ROSA_DISPATCH_VALUES(values.scalar_type(), "rosa_kernels::spmm", [&] {

@@ -2,6 +2,7 @@
 
 Usage (on a GPU machine, after `pip install --no-build-isolation --no-deps .`):
     python scripts/time_cuda_ops.py [--quick] [--tokens 4096] [--out FILE.json]
+        [--variants rows,rows2] [--densities 0.001,0.01] [--no-other-ops]
 
 bf16, tokens 4096, A of shape m x n in {4096x4096, 11008x4096, 4096x11008}, densities 0.1-3%,
 mask kinds `uniform` and `rosa` (the recipe of rosa_kernels.testing, generated on the GPU to keep
@@ -9,7 +10,8 @@ the run short). Every time is a median of CUDA-event timings with the L2 cache f
 repetitions (triton.testing.do_bench when present). Compared in the same run: torch.sparse.mm
 (cuSPARSE), dense torch.mm, Tensor.to_sparse_csc; "floor" is max(bytes / 3.0 TB/s, FLOPs / 67
 TFLOP/s): the dense operand read once, the output written once, the CSR read once. Each SpMM
-kernel variant (ROSA_SPMM_KERNEL) is timed too. Prints a Markdown table last.
+kernel variant (ROSA_SPMM_KERNEL, --variants) is timed and checked too ("max err": the largest
+relative error of any variant). Prints a Markdown table last.
 """
 
 from __future__ import annotations
@@ -121,7 +123,7 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--out", default=None)
-    parser.add_argument("--variants", default="auto,tiles,rows,rows1,slab32",
+    parser.add_argument("--variants", default="rows,rows2,slab32",
                         help="comma-separated ROSA_SPMM_KERNEL values to time")
     parser.add_argument("--densities", default=None, help="comma-separated, e.g. 0.001,0.01")
     parser.add_argument("--no-other-ops", action="store_true", help="time spmm only")

@@ -32,7 +32,7 @@ TOLERANCE = {
     torch.float16: (2e-3, 2e-3),
     torch.bfloat16: (1.6e-2, 1.6e-2),
 }
-SPMM_KERNELS = ["auto", "tiles", "rows", "rows1", "slab32", "slab16"]
+SPMM_KERNELS = ["auto", "rows", "rows2", "slab32", "slab16"]
 
 # (m, n, k, density, empty_row_fraction): degenerate, tiny, single row/column, odd sizes.
 SHAPES = [
@@ -128,7 +128,7 @@ def test_spmm_heavy_rows(dtype, kernel, k, monkeypatch):
 
 @pytest.mark.parametrize("kernel", SPMM_KERNELS)
 def test_spmm_is_deterministic(kernel, monkeypatch):
-    """Heavy rows are split over warps and added in a fixed order: equal inputs, equal bits."""
+    """Every kernel adds a row's nonzeros in a fixed order: equal inputs, equal bits."""
     monkeypatch.setenv("ROSA_SPMM_KERNEL", kernel)
     a = rosa_mask(512, 700, 0.05, seed=7, dtype=torch.bfloat16, device=_cuda())
     dense = _randn(700, 300, dtype=torch.bfloat16, seed=8)

@@ -23,9 +23,8 @@ enum class SpmmKernel : int {
   kSlab32 = 1,  // a block keeps a 32-byte-wide column slab of all of `dense` in shared memory
   kSlab16 = 2,  // the same with a 16-byte-wide slab (half the shared memory, for larger n)
   kRows = 3,    // one block per (row, column chunk), dense rows read straight from global memory
-  kTiles = 4,   // a block keeps an n x (32 or 16 bytes) slab of `dense` in shared memory and stages
-                // its warps' indices there; output through a scratch and a gather kernel
-  kRowsUnsplit = 5,  // the first rows kernel (chunk-major grid, 4 loads in flight; measurements)
+  kRows2 = 5,   // kRows' work, longest rows first across all column chunks (RoSA masks with long
+                // rows; slower on uniform ones)
 };
 
 // The kernel that will run for `requested` (kAuto or a forced one that may not fit): a host
@@ -33,9 +32,8 @@ enum class SpmmKernel : int {
 SpmmKernel spmm_select(SpmmKernel requested, int64_t m, int64_t n, int64_t k, int64_t nnz,
                        int value_bytes);
 
-// Device workspace the selected kernel needs (0 for the rows kernels; about m * k values for kTiles).
-size_t spmm_workspace_bytes(SpmmKernel selected, int64_t m, int64_t k, int64_t nnz,
-                            int value_bytes);
+// Device workspace the selected kernel needs (0 for kRows and kRows2).
+size_t spmm_workspace_bytes(SpmmKernel selected, int64_t m, int64_t nnz, int value_bytes);
 
 template <typename T>
 void spmm(const T* values, const int32_t* row_offsets, const int32_t* row_indices,
