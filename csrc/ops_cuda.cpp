@@ -49,13 +49,14 @@ void check_cuda(const at::Tensor& t, const char* name) {
   ROSA_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got ", t.device());
 }
 
-// ROSA_SPMM_KERNEL=slab32|slab16|rows forces one SpMM kernel (for measurements); default auto.
+// ROSA_SPMM_KERNEL=rows|rows2|slab32|slab16 forces one SpMM kernel (for measurements); default auto.
 cuda::SpmmKernel spmm_kernel_choice() {
   const char* choice = std::getenv("ROSA_SPMM_KERNEL");
   if (choice == nullptr) return cuda::SpmmKernel::kAuto;
   if (std::strcmp(choice, "slab32") == 0) return cuda::SpmmKernel::kSlab32;
   if (std::strcmp(choice, "slab16") == 0) return cuda::SpmmKernel::kSlab16;
   if (std::strcmp(choice, "rows") == 0) return cuda::SpmmKernel::kRows;
+  if (std::strcmp(choice, "rows2") == 0) return cuda::SpmmKernel::kRows2;
   return cuda::SpmmKernel::kAuto;
 }
 

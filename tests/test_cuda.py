@@ -32,7 +32,7 @@ TOLERANCE = {
     torch.float16: (2e-3, 2e-3),
     torch.bfloat16: (1.6e-2, 1.6e-2),
 }
-SPMM_KERNELS = ["auto", "slab32", "slab16", "rows"]
+SPMM_KERNELS = ["auto", "rows", "rows2", "slab32", "slab16"]
 
 # (m, n, k, density, empty_row_fraction): degenerate, tiny, single row/column, odd sizes.
 SHAPES = [
@@ -116,7 +116,7 @@ def test_spmm_matches_reference_and_cpu(shape, dtype, kernel, monkeypatch):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kernel", SPMM_KERNELS)
-@pytest.mark.parametrize("k", [1, 7, 16, 200])
+@pytest.mark.parametrize("k", [1, 7, 16, 200, 600])
 def test_spmm_heavy_rows(dtype, kernel, k, monkeypatch):
     monkeypatch.setenv("ROSA_SPMM_KERNEL", kernel)
     a = _heavy_csr(dtype)
@@ -124,6 +124,18 @@ def test_spmm_heavy_rows(dtype, kernel, k, monkeypatch):
     dense = _randn(n, k, dtype=dtype, seed=2)
     out = spmm(a.values, a.row_offsets, a.row_indices, a.col_indices, dense, m)
     _assert_close(out, _dense_of(a).double() @ dense.double(), dtype)
+
+
+@pytest.mark.parametrize("kernel", SPMM_KERNELS)
+def test_spmm_is_deterministic(kernel, monkeypatch):
+    """Every kernel adds a row's nonzeros in a fixed order: equal inputs, equal bits."""
+    monkeypatch.setenv("ROSA_SPMM_KERNEL", kernel)
+    a = rosa_mask(512, 700, 0.05, seed=7, dtype=torch.bfloat16, device=_cuda())
+    dense = _randn(700, 300, dtype=torch.bfloat16, seed=8)
+    first = spmm(a.values, a.row_offsets, a.row_indices, a.col_indices, dense, 512)
+    second = spmm(a.values, a.row_offsets, a.row_indices, a.col_indices, dense, 512)
+    assert torch.equal(first, second)
+    _assert_close(first, _dense_of(a).double() @ dense.double(), torch.bfloat16)
 
 
 @pytest.mark.parametrize("kernel", SPMM_KERNELS)
@@ -288,7 +300,7 @@ def test_csr_add_non_contiguous(dtype):
 
 
 @pytest.mark.parametrize("kind", ["uniform", "rosa"])
-@pytest.mark.parametrize("shape", [(4096, 4096), (11008, 4096)])
+@pytest.mark.parametrize("shape", [(4096, 4096), (11008, 4096), (4096, 11008)])
 @pytest.mark.parametrize("density", [0.01])
 def test_llama_shapes(kind, shape, density):
     m, n = shape

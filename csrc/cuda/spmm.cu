@@ -1,12 +1,20 @@
 // CUDA SpMM: out (m x k) = A (m x n, CSR) @ dense (n x k), float32 accumulation.
 //
-// Bytes decide the design. At LLaMA shapes with k = 4096 every nonzero needs a 2k-byte row of
-// `dense`; read straight from L2 that is nnz * 8 KB (1.4 GB at 4096 x 4096, d = 1%), which L2
-// delivers at ~8.5 TB/s (measured, docs/perf-notes.md): as slow as a dense GEMM. So the main
-// kernel, `slab`, splits k into tiles of 32 (or 16) bytes per dense row: a block copies the n x tile
-// slab of `dense` into shared memory once (n * 32 B = 128 KB for n = 4096) and then serves every
-// nonzero of its rows from shared memory. Global traffic is one read of `dense` per row split, one
-// write of `out`, and the sparse indices once per tile.
+// The `rows` kernel (what `auto` runs): one block per (position in row_indices, column chunk of
+// 128 16-byte slices); each thread owns a 16-byte slice of the output row and walks the row's
+// nonzeros, loading the matching 16 bytes of each nonzero's dense row from L2 (__ldg), 4 nonzeros
+// in flight. Every nonzero moves 2k bytes through L2 (nnz * 8 KB, 1.4 GB at 4096 x 4096, d = 1%),
+// at ~8.5 TB/s on an H100 (docs/perf-notes.md).
+//
+// `rows2` (selectable) does the same work in another order: a grid-stride list of (position,
+// chunk) items, the longest rows first with all their chunks at once, then the rest chunk by
+// chunk. It is 12-25% faster than `rows` on RoSA masks with rows of 500-2000 nonzeros and 20-25%
+// slower on uniform ones (H200, docs/perf-notes.md), so `auto` keeps `rows`.
+//
+// The `slab` kernels (kept for measurements, several times slower so far) are the route to reuse
+// of dense rows across nonzeros: a block copies an n x 32 (or 16) byte slab of `dense` into shared
+// memory once and serves every nonzero of its rows from there. Global traffic is one read of
+// `dense` per row split, one write of `out`, and the sparse indices once per tile.
 //
 // Reading those indices per tile must be coalesced, or the L1 spends its cycles on them. So a
 // pre-pass re-lays the CSR in the launcher's workspace as SELL-C: rows taken C at a time in
@@ -21,10 +29,6 @@
 // size by 4 * C * chunks entries) and are done by the whole warp together: lanes split the
 // nonzeros, read the CSR directly (coalesced), and reduce with shuffles.
 //
-// The `rows` kernel serves very sparse inputs (where re-reading indices per tile costs more than
-// the dense reads it saves) and shapes whose slab does not fit in shared memory: one block per
-// (row, column chunk), each thread a 16-byte slice, dense rows read from global memory.
-//
 // Assumes a validated CSR; all address arithmetic is 64-bit; any of m, n, k, nnz may be 0.
 #include "cuda/spmm.h"
 
@@ -38,6 +42,7 @@ namespace {
 constexpr int kSlabThreads = 1024;
 constexpr int kRowsThreads = 128;
 constexpr int kScanThreads = 1024;
+constexpr int kRows2Depth = 4;  // dense slices loaded per step by the rows2 kernel
 
 template <int kGroup>
 struct SlabShape {
@@ -289,6 +294,7 @@ __global__ void __launch_bounds__(kSlabThreads)
 // The rows kernel: one block per (position in row_indices, column chunk of kRowsThreads slices).
 // ---------------------------------------------------------------------------------------------
 
+// Grid (positions, chunks); `#pragma unroll 4` keeps 4 loads in flight per thread.
 template <typename T>
 __global__ void __launch_bounds__(kRowsThreads)
     spmm_rows_kernel(const T* __restrict__ values, const int32_t* __restrict__ row_offsets,
@@ -311,6 +317,77 @@ __global__ void __launch_bounds__(kRowsThreads)
                       load_slice(dense + j * dense_row_stride, column, k, dense_vector_ok));
     }
     store_slice(out + row * k, column, k, out_vector_ok, acc);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The rows2 kernel: the same work per (row, chunk), long rows first across all chunks.
+// ---------------------------------------------------------------------------------------------
+
+// out[row, column chunk] for one (row, chunk): each thread a 16-byte slice. The dense slices of
+// kDepth nonzeros are loaded before any is used (the last, partial step too), and added in
+// nonzero order.
+template <typename T, int kDepth>
+__device__ __forceinline__ void rows2_item(const T* __restrict__ values,
+                                           const int32_t* __restrict__ col_indices,
+                                           const T* __restrict__ dense, int64_t dense_row_stride,
+                                           T* __restrict__ out, int64_t k, int64_t row,
+                                           int64_t begin, int64_t end, int64_t column,
+                                           bool dense_vector_ok, bool out_vector_ok) {
+  using Acc = accumulator_t<T>;
+  constexpr int kVec = kVectorElements<T>;
+  Acc acc[kVec] = {};
+  for (int64_t p = begin; p < end; p += kDepth) {
+    const int64_t here = end - p;  // > 0; the step's nonzeros are min(here, kDepth)
+    int32_t j[kDepth];
+    Acc v[kDepth];
+    uint4 slice[kDepth];
+#pragma unroll
+    for (int u = 0; u < kDepth; ++u) {
+      j[u] = u < here ? col_indices[p + u] : 0;
+      v[u] = u < here ? to_acc(values[p + u]) : Acc(0);
+    }
+#pragma unroll
+    for (int u = 0; u < kDepth; ++u) {
+      if (u < here) {
+        slice[u] = load_slice(dense + int64_t(j[u]) * dense_row_stride, column, k, dense_vector_ok);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kDepth; ++u) {
+      if (u < here) multiply_add<T>(acc, v[u], slice[u]);
+    }
+  }
+  store_slice(out + row * k, column, k, out_vector_ok, acc);
+}
+
+// Grid-stride over (position, chunk) items: the first `first` positions of row_indices (the
+// longest rows) with the chunk fastest, so all chunks of a long row start at once (in the rows
+// kernel's grid the chunks of a RoSA row of 1000-2000 nonzeros start a chunk-sweep apart and the
+// last one ends the kernel); then the other positions chunk by chunk, so the blocks running
+// together share a k / chunks-wide slice of `dense` in L2.
+template <typename T, int kDepth>
+__global__ void __launch_bounds__(kRowsThreads)
+    spmm_rows2_kernel(const T* __restrict__ values, const int32_t* __restrict__ row_offsets,
+                      const int32_t* __restrict__ row_indices,
+                      const int32_t* __restrict__ col_indices, const T* __restrict__ dense,
+                      int64_t dense_row_stride, T* __restrict__ out, int64_t m, int64_t k,
+                      int64_t chunks, int64_t first, bool dense_vector_ok, bool out_vector_ok) {
+  constexpr int kVec = kVectorElements<T>;
+  const int64_t head = first * chunks, rest = m - first;
+  for (int64_t item = blockIdx.x; item < m * chunks; item += gridDim.x) {
+    int64_t position, chunk;
+    if (item < head) {
+      position = item / chunks, chunk = item % chunks;
+    } else {
+      chunk = (item - head) / rest, position = first + (item - head) % rest;
+    }
+    const int64_t column = (chunk * kRowsThreads + threadIdx.x) * kVec;
+    if (column >= k) continue;
+    const int64_t row = row_indices[position];
+    rows2_item<T, kDepth>(values, col_indices, dense, dense_row_stride, out, k, row,
+                          row_offsets[row], row_offsets[row + 1], column, dense_vector_ok,
+                          out_vector_ok);
   }
 }
 
@@ -378,6 +455,11 @@ void launch_slab(const T* values, const int32_t* row_offsets, const int32_t* row
       dense_vector_ok, out_vector_ok, chunk_length, chunk_offsets, sell_cols, sell_values);
 }
 
+// A grid-stride 1-D grid: one block per item up to 2^24 blocks.
+unsigned items_grid(int64_t items) {
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(items, int64_t(1) << 24)));
+}
+
 }  // namespace
 
 SpmmKernel spmm_select(SpmmKernel requested, int64_t m, int64_t n, int64_t k, int64_t nnz,
@@ -390,8 +472,8 @@ SpmmKernel spmm_select(SpmmKernel requested, int64_t m, int64_t n, int64_t k, in
   SpmmKernel kernel = requested;
   if (kernel == SpmmKernel::kAuto) {
     // Measured on H100 and H200 (docs/perf-notes.md): the rows kernel wins at every LLaMA shape
-    // and density 0.1-3%; the slab kernel is kept for measurement (ROSA_SPMM_KERNEL=slab32) until
-    // its latency-bound chunk loop is fixed.
+    // and density 0.1-3%; the slab kernels (v2 here, and a v3 measured in git history) were 3-5x
+    // slower for reasons still to be found with a profiler.
     kernel = SpmmKernel::kRows;
   }
   if (kernel == SpmmKernel::kSlab32 && !fits32) kernel = SpmmKernel::kSlab16;
@@ -400,7 +482,7 @@ SpmmKernel spmm_select(SpmmKernel requested, int64_t m, int64_t n, int64_t k, in
 }
 
 size_t spmm_workspace_bytes(SpmmKernel selected, int64_t m, int64_t nnz, int value_bytes) {
-  if (selected == SpmmKernel::kRows || selected == SpmmKernel::kAuto || m == 0) return 0;
+  if (m == 0 || (selected != SpmmKernel::kSlab32 && selected != SpmmKernel::kSlab16)) return 0;
   return sell_layout(slab_group(selected), m, nnz, value_bytes).total;
 }
 
@@ -416,18 +498,27 @@ void spmm(const T* values, const int32_t* row_offsets, const int32_t* row_indice
   if (selected == SpmmKernel::kSlab32) {
     launch_slab<T, 2>(values, row_offsets, row_indices, col_indices, dense, dense_row_stride, out,
                       m, n, k, nnz, dense_vector_ok, out_vector_ok, workspace, stream);
-  } else if (selected == SpmmKernel::kSlab16) {
+    return;
+  }
+  if (selected == SpmmKernel::kSlab16) {
     launch_slab<T, 1>(values, row_offsets, row_indices, col_indices, dense, dense_row_stride, out,
                       m, n, k, nnz, dense_vector_ok, out_vector_ok, workspace, stream);
-  } else {
-    const int64_t per_block = int64_t(kRowsThreads) * kVec;
-    const int64_t chunks = (k + per_block - 1) / per_block;
-    const dim3 grid(static_cast<unsigned>(m),
-                    static_cast<unsigned>(std::min<int64_t>(chunks, 65535)));
-    spmm_rows_kernel<T><<<grid, kRowsThreads, 0, stream>>>(values, row_offsets, row_indices,
-                                                          col_indices, dense, dense_row_stride,
-                                                          out, k, dense_vector_ok, out_vector_ok);
+    return;
   }
+  const int64_t per_block = int64_t(kRowsThreads) * kVec;
+  const int64_t chunks = (k + per_block - 1) / per_block;
+  if (selected == SpmmKernel::kRows2) {
+    // The longest rows: the first max(256, m / 8) positions of row_indices.
+    const int64_t first = std::min<int64_t>(m, std::max<int64_t>(256, m / 8));
+    spmm_rows2_kernel<T, kRows2Depth><<<items_grid(m * chunks), kRowsThreads, 0, stream>>>(
+        values, row_offsets, row_indices, col_indices, dense, dense_row_stride, out, m, k, chunks,
+        first, dense_vector_ok, out_vector_ok);
+    return;
+  }
+  const dim3 grid(static_cast<unsigned>(m), static_cast<unsigned>(std::min<int64_t>(chunks, 65535)));
+  spmm_rows_kernel<T><<<grid, kRowsThreads, 0, stream>>>(values, row_offsets, row_indices,
+                                                        col_indices, dense, dense_row_stride, out,
+                                                        k, dense_vector_ok, out_vector_ok);
 }
 
 #define ROSA_INSTANTIATE_SPMM(T)                                                               \

@@ -23,6 +23,8 @@ enum class SpmmKernel : int {
   kSlab32 = 1,  // a block keeps a 32-byte-wide column slab of all of `dense` in shared memory
   kSlab16 = 2,  // the same with a 16-byte-wide slab (half the shared memory, for larger n)
   kRows = 3,    // one block per (row, column chunk), dense rows read straight from global memory
+  kRows2 = 5,   // kRows' work, longest rows first across all column chunks (RoSA masks with long
+                // rows; slower on uniform ones)
 };
 
 // The kernel that will run for `requested` (kAuto or a forced one that may not fit): a host
@@ -30,7 +32,7 @@ enum class SpmmKernel : int {
 SpmmKernel spmm_select(SpmmKernel requested, int64_t m, int64_t n, int64_t k, int64_t nnz,
                        int value_bytes);
 
-// Device workspace the selected kernel needs (0 for kRows).
+// Device workspace the selected kernel needs (0 for kRows and kRows2).
 size_t spmm_workspace_bytes(SpmmKernel selected, int64_t m, int64_t nnz, int value_bytes);
 
 template <typename T>
