@@ -113,7 +113,7 @@ def test_planned_sparse_grad_matches_float64_reference(device, hot_fill, dropout
     x = torch.randn(3, 11, 40, dtype=torch.float64, device=device, requires_grad=True)
     dy = torch.randn(3, 11, 24, dtype=torch.float64, device=device)
     torch.manual_seed(9)
-    keep = keep_mask(draw_seed(), 33, 40, dropout).view(3, 11, 40) if dropout else None
+    keep = keep_mask(draw_seed(), 33, 40, dropout).view(3, 11, 40).to(device) if dropout else None
     torch.manual_seed(9)
     layer(x).backward(dy)
     *_, dS_ref = reference(layer, x, dy, keep)

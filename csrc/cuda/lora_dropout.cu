@@ -87,7 +87,7 @@ constexpr int project_rows_per_warp() { return sizeof(accumulator_t<T>) == 8 ? 2
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2)
     project_kernel(const T* __restrict__ x, int64_t ldx, bool x_vector, const T* __restrict__ lora_A,
-                   T* __restrict__ h, int64_t tokens, int64_t n, int64_t rank, DropoutKey key) {
+                   bool a_vector, T* __restrict__ h, int64_t tokens, int64_t n, int64_t rank, DropoutKey key) {
   using Acc = accumulator_t<T>;
   constexpr int kE = 8, kRows = project_rows_per_warp<T>(), kChunk = 32 * kE;
   __shared__ Acc a_tile[kRankTile][kChunk];
@@ -104,10 +104,31 @@ __global__ void __launch_bounds__(kThreads, 2)
     for (int r = 0; r < kRankTile; ++r) sums[i][r] = Acc(0);
 
   for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
+    // Stage A's 16 x 256 tile: every load issued before any is used (one memory latency per tile,
+    // not one per element), and the previous tile released only then.
+    // Raw 8-element units are held until after the barrier, converted only when stored.
+    constexpr int kUnitsPerRow = kChunk / kE, kUnits = kRankTile * kUnitsPerRow / kThreads;
+    Pack<T, kE> staged[kUnits];
+#pragma unroll
+    for (int k = 0; k < kUnits; ++k) {
+      const int unit = threadIdx.x + k * kThreads, r = unit / kUnitsPerRow;
+      const int64_t col = c0 + (unit % kUnitsPerRow) * kE;
+      const T* a_row = lora_A + (r0 + r) * n;
+      if (r0 + r < rank && a_vector && col + kE <= n) {
+        staged[k] = *reinterpret_cast<const Pack<T, kE>*>(a_row + col);
+      } else {
+#pragma unroll
+        for (int e = 0; e < kE; ++e)
+          staged[k].v[e] = r0 + r < rank && col + e < n ? a_row[col + e] : from_acc<T>(Acc(0));
+      }
+    }
     __syncthreads();  // the previous tile is no longer read
-    for (int i = threadIdx.x; i < kRankTile * kChunk; i += kThreads) {
-      const int r = i / kChunk, c = i % kChunk;
-      a_tile[r][c] = r0 + r < rank && c0 + c < n ? to_acc(lora_A[(r0 + r) * n + c0 + c]) : Acc(0);
+#pragma unroll
+    for (int k = 0; k < kUnits; ++k) {
+      const int unit = threadIdx.x + k * kThreads;
+#pragma unroll
+      for (int e = 0; e < kE; ++e)
+        a_tile[unit / kUnitsPerRow][(unit % kUnitsPerRow) * kE + e] = to_acc(staged[k].v[e]);
     }
     __syncthreads();
     const int64_t col = c0 + lane * kE;
@@ -178,24 +199,35 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int e = 0; e < kE; ++e) sums[r][e] = Acc(0);
 
-  for (int64_t t = t_begin + warp; t < t_end; t += kWarps) {
-    const Acc g_mine = lane < kRankTile && r0 + lane < rank ? to_acc(g[t * rank + r0 + lane]) : Acc(0);
-    Acc kept[kE];
-    if (col < n) {
-      load_chunk<T, kE>(x + t * ldx, col, n, x_vector, kept);
-      const uint32_t row_key = dropout_row_key(key, t);
+  // A warp takes tokens t_begin + warp, + 4, ...; kGroup of them at a time, whose loads are all
+  // issued before the first is used.
+  constexpr int kGroup = 4;
+  for (int64_t t0 = t_begin + warp; t0 < t_end; t0 += int64_t(kWarps) * kGroup) {
+    Acc g_mine[kGroup], kept[kGroup][kE];
 #pragma unroll
-      for (int e = 0; e < kE; ++e)
-        if (!dropout_keep(row_key, col + e, key.threshold)) kept[e] = Acc(0);
-    } else {
+    for (int k = 0; k < kGroup; ++k) {
+      const int64_t t = t0 + int64_t(k) * kWarps;
+      const bool live = t < t_end;
+      g_mine[k] = live && lane < kRankTile && r0 + lane < rank ? to_acc(g[t * rank + r0 + lane]) : Acc(0);
+      if (live && col < n) {
+        load_chunk<T, kE>(x + t * ldx, col, n, x_vector, kept[k]);
+      } else {
 #pragma unroll
-      for (int e = 0; e < kE; ++e) kept[e] = Acc(0);
+        for (int e = 0; e < kE; ++e) kept[k][e] = Acc(0);
+      }
     }
 #pragma unroll
-    for (int r = 0; r < kRankTile; ++r) {
-      const Acc gr = __shfl_sync(0xffffffffU, g_mine, r);
+    for (int k = 0; k < kGroup; ++k) {
+      const uint32_t row_key = dropout_row_key(key, t0 + int64_t(k) * kWarps);
 #pragma unroll
-      for (int e = 0; e < kE; ++e) sums[r][e] += gr * kept[e];
+      for (int e = 0; e < kE; ++e)
+        if (!dropout_keep(row_key, col + e, key.threshold)) kept[k][e] = Acc(0);
+#pragma unroll
+      for (int r = 0; r < kRankTile; ++r) {
+        const Acc gr = __shfl_sync(0xffffffffU, g_mine[k], r);
+#pragma unroll
+        for (int e = 0; e < kE; ++e) sums[r][e] += gr * kept[k][e];
+      }
     }
   }
   if (warp > 0) {
@@ -269,7 +301,38 @@ __global__ void __launch_bounds__(kThreads)
       for (int e = 0; e < kE; ++e)
         a[r][e] = r < rank && col + e < n ? to_acc(lora_A[r * n + col + e]) : Acc(0);
   }
-  for (int64_t t = t_begin; t < t_end; ++t) {
+  // Rows in groups of kGroup: the group's loads of G and dX are issued before the first is used.
+  constexpr int kGroup = 4;
+  int64_t t = t_begin;
+  if constexpr (kSmallRank) {
+    for (; t + kGroup <= t_end; t += kGroup) {
+      Acc g_mine[kGroup], values[kGroup][kE];
+#pragma unroll
+      for (int k = 0; k < kGroup; ++k) {
+        g_mine[k] = lane < rank ? to_acc(g[(t + k) * rank + lane]) : Acc(0);
+        if (col < n) load_chunk<T, kE>(dx + (t + k) * lddx, col, n, dx_vector, values[k]);
+      }
+#pragma unroll
+      for (int k = 0; k < kGroup; ++k) {
+        Acc product[kE];
+#pragma unroll
+        for (int e = 0; e < kE; ++e) product[e] = Acc(0);
+#pragma unroll
+        for (int r = 0; r < kRankTile; ++r) {
+          const Acc gr = __shfl_sync(0xffffffffU, g_mine[k], r);
+#pragma unroll
+          for (int e = 0; e < kE; ++e) product[e] += gr * a[r][e];
+        }
+        if (col >= n) continue;
+        const uint32_t row_key = dropout_row_key(key, t + k);
+#pragma unroll
+        for (int e = 0; e < kE; ++e)
+          if (dropout_keep(row_key, col + e, key.threshold)) values[k][e] += alpha * product[e];
+        store_chunk<T, kE>(dx + (t + k) * lddx, col, n, dx_vector, values[k]);
+      }
+    }
+  }
+  for (; t < t_end; ++t) {  // the rows left over (all of them for ranks above the tile)
     Acc product[kE];
 #pragma unroll
     for (int e = 0; e < kE; ++e) product[e] = Acc(0);
@@ -318,8 +381,8 @@ void lora_dropout_project(const T* x, int64_t ldx, const T* lora_A, T* h, int64_
   const int64_t rows_per_block = int64_t(kWarps) * project_rows_per_warp<T>();
   const dim3 grid(static_cast<unsigned>((tokens + rows_per_block - 1) / rows_per_block),
                   static_cast<unsigned>((rank + kRankTile - 1) / kRankTile));
-  project_kernel<T><<<grid, kThreads, 0, stream>>>(x, ldx, vector_ok<T, 8>(x, ldx), lora_A, h, tokens, n,
-                                                   rank, key);
+  project_kernel<T><<<grid, kThreads, 0, stream>>>(x, ldx, vector_ok<T, 8>(x, ldx), lora_A,
+                                                   vector_ok<T, 8>(lora_A, n), h, tokens, n, rank, key);
 }
 
 template <typename T>
