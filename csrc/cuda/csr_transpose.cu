@@ -1,22 +1,28 @@
 // CUDA CSR transpose: sort each tile, prefix over tiles, scatter -- deterministic, three launches,
 // no host synchronization.
 //
-// The nonzeros, numbered p = 0..nnz-1 in row-major order, are cut into tiles of kTile consecutive
-// nonzeros. Entry p of the result goes to
+// The nonzeros, numbered p = 0..nnz-1 in row-major order, are cut into tiles of consecutive
+// nonzeros (1024 per tile up to 256K nonzeros, so that small inputs still spread over many
+// multiprocessors; 4096 above, so that the tiles x n count table stays small). Entry p of
+// column j goes to
 //     q = row_offsets_t[j] + (column-j entries in earlier tiles) + (column-j entries before p in its tile),
-// which lists every new row by ascending old row (= ascending p), so the output is deterministic.
-//   1. `tile_sort` (one 512-thread block per tile): finds the old row of each nonzero (a block-wide
-//      search for the tile's first and last rows, then the row starts inside the tile marked in
-//      shared memory and spread by a max-scan), stable-sorts the tile by column with a block radix
-//      sort (keys only: column in the high bits, tile position in the low bits), and writes in
-//      sorted order (column, rank in its column in the tile), p and the old row, plus the tile's
-//      row of the tiles x n count table.
+// which lists every new row by ascending old row (= ascending p): the output is deterministic.
+//   1. `tile_sort` (one block per tile): stable-sorts the tile by column with a block radix sort
+//      (keys only: column in the high bits, tile position in the low bits), finds the old row of
+//      each nonzero (a block-wide search for the tile's first and last rows, whose loads overlap
+//      the sort, then the row starts inside the tile marked in shared memory and spread by a
+//      max-scan), and writes in sorted order (column, rank in its column in the tile), p and the
+//      old row, plus the tile's row of the tiles x n count table.
 //   2. `tile_prefix` (32 columns x 16 warps per block): per column, an exclusive scan of the counts
-//      over tiles, in place; the column totals go to row_offsets_t[1..n]. The block that finishes
-//      last turns the totals into row_offsets_t with a single-block scan.
-//   3. `scatter` (one thread per nonzero, in tile-sorted order): q = row_offsets_t[j] + prefix +
-//      rank; writes values_t, col_indices_t and permutation.
-// Every step is a fixed number of memory round trips: no loop waits on one load per iteration.
+//      over tiles, in place, and the column's total; then, per group of 32 columns, the exclusive
+//      scan of the totals inside the group (a warp scan) and the group's total. No block waits on
+//      another.
+//   3. `scatter` (1024 nonzeros per block): each block first scans the <= 2048 group totals in
+//      shared memory, so row_offsets_t[j] = (groups before j's) + (columns before j in its group);
+//      then q = row_offsets_t[j] + prefix + rank; writes values_t, col_indices_t, permutation and
+//      row_offsets_t.
+// Every step is a fixed number of memory round trips: no loop waits on one load per iteration,
+// and no single block reads a whole array.
 // The count table holds tiles x n integers, so this path serves n <= kMaxTiledColumns when the
 // table is not much larger than the nonzeros; otherwise a stable cub radix sort of (column, p)
 // pairs yields the same permutation. Every output size (nnz, n + 1) is known on the host.
@@ -25,6 +31,7 @@
 #include "cuda/csr_transpose.h"
 
 #include <algorithm>
+#include <climits>
 
 #include <cub/block/block_radix_sort.cuh>
 #include <cub/block/block_scan.cuh>
@@ -36,15 +43,14 @@ namespace rosa::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kTileThreads = 512;
-constexpr int kTileItems = 8;  // nonzeros per thread of a tile, blocked (thread t: t*8 .. t*8+7)
-constexpr int kTileBits = 12;
-constexpr int kTile = 1 << kTileBits;
-static_assert(kTile == kTileThreads * kTileItems, "a tile is one block's items");
-constexpr int kRadixBits = 4;  // 3 block-sort passes for n <= 4096, 4 for n <= 65536
-constexpr int64_t kMaxTiledColumns = 65536;  // column << kTileBits fits 32 bits; one-block scan of n
+constexpr int kRadixBits = 4;  // cub's default: the sort's shared memory fits the static 48 KB
+constexpr int64_t kMaxTiledColumns = 65536;  // <= 2048 groups of 32 columns; column << 12 fits 32 bits
+constexpr int64_t kSmallTilesUpTo = 256 * 1024;  // nonzeros; above, 4096-nonzero tiles
 constexpr int kPrefixWarps = 16;
-constexpr int kScanThreads = kPrefixWarps * 32;
+constexpr int kMaxGroups = static_cast<int>(kMaxTiledColumns / 32);
+constexpr int kScatterThreads = 256;
+constexpr int kScatterItems = 4;
+constexpr int kGroupItems = kMaxGroups / kScatterThreads;
 
 inline unsigned grid_for(int64_t count) {
   const int64_t blocks = (count + kThreads - 1) / kThreads;
@@ -64,19 +70,58 @@ struct MaxOp {
   __device__ __forceinline__ int32_t operator()(int32_t a, int32_t b) const { return a > b ? a : b; }
 };
 
-__device__ __forceinline__ void store8(int32_t* destination, const int32_t (&items)[8]) {
-  reinterpret_cast<int4*>(destination)[0] = make_int4(items[0], items[1], items[2], items[3]);
-  reinterpret_cast<int4*>(destination)[1] = make_int4(items[4], items[5], items[6], items[7]);
+template <int kItems>
+__device__ __forceinline__ void load_items(const int32_t* source, bool whole, int valid,
+                                           int32_t (&items)[kItems]) {
+  // A thread's items are 16 or 32 contiguous bytes: 16-byte loads when aligned, so a warp's
+  // load touches each sector once.
+  if (whole && reinterpret_cast<uintptr_t>(source) % 16 == 0) {
+#pragma unroll
+    for (int v = 0; v < kItems / 4; ++v) {
+      const int4 four = reinterpret_cast<const int4*>(source)[v];
+      items[4 * v] = four.x, items[4 * v + 1] = four.y, items[4 * v + 2] = four.z, items[4 * v + 3] = four.w;
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < kItems; ++k) items[k] = k < valid ? source[k] : 0;
+  }
+}
+
+template <int kItems>
+__device__ __forceinline__ void store_items(int32_t* destination, bool whole, int valid,
+                                            const int32_t (&items)[kItems]) {
+  if (whole) {  // destination is 16-byte aligned (workspace, tile-aligned offsets)
+#pragma unroll
+    for (int v = 0; v < kItems / 4; ++v) {
+      reinterpret_cast<int4*>(destination)[v] =
+          make_int4(items[4 * v], items[4 * v + 1], items[4 * v + 2], items[4 * v + 3]);
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < kItems; ++k) {
+      if (k < valid) destination[k] = items[k];
+    }
+  }
 }
 
 // ---- tiled path ------------------------------------------------------------------------------
 
+template <int kTileThreads, int kTileItems>
+struct TileShape {
+  static constexpr int kTile = kTileThreads * kTileItems;
+  static constexpr int kBits = kTile == 1024 ? 10 : 12;
+  static_assert(kTile == (1 << kBits), "tiles of 1024 or 4096 nonzeros");
+};
+
+template <int kTileThreads, int kTileItems>
 __global__ void __launch_bounds__(kTileThreads)
     tile_sort_kernel(const int32_t* __restrict__ row_offsets, int64_t m,
                      const int32_t* __restrict__ col_indices, int64_t nnz, int64_t n,
                      int column_bits, int32_t* __restrict__ tile_counts,
-                     uint32_t* __restrict__ sorted_entries, int32_t* __restrict__ sorted_nonzeros,
-                     int32_t* __restrict__ sorted_rows, int32_t* __restrict__ finished_blocks) {
+                     int32_t* __restrict__ sorted_entries, int32_t* __restrict__ sorted_nonzeros,
+                     int32_t* __restrict__ sorted_rows) {
+  using Shape = TileShape<kTileThreads, kTileItems>;
+  constexpr int kTile = Shape::kTile, kTileBits = Shape::kBits;
   using TileSort = cub::BlockRadixSort<uint32_t, kTileThreads, kTileItems, cub::NullType, kRadixBits>;
   using TileScan = cub::BlockScan<int32_t, kTileThreads>;
   __shared__ union {
@@ -89,53 +134,46 @@ __global__ void __launch_bounds__(kTileThreads)
   const int t = threadIdx.x;
   const int64_t p0 = int64_t(blockIdx.x) * kTile;
   const int count = static_cast<int>(std::min<int64_t>(kTile, nnz - p0));
-  if (blockIdx.x == 0 && t == 0) *finished_blocks = 0;  // for tile_prefix, which runs after us
+  const int mine = std::max(0, std::min(kTileItems, count - t * kTileItems));  // my valid items
 
-  // Issued first so that their latency overlaps the row search. A thread's 8 columns are 32
-  // bytes: two 16-byte loads when aligned, so a warp's load touches each sector once.
   int32_t columns_in[kTileItems];
-  const int32_t* tile_columns = col_indices + p0 + t * kTileItems;
-  if ((t + 1) * kTileItems <= count && reinterpret_cast<uintptr_t>(col_indices) % 16 == 0) {
-    const int4 low = reinterpret_cast<const int4*>(tile_columns)[0];
-    const int4 high = reinterpret_cast<const int4*>(tile_columns)[1];
-    columns_in[0] = low.x, columns_in[1] = low.y, columns_in[2] = low.z, columns_in[3] = low.w;
-    columns_in[4] = high.x, columns_in[5] = high.y, columns_in[6] = high.z, columns_in[7] = high.w;
-  } else {
-#pragma unroll
-    for (int k = 0; k < kTileItems; ++k) {
-      columns_in[k] = t * kTileItems + k < count ? tile_columns[k] : 0;
-    }
-  }
+  load_items(col_indices + p0 + t * kTileItems, mine == kTileItems, mine, columns_in);
   uint32_t keys[kTileItems];
 #pragma unroll
   for (int k = 0; k < kTileItems; ++k) {
-    const int position = t * kTileItems + k;
-    keys[k] = position < count ? (static_cast<uint32_t>(columns_in[k]) << kTileBits) | position
-                               : 0xffffffffu;  // sorts after every real key (and is last already)
+    keys[k] = k < mine ? (static_cast<uint32_t>(columns_in[k]) << kTileBits) | (t * kTileItems + k)
+                       : 0xffffffffu;  // sorts after every real key (and is last already)
   }
   int32_t* counts = tile_counts + int64_t(blockIdx.x) * n;
   for (int64_t j = t; j < n; j += kTileThreads) counts[j] = 0;
 
   // The rows of the tile's first and last nonzeros: the last i with row_offsets[i] <= target.
-  // Each round probes kTileThreads evenly spaced offsets and keeps the gap holding the answer, so
-  // m <= 512^2 rows take two dependent loads instead of a binary search's log2(m).
+  // Each round probes kTileThreads evenly spaced offsets and keeps the gap holding the answer
+  // (m <= kTileThreads^2 rows: two rounds instead of a binary search's log2(m) dependent loads).
+  // The first round's loads are issued here and used after the sort.
   const int64_t first_target = p0, last_target = p0 + count - 1;
   int64_t first_low = 0, first_high = m - 1, last_low = 0, last_high = m - 1;
-  while (first_high > first_low || last_high > last_low) {  // uniform over the block
-    const int64_t first_stride = (first_high - first_low + kTileThreads) / kTileThreads;
-    const int64_t last_stride = (last_high - last_low + kTileThreads) / kTileThreads;
-    const int64_t first_probe = first_low + t * first_stride;
-    const int64_t last_probe = last_low + t * last_stride;
-    const bool first_ok = first_probe <= first_high && row_offsets[first_probe] <= first_target;
-    const bool last_ok = last_probe <= last_high && row_offsets[last_probe] <= last_target;
+  int64_t first_stride = (first_high - first_low + kTileThreads) / kTileThreads;
+  int64_t last_stride = (last_high - last_low + kTileThreads) / kTileThreads;
+  int32_t first_value = first_low + t * first_stride <= first_high ? row_offsets[first_low + t * first_stride] : INT_MAX;
+  int32_t last_value = last_low + t * last_stride <= last_high ? row_offsets[last_low + t * last_stride] : INT_MAX;
+
+  TileSort(temp.sort).Sort(keys, kTileBits, kTileBits + column_bits);
+
+  for (;;) {  // uniform over the block
     // row_offsets is non-decreasing, so the passing probes are a prefix and their count says
     // which is the last.
-    const int first_passed = __syncthreads_count(first_ok);
-    const int last_passed = __syncthreads_count(last_ok);
+    const int first_passed = __syncthreads_count(first_value <= first_target);
+    const int last_passed = __syncthreads_count(last_value <= last_target);
     first_low += (first_passed - 1) * first_stride;
     first_high = std::min(first_high, first_low + first_stride - 1);
     last_low += (last_passed - 1) * last_stride;
     last_high = std::min(last_high, last_low + last_stride - 1);
+    if (first_high == first_low && last_high == last_low) break;
+    first_stride = (first_high - first_low + kTileThreads) / kTileThreads;
+    last_stride = (last_high - last_low + kTileThreads) / kTileThreads;
+    first_value = first_low + t * first_stride <= first_high ? row_offsets[first_low + t * first_stride] : INT_MAX;
+    last_value = last_low + t * last_stride <= last_high ? row_offsets[last_low + t * last_stride] : INT_MAX;
   }
   const int32_t first_row = static_cast<int32_t>(first_low), last_row = static_cast<int32_t>(last_low);
 
@@ -161,18 +199,15 @@ __global__ void __launch_bounds__(kTileThreads)
     running_row = max(running_row, rows[k]);
     tile_row[t * kTileItems + k] = running_row;
   }
-  __syncthreads();
 
-  TileSort(temp.sort).Sort(keys, kTileBits, kTileBits + column_bits);
-
-  // Sorted position s = t*8 + k. A column's run starts where the column differs from the one
-  // before; rank = s - start of its run; the run's last entry writes the tile's count.
+  // Sorted position s = t*items + k. A column's run starts where the column differs from the
+  // one before; rank = s - start of its run; the run's last entry writes the tile's count.
   uint32_t columns[kTileItems];
 #pragma unroll
   for (int k = 0; k < kTileItems; ++k) columns[k] = keys[k] >> kTileBits;
   first_column[t] = columns[0];
   last_column[t] = columns[kTileItems - 1];
-  __syncthreads();
+  __syncthreads();  // also: tile_row complete, scan storage free
   int32_t thread_start = 0;
 #pragma unroll
   for (int k = 0; k < kTileItems; ++k) {
@@ -199,31 +234,21 @@ __global__ void __launch_bounds__(kTileThreads)
       counts[columns[k]] = rank + 1;
     }
   }
-  // Positions p0 + t*8 .. +7 of the workspace arrays (32-byte aligned): two 16-byte stores each.
+  // The sorted tile's items are written where the tile's nonzeros were: positions p0 + s.
   const int64_t out = p0 + int64_t(t) * kTileItems;
-  if ((t + 1) * kTileItems <= count) {
-    store8(reinterpret_cast<int32_t*>(sorted_entries) + out, entries);
-    store8(sorted_nonzeros + out, nonzeros);
-    store8(sorted_rows + out, old_rows);
-  } else {
-    for (int k = 0; k < kTileItems && t * kTileItems + k < count; ++k) {
-      reinterpret_cast<int32_t*>(sorted_entries)[out + k] = entries[k];
-      sorted_nonzeros[out + k] = nonzeros[k];
-      sorted_rows[out + k] = old_rows[k];
-    }
-  }
+  store_items(sorted_entries + out, mine == kTileItems, mine, entries);
+  store_items(sorted_nonzeros + out, mine == kTileItems, mine, nonzeros);
+  store_items(sorted_rows + out, mine == kTileItems, mine, old_rows);
 }
 
-// tile_counts[b][j] becomes the number of column-j entries in tiles before b; the totals become
-// row_offsets_t. Block: 32 consecutive columns (one per lane, coalesced) x 16 warps, each warp
-// a contiguous range of tiles, so a column's scan is two passes over a short range per thread.
-__global__ void __launch_bounds__(kScanThreads)
+// tile_counts[b][j] becomes the number of column-j entries in tiles before b. Block: one group of
+// 32 consecutive columns (one per lane, coalesced) x 16 warps, each warp a contiguous range of
+// tiles. The group's column totals are scanned by one warp: column_in_group[j] = entries of the
+// group's columns before j, group_totals[group] = entries of the whole group.
+__global__ void __launch_bounds__(kPrefixWarps * 32)
     tile_prefix_kernel(int32_t* __restrict__ tile_counts, int64_t tiles, int64_t n,
-                       int32_t* __restrict__ row_offsets_t, int32_t* __restrict__ finished_blocks) {
-  using OffsetsScan = cub::BlockScan<int32_t, kScanThreads>;
+                       int32_t* __restrict__ column_in_group, int32_t* __restrict__ group_totals) {
   __shared__ int32_t warp_sums[kPrefixWarps][32];
-  __shared__ typename OffsetsScan::TempStorage scan_storage;
-  __shared__ bool is_last;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t j = int64_t(blockIdx.x) * 32 + lane;
   const int64_t chunk = (tiles + kPrefixWarps - 1) / kPrefixWarps;
@@ -256,85 +281,106 @@ __global__ void __launch_bounds__(kScanThreads)
         running += c[i];
       }
     }
-    if (warp == kPrefixWarps - 1) row_offsets_t[j + 1] = running;
   }
-
-  // The last block to finish sees every total (threadfence-reduction pattern) and scans them.
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) is_last = atomicAdd(finished_blocks, 1) == static_cast<int32_t>(gridDim.x) - 1;
-  __syncthreads();
-  if (!is_last) return;
-  __threadfence();
-  int32_t* totals = row_offsets_t + 1;  // L2 reads (__ldcg): other blocks wrote them
-  const int64_t per_thread = (n + kScanThreads - 1) / kScanThreads;
-  const int64_t run_begin = std::min<int64_t>(n, threadIdx.x * per_thread);
-  const int64_t run_end = std::min(n, run_begin + per_thread);
-  int32_t run_sum = 0;
-  for (int64_t c0 = run_begin; c0 < run_end; c0 += kBatch) {
-    int32_t c[kBatch];
+  if (warp == kPrefixWarps - 1) {  // running is now column j's total (0 past n)
+    int32_t inclusive = running;
 #pragma unroll
-    for (int i = 0; i < kBatch; ++i) c[i] = c0 + i < run_end ? __ldcg(totals + c0 + i) : 0;
-#pragma unroll
-    for (int i = 0; i < kBatch; ++i) run_sum += c[i];
-  }
-  int32_t offset;
-  OffsetsScan(scan_storage).ExclusiveSum(run_sum, offset);
-  for (int64_t c0 = run_begin; c0 < run_end; c0 += kBatch) {
-    int32_t c[kBatch];
-#pragma unroll
-    for (int i = 0; i < kBatch; ++i) c[i] = c0 + i < run_end ? __ldcg(totals + c0 + i) : 0;
-#pragma unroll
-    for (int i = 0; i < kBatch; ++i) {
-      offset += c[i];
-      if (c0 + i < run_end) totals[c0 + i] = offset;
+    for (int d = 1; d < 32; d *= 2) {
+      const int32_t other = __shfl_up_sync(0xffffffffu, inclusive, d);
+      if (lane >= d) inclusive += other;
     }
+    if (j < n) column_in_group[j] = inclusive - running;
+    if (lane == 31) group_totals[blockIdx.x] = inclusive;
   }
-  if (threadIdx.x == 0) row_offsets_t[0] = 0;
 }
 
 template <typename T>
-__global__ void scatter_kernel(const T* __restrict__ values, const uint32_t* __restrict__ sorted_entries,
-                               const int32_t* __restrict__ sorted_nonzeros,
-                               const int32_t* __restrict__ sorted_rows,
-                               const int32_t* __restrict__ tile_prefix, int64_t n, int64_t nnz,
-                               const int32_t* __restrict__ row_offsets_t, T* __restrict__ values_t,
-                               int32_t* __restrict__ col_indices_t, int32_t* __restrict__ permutation) {
-  for (int64_t g = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; g < nnz;
-       g += int64_t(gridDim.x) * blockDim.x) {
-    const uint32_t entry = sorted_entries[g];
-    const int64_t j = entry >> kTileBits;
-    const int64_t tile = g >> kTileBits;
-    const int64_t q = int64_t(row_offsets_t[j]) + tile_prefix[tile * n + j] + (entry & (kTile - 1));
-    const int32_t p = sorted_nonzeros[g];
-    permutation[q] = p;
-    col_indices_t[q] = sorted_rows[g];
-    values_t[q] = values[p];
+__global__ void __launch_bounds__(kScatterThreads)
+    scatter_kernel(const T* __restrict__ values, const int32_t* __restrict__ sorted_entries,
+                   const int32_t* __restrict__ sorted_nonzeros, const int32_t* __restrict__ sorted_rows,
+                   const int32_t* __restrict__ tile_prefix, const int32_t* __restrict__ column_in_group,
+                   const int32_t* __restrict__ group_totals, int64_t n, int64_t nnz, int tile_bits,
+                   int32_t* __restrict__ row_offsets_t, T* __restrict__ values_t,
+                   int32_t* __restrict__ col_indices_t, int32_t* __restrict__ permutation) {
+  using GroupScan = cub::BlockScan<int32_t, kScatterThreads>;
+  __shared__ typename GroupScan::TempStorage scan_storage;
+  __shared__ int32_t group_offsets[kMaxGroups];
+  const int t = threadIdx.x;
+  const int64_t base = int64_t(blockIdx.x) * (kScatterThreads * kScatterItems);
+  // This block's sorted items first (coalesced, striped), so their loads overlap the group scan.
+  int32_t entries[kScatterItems], nonzeros[kScatterItems], rows[kScatterItems];
+#pragma unroll
+  for (int k = 0; k < kScatterItems; ++k) {
+    const int64_t g = base + k * kScatterThreads + t;
+    entries[k] = g < nnz ? sorted_entries[g] : 0;
+    nonzeros[k] = g < nnz ? sorted_nonzeros[g] : 0;
+    rows[k] = g < nnz ? sorted_rows[g] : 0;
+  }
+  const int64_t groups = (n + 31) / 32;
+  int32_t totals[kGroupItems];
+  int32_t thread_sum = 0;
+#pragma unroll
+  for (int k = 0; k < kGroupItems; ++k) {
+    const int64_t group = int64_t(t) * kGroupItems + k;
+    totals[k] = group < groups ? group_totals[group] : 0;
+    thread_sum += totals[k];
+  }
+  int32_t offset;
+  GroupScan(scan_storage).ExclusiveSum(thread_sum, offset);
+#pragma unroll
+  for (int k = 0; k < kGroupItems; ++k) {
+    group_offsets[t * kGroupItems + k] = offset;
+    offset += totals[k];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < kScatterItems; ++k) {
+    const int64_t g = base + k * kScatterThreads + t;
+    if (g < nnz) {
+      const uint32_t entry = static_cast<uint32_t>(entries[k]);
+      const int64_t j = entry >> tile_bits;
+      const int64_t tile = g >> tile_bits;
+      const int64_t q = int64_t(group_offsets[j / 32]) + column_in_group[j] + tile_prefix[tile * n + j] +
+                        (entry & ((1u << tile_bits) - 1));
+      permutation[q] = nonzeros[k];
+      col_indices_t[q] = rows[k];
+      values_t[q] = values[nonzeros[k]];
+    }
+    if (g <= n) row_offsets_t[g] = g < n ? group_offsets[g / 32] + column_in_group[g] : static_cast<int32_t>(nnz);
   }
 }
 
 struct TiledLayout {  // byte offsets inside the workspace of the tiled path
+  int tile_bits;
   int64_t tiles;
-  size_t counts, entries, nonzeros, rows, finished, total;
+  size_t counts, in_group, group_totals, entries, nonzeros, rows, total;
 };
+
+// The count table must stay small next to the nonzeros (or small outright).
+int64_t count_table_budget(int64_t nnz) { return 4 * nnz + (int64_t(1) << 22); }
+
+int64_t tiles_of(int64_t nnz, int tile_bits) {
+  return (nnz + (int64_t(1) << tile_bits) - 1) >> tile_bits;
+}
 
 TiledLayout tiled_layout(int64_t nnz, int64_t n) {
   TiledLayout layout{};
-  layout.tiles = (nnz + kTile - 1) / kTile;
+  const bool small = nnz <= kSmallTilesUpTo && tiles_of(nnz, 10) * n <= count_table_budget(nnz);
+  layout.tile_bits = small ? 10 : 12;
+  layout.tiles = tiles_of(nnz, layout.tile_bits);
   const size_t index_bytes = round_up16(static_cast<size_t>(nnz) * sizeof(int32_t));
   layout.counts = 0;
-  layout.entries = round_up16(static_cast<size_t>(layout.tiles * n) * sizeof(int32_t));
+  layout.in_group = round_up16(static_cast<size_t>(layout.tiles * n) * sizeof(int32_t));
+  layout.group_totals = layout.in_group + round_up16(static_cast<size_t>(n) * sizeof(int32_t));
+  layout.entries = layout.group_totals + round_up16(static_cast<size_t>((n + 31) / 32) * sizeof(int32_t));
   layout.nonzeros = layout.entries + index_bytes;
   layout.rows = layout.nonzeros + index_bytes;
-  layout.finished = layout.rows + index_bytes;
-  layout.total = layout.finished + 16;
+  layout.total = layout.rows + index_bytes;
   return layout;
 }
 
-// The tiles x n count table must stay small next to the nonzeros (or small outright).
 bool use_tiles(int64_t nnz, int64_t n) {
-  const int64_t tiles = (nnz + kTile - 1) / kTile;
-  return n <= kMaxTiledColumns && tiles * n <= 4 * nnz + (int64_t(1) << 22);
+  return n <= kMaxTiledColumns && tiles_of(nnz, 12) * n <= count_table_budget(nnz);
 }
 
 // ---- sort path (n too large for the count table) ---------------------------------------------
@@ -411,18 +457,29 @@ void csr_transpose(const T* values, const int32_t* row_offsets, const int32_t* c
   if (use_tiles(nnz, n)) {
     const TiledLayout layout = tiled_layout(nnz, n);
     auto* tile_counts = reinterpret_cast<int32_t*>(base + layout.counts);
-    auto* sorted_entries = reinterpret_cast<uint32_t*>(base + layout.entries);
+    auto* column_in_group = reinterpret_cast<int32_t*>(base + layout.in_group);
+    auto* group_totals = reinterpret_cast<int32_t*>(base + layout.group_totals);
+    auto* sorted_entries = reinterpret_cast<int32_t*>(base + layout.entries);
     auto* sorted_nonzeros = reinterpret_cast<int32_t*>(base + layout.nonzeros);
     auto* sorted_rows = reinterpret_cast<int32_t*>(base + layout.rows);
-    auto* finished_blocks = reinterpret_cast<int32_t*>(base + layout.finished);
-    tile_sort_kernel<<<static_cast<unsigned>(layout.tiles), kTileThreads, 0, stream>>>(
-        row_offsets, m, col_indices, nnz, n, key_bits(n), tile_counts, sorted_entries,
-        sorted_nonzeros, sorted_rows, finished_blocks);
-    tile_prefix_kernel<<<static_cast<unsigned>((n + 31) / 32), kScanThreads, 0, stream>>>(
-        tile_counts, layout.tiles, n, row_offsets_t, finished_blocks);
-    scatter_kernel<T><<<grid_for(nnz), kThreads, 0, stream>>>(
-        values, sorted_entries, sorted_nonzeros, sorted_rows, tile_counts, n, nnz, row_offsets_t,
-        values_t, col_indices_t, permutation);
+    const auto tiles = static_cast<unsigned>(layout.tiles);
+    if (layout.tile_bits == 10) {
+      tile_sort_kernel<256, 4><<<tiles, 256, 0, stream>>>(row_offsets, m, col_indices, nnz, n,
+                                                          key_bits(n), tile_counts, sorted_entries,
+                                                          sorted_nonzeros, sorted_rows);
+    } else {
+      tile_sort_kernel<512, 8><<<tiles, 512, 0, stream>>>(row_offsets, m, col_indices, nnz, n,
+                                                          key_bits(n), tile_counts, sorted_entries,
+                                                          sorted_nonzeros, sorted_rows);
+    }
+    tile_prefix_kernel<<<static_cast<unsigned>((n + 31) / 32), kPrefixWarps * 32, 0, stream>>>(
+        tile_counts, layout.tiles, n, column_in_group, group_totals);
+    const int64_t scatter_items = std::max(nnz, n + 1);
+    const int64_t per_block = kScatterThreads * kScatterItems;
+    scatter_kernel<T><<<static_cast<unsigned>((scatter_items + per_block - 1) / per_block),
+                        kScatterThreads, 0, stream>>>(
+        values, sorted_entries, sorted_nonzeros, sorted_rows, tile_counts, column_in_group,
+        group_totals, n, nnz, layout.tile_bits, row_offsets_t, values_t, col_indices_t, permutation);
     return;
   }
   const size_t index_bytes = round_up16(static_cast<size_t>(nnz) * sizeof(int32_t));
