@@ -41,11 +41,10 @@ def test_csr_transpose_matches_scipy(m, n, density, dtype, device, gen):
 
 
 
-# The CUDA kernel works on tiles of 1024 consecutive nonzeros (4096 above 256K nonzeros) and falls
-# back to a device-wide sort for n > 65536. These cross many tiles: rows split between tiles, runs
-# of empty rows inside and at the edges of tiles, a full row longer than a tile, a column present
-# in every row, few columns with long output rows, many rows per tile, 4096-nonzero tiles, and
-# (last) the fallback.
+# The CUDA kernel works on tiles of 4096 consecutive nonzeros and falls back to a device-wide sort
+# for n > 65536. These cross many tiles: rows split between tiles, runs of empty rows inside and at
+# the edges of tiles, a full row longer than a tile, a column present in every row, few columns
+# with long output rows, many rows per tile, and (last) the fallback.
 @pytest.mark.parametrize("m,n,density", [(300, 500, 0.1), (97, 4099, 0.05), (5000, 7, 0.6),
                                          (20_000, 3, 0.1), (800, 1000, 0.5), (40, 70_000, 0.003)])
 def test_csr_transpose_many_tiles(m, n, density, device, gen):

@@ -1,18 +1,16 @@
 // CUDA CSR transpose: sort each tile, prefix over tiles, scatter -- deterministic, three launches,
 // no host synchronization.
 //
-// The nonzeros, numbered p = 0..nnz-1 in row-major order, are cut into tiles of consecutive
-// nonzeros (1024 per tile up to 256K nonzeros, so that small inputs still spread over many
-// multiprocessors; 4096 above, so that the tiles x n count table stays small). Entry p of
-// column j goes to
+// The nonzeros, numbered p = 0..nnz-1 in row-major order, are cut into tiles of kTile = 4096
+// consecutive nonzeros. Entry p of column j goes to
 //     q = row_offsets_t[j] + (column-j entries in earlier tiles) + (column-j entries before p in its tile),
 // which lists every new row by ascending old row (= ascending p): the output is deterministic.
-//   1. `tile_sort` (one block per tile): stable-sorts the tile by column with a block radix sort
-//      (keys only: column in the high bits, tile position in the low bits), finds the old row of
-//      each nonzero (a block-wide search for the tile's first and last rows, whose loads overlap
-//      the sort, then the row starts inside the tile marked in shared memory and spread by a
-//      max-scan), and writes in sorted order (column, rank in its column in the tile), p and the
-//      old row, plus the tile's row of the tiles x n count table.
+//   1. `tile_sort` (one 512-thread block per tile): finds the old row of each nonzero (a
+//      block-wide search for the tile's first and last rows, then the row starts inside the tile
+//      marked in shared memory and spread by a max-scan), stable-sorts the tile by column with a
+//      block radix sort (keys only: column in the high bits, tile position in the low bits), and
+//      writes in sorted order (column, rank in its column in the tile), p and the old row, plus the
+//      tile's row of the tiles x n count table.
 //   2. `tile_prefix` (32 columns x 16 warps per block): per column, an exclusive scan of the counts
 //      over tiles, in place, and the column's total; then, per group of 32 columns, the exclusive
 //      scan of the totals inside the group (a warp scan) and the group's total. No block waits on
@@ -43,9 +41,13 @@ namespace rosa::cuda {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int kTileThreads = 512;
+constexpr int kTileItems = 8;  // nonzeros per thread of a tile, blocked (thread t: t*8 .. t*8+7)
+constexpr int kTileBits = 12;
+constexpr int kTile = 1 << kTileBits;
+static_assert(kTile == kTileThreads * kTileItems, "a tile is one block's items");
 constexpr int kRadixBits = 4;  // cub's default: the sort's shared memory fits the static 48 KB
 constexpr int64_t kMaxTiledColumns = 65536;  // <= 2048 groups of 32 columns; column << 12 fits 32 bits
-constexpr int64_t kSmallTilesUpTo = 256 * 1024;  // nonzeros; above, 4096-nonzero tiles
 constexpr int kPrefixWarps = 16;
 constexpr int kMaxGroups = static_cast<int>(kMaxTiledColumns / 32);
 constexpr int kScatterThreads = 256;
@@ -70,58 +72,19 @@ struct MaxOp {
   __device__ __forceinline__ int32_t operator()(int32_t a, int32_t b) const { return a > b ? a : b; }
 };
 
-template <int kItems>
-__device__ __forceinline__ void load_items(const int32_t* source, bool whole, int valid,
-                                           int32_t (&items)[kItems]) {
-  // A thread's items are 16 or 32 contiguous bytes: 16-byte loads when aligned, so a warp's
-  // load touches each sector once.
-  if (whole && reinterpret_cast<uintptr_t>(source) % 16 == 0) {
-#pragma unroll
-    for (int v = 0; v < kItems / 4; ++v) {
-      const int4 four = reinterpret_cast<const int4*>(source)[v];
-      items[4 * v] = four.x, items[4 * v + 1] = four.y, items[4 * v + 2] = four.z, items[4 * v + 3] = four.w;
-    }
-  } else {
-#pragma unroll
-    for (int k = 0; k < kItems; ++k) items[k] = k < valid ? source[k] : 0;
-  }
-}
-
-template <int kItems>
-__device__ __forceinline__ void store_items(int32_t* destination, bool whole, int valid,
-                                            const int32_t (&items)[kItems]) {
-  if (whole) {  // destination is 16-byte aligned (workspace, tile-aligned offsets)
-#pragma unroll
-    for (int v = 0; v < kItems / 4; ++v) {
-      reinterpret_cast<int4*>(destination)[v] =
-          make_int4(items[4 * v], items[4 * v + 1], items[4 * v + 2], items[4 * v + 3]);
-    }
-  } else {
-#pragma unroll
-    for (int k = 0; k < kItems; ++k) {
-      if (k < valid) destination[k] = items[k];
-    }
-  }
+__device__ __forceinline__ void store8(int32_t* destination, const int32_t (&items)[8]) {
+  reinterpret_cast<int4*>(destination)[0] = make_int4(items[0], items[1], items[2], items[3]);
+  reinterpret_cast<int4*>(destination)[1] = make_int4(items[4], items[5], items[6], items[7]);
 }
 
 // ---- tiled path ------------------------------------------------------------------------------
 
-template <int kTileThreads, int kTileItems>
-struct TileShape {
-  static constexpr int kTile = kTileThreads * kTileItems;
-  static constexpr int kBits = kTile == 1024 ? 10 : 12;
-  static_assert(kTile == (1 << kBits), "tiles of 1024 or 4096 nonzeros");
-};
-
-template <int kTileThreads, int kTileItems>
 __global__ void __launch_bounds__(kTileThreads)
     tile_sort_kernel(const int32_t* __restrict__ row_offsets, int64_t m,
                      const int32_t* __restrict__ col_indices, int64_t nnz, int64_t n,
                      int column_bits, int32_t* __restrict__ tile_counts,
                      int32_t* __restrict__ sorted_entries, int32_t* __restrict__ sorted_nonzeros,
                      int32_t* __restrict__ sorted_rows) {
-  using Shape = TileShape<kTileThreads, kTileItems>;
-  constexpr int kTile = Shape::kTile, kTileBits = Shape::kBits;
   using TileSort = cub::BlockRadixSort<uint32_t, kTileThreads, kTileItems, cub::NullType, kRadixBits>;
   using TileScan = cub::BlockScan<int32_t, kTileThreads>;
   __shared__ union {
@@ -134,46 +97,52 @@ __global__ void __launch_bounds__(kTileThreads)
   const int t = threadIdx.x;
   const int64_t p0 = int64_t(blockIdx.x) * kTile;
   const int count = static_cast<int>(std::min<int64_t>(kTile, nnz - p0));
-  const int mine = std::max(0, std::min(kTileItems, count - t * kTileItems));  // my valid items
 
+  // Issued first so that their latency overlaps the row search. A thread's 8 columns are 32
+  // bytes: two 16-byte loads when aligned, so a warp's load touches each sector once.
   int32_t columns_in[kTileItems];
-  load_items(col_indices + p0 + t * kTileItems, mine == kTileItems, mine, columns_in);
+  const int32_t* tile_columns = col_indices + p0 + t * kTileItems;
+  if ((t + 1) * kTileItems <= count && reinterpret_cast<uintptr_t>(col_indices) % 16 == 0) {
+    const int4 low = reinterpret_cast<const int4*>(tile_columns)[0];
+    const int4 high = reinterpret_cast<const int4*>(tile_columns)[1];
+    columns_in[0] = low.x, columns_in[1] = low.y, columns_in[2] = low.z, columns_in[3] = low.w;
+    columns_in[4] = high.x, columns_in[5] = high.y, columns_in[6] = high.z, columns_in[7] = high.w;
+  } else {
+#pragma unroll
+    for (int k = 0; k < kTileItems; ++k) {
+      columns_in[k] = t * kTileItems + k < count ? tile_columns[k] : 0;
+    }
+  }
   uint32_t keys[kTileItems];
 #pragma unroll
   for (int k = 0; k < kTileItems; ++k) {
-    keys[k] = k < mine ? (static_cast<uint32_t>(columns_in[k]) << kTileBits) | (t * kTileItems + k)
-                       : 0xffffffffu;  // sorts after every real key (and is last already)
+    const int position = t * kTileItems + k;
+    keys[k] = position < count ? (static_cast<uint32_t>(columns_in[k]) << kTileBits) | position
+                               : 0xffffffffu;  // sorts after every real key (and is last already)
   }
   int32_t* counts = tile_counts + int64_t(blockIdx.x) * n;
   for (int64_t j = t; j < n; j += kTileThreads) counts[j] = 0;
 
   // The rows of the tile's first and last nonzeros: the last i with row_offsets[i] <= target.
-  // Each round probes kTileThreads evenly spaced offsets and keeps the gap holding the answer
-  // (m <= kTileThreads^2 rows: two rounds instead of a binary search's log2(m) dependent loads).
-  // The first round's loads are issued here and used after the sort.
+  // Each round probes kTileThreads evenly spaced offsets and keeps the gap holding the answer, so
+  // m <= 512^2 rows take two dependent loads instead of a binary search's log2(m).
   const int64_t first_target = p0, last_target = p0 + count - 1;
   int64_t first_low = 0, first_high = m - 1, last_low = 0, last_high = m - 1;
-  int64_t first_stride = (first_high - first_low + kTileThreads) / kTileThreads;
-  int64_t last_stride = (last_high - last_low + kTileThreads) / kTileThreads;
-  int32_t first_value = first_low + t * first_stride <= first_high ? row_offsets[first_low + t * first_stride] : INT_MAX;
-  int32_t last_value = last_low + t * last_stride <= last_high ? row_offsets[last_low + t * last_stride] : INT_MAX;
-
-  TileSort(temp.sort).Sort(keys, kTileBits, kTileBits + column_bits);
-
-  for (;;) {  // uniform over the block
+  while (first_high > first_low || last_high > last_low) {  // uniform over the block
+    const int64_t first_stride = (first_high - first_low + kTileThreads) / kTileThreads;
+    const int64_t last_stride = (last_high - last_low + kTileThreads) / kTileThreads;
+    const int64_t first_probe = first_low + t * first_stride;
+    const int64_t last_probe = last_low + t * last_stride;
+    const bool first_ok = first_probe <= first_high && row_offsets[first_probe] <= first_target;
+    const bool last_ok = last_probe <= last_high && row_offsets[last_probe] <= last_target;
     // row_offsets is non-decreasing, so the passing probes are a prefix and their count says
     // which is the last.
-    const int first_passed = __syncthreads_count(first_value <= first_target);
-    const int last_passed = __syncthreads_count(last_value <= last_target);
+    const int first_passed = __syncthreads_count(first_ok);
+    const int last_passed = __syncthreads_count(last_ok);
     first_low += (first_passed - 1) * first_stride;
     first_high = std::min(first_high, first_low + first_stride - 1);
     last_low += (last_passed - 1) * last_stride;
     last_high = std::min(last_high, last_low + last_stride - 1);
-    if (first_high == first_low && last_high == last_low) break;
-    first_stride = (first_high - first_low + kTileThreads) / kTileThreads;
-    last_stride = (last_high - last_low + kTileThreads) / kTileThreads;
-    first_value = first_low + t * first_stride <= first_high ? row_offsets[first_low + t * first_stride] : INT_MAX;
-    last_value = last_low + t * last_stride <= last_high ? row_offsets[last_low + t * last_stride] : INT_MAX;
   }
   const int32_t first_row = static_cast<int32_t>(first_low), last_row = static_cast<int32_t>(last_low);
 
@@ -199,15 +168,18 @@ __global__ void __launch_bounds__(kTileThreads)
     running_row = max(running_row, rows[k]);
     tile_row[t * kTileItems + k] = running_row;
   }
+  __syncthreads();
 
-  // Sorted position s = t*items + k. A column's run starts where the column differs from the
-  // one before; rank = s - start of its run; the run's last entry writes the tile's count.
+  TileSort(temp.sort).Sort(keys, kTileBits, kTileBits + column_bits);
+
+  // Sorted position s = t*8 + k. A column's run starts where the column differs from the one
+  // before; rank = s - start of its run; the run's last entry writes the tile's count.
   uint32_t columns[kTileItems];
 #pragma unroll
   for (int k = 0; k < kTileItems; ++k) columns[k] = keys[k] >> kTileBits;
   first_column[t] = columns[0];
   last_column[t] = columns[kTileItems - 1];
-  __syncthreads();  // also: tile_row complete, scan storage free
+  __syncthreads();
   int32_t thread_start = 0;
 #pragma unroll
   for (int k = 0; k < kTileItems; ++k) {
@@ -234,11 +206,19 @@ __global__ void __launch_bounds__(kTileThreads)
       counts[columns[k]] = rank + 1;
     }
   }
-  // The sorted tile's items are written where the tile's nonzeros were: positions p0 + s.
+  // Positions p0 + t*8 .. +7 of the workspace arrays (32-byte aligned): two 16-byte stores each.
   const int64_t out = p0 + int64_t(t) * kTileItems;
-  store_items(sorted_entries + out, mine == kTileItems, mine, entries);
-  store_items(sorted_nonzeros + out, mine == kTileItems, mine, nonzeros);
-  store_items(sorted_rows + out, mine == kTileItems, mine, old_rows);
+  if ((t + 1) * kTileItems <= count) {
+    store8(sorted_entries + out, entries);
+    store8(sorted_nonzeros + out, nonzeros);
+    store8(sorted_rows + out, old_rows);
+  } else {
+    for (int k = 0; k < kTileItems && t * kTileItems + k < count; ++k) {
+      sorted_entries[out + k] = entries[k];
+      sorted_nonzeros[out + k] = nonzeros[k];
+      sorted_rows[out + k] = old_rows[k];
+    }
+  }
 }
 
 // tile_counts[b][j] becomes the number of column-j entries in tiles before b. Block: one group of
@@ -365,9 +345,8 @@ int64_t tiles_of(int64_t nnz, int tile_bits) {
 
 TiledLayout tiled_layout(int64_t nnz, int64_t n) {
   TiledLayout layout{};
-  const bool small = nnz <= kSmallTilesUpTo && tiles_of(nnz, 10) * n <= count_table_budget(nnz);
-  layout.tile_bits = small ? 10 : 12;
-  layout.tiles = tiles_of(nnz, layout.tile_bits);
+  layout.tile_bits = kTileBits;
+  layout.tiles = tiles_of(nnz, kTileBits);
   const size_t index_bytes = round_up16(static_cast<size_t>(nnz) * sizeof(int32_t));
   layout.counts = 0;
   layout.in_group = round_up16(static_cast<size_t>(layout.tiles * n) * sizeof(int32_t));
@@ -380,7 +359,7 @@ TiledLayout tiled_layout(int64_t nnz, int64_t n) {
 }
 
 bool use_tiles(int64_t nnz, int64_t n) {
-  return n <= kMaxTiledColumns && tiles_of(nnz, 12) * n <= count_table_budget(nnz);
+  return n <= kMaxTiledColumns && tiles_of(nnz, kTileBits) * n <= count_table_budget(nnz);
 }
 
 // ---- sort path (n too large for the count table) ---------------------------------------------
@@ -463,15 +442,9 @@ void csr_transpose(const T* values, const int32_t* row_offsets, const int32_t* c
     auto* sorted_nonzeros = reinterpret_cast<int32_t*>(base + layout.nonzeros);
     auto* sorted_rows = reinterpret_cast<int32_t*>(base + layout.rows);
     const auto tiles = static_cast<unsigned>(layout.tiles);
-    if (layout.tile_bits == 10) {
-      tile_sort_kernel<256, 4><<<tiles, 256, 0, stream>>>(row_offsets, m, col_indices, nnz, n,
-                                                          key_bits(n), tile_counts, sorted_entries,
-                                                          sorted_nonzeros, sorted_rows);
-    } else {
-      tile_sort_kernel<512, 8><<<tiles, 512, 0, stream>>>(row_offsets, m, col_indices, nnz, n,
-                                                          key_bits(n), tile_counts, sorted_entries,
-                                                          sorted_nonzeros, sorted_rows);
-    }
+    tile_sort_kernel<<<tiles, kTileThreads, 0, stream>>>(row_offsets, m, col_indices, nnz, n,
+                                                         key_bits(n), tile_counts, sorted_entries,
+                                                         sorted_nonzeros, sorted_rows);
     tile_prefix_kernel<<<static_cast<unsigned>((n + 31) / 32), kPrefixWarps * 32, 0, stream>>>(
         tile_counts, layout.tiles, n, column_in_group, group_totals);
     const int64_t scatter_items = std::max(nnz, n + 1);
