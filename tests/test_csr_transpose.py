@@ -6,6 +6,7 @@ import torch
 
 import rosa_kernels
 from reference import DTYPE_IDS, DTYPES, randn, random_csr, scipy64, strided
+from rosa_kernels import CSR, csr_from_mask
 
 SHAPES = [(1, 1), (1, 9), (9, 1), (13, 17), (31, 7), (64, 96), (0, 5), (5, 0), (0, 0)]
 DENSITIES = [0.0, 0.2, 0.7]
@@ -38,6 +39,25 @@ def test_csr_transpose_matches_scipy(m, n, density, dtype, device, gen):
     assert len(result) == 3
     check_transpose(A, result)
 
+
+
+# The CUDA kernel works on tiles of 4096 consecutive nonzeros and falls back to a device-wide sort
+# for n > 65536. These cross many tiles: rows split between tiles, runs of empty rows inside and at
+# the edges of tiles, a full row longer than a tile, a column present in every row, few columns
+# with long output rows, many rows per tile, and (last) the fallback.
+@pytest.mark.parametrize("m,n,density", [(300, 500, 0.1), (97, 4099, 0.05), (5000, 7, 0.6),
+                                         (20_000, 3, 0.1), (800, 1000, 0.5), (40, 70_000, 0.003)])
+def test_csr_transpose_many_tiles(m, n, density, device, gen):
+    mask = torch.rand(m, n, generator=gen) < density
+    mask &= torch.rand(m, 1, generator=gen) >= 0.3
+    mask[:, n // 3] = True
+    mask[m // 2, :] = True
+    structure = csr_from_mask(mask)
+    A = CSR(randn(structure.nnz, gen=gen), structure.row_offsets, structure.row_indices,
+            structure.col_indices, (m, n)).to(device)
+    result = run_transpose(A, return_permutation=True)
+    check_transpose(A, result)
+    assert torch.equal(result[0], A.values[result[3].long()])
 
 @pytest.mark.parametrize("m,n", [(1, 1), (13, 17), (64, 96), (0, 4), (6, 0)])
 def test_csr_transpose_permutation(m, n, device, gen):
