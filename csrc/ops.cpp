@@ -29,7 +29,8 @@ namespace {
 int threads() { return at::get_num_threads(); }
 
 // Index contents are the Python boundary's job, but a direct torch.ops call must not crash the
-// process: on the CPU the memory-safety part of the check is one cheap pass (cpu/structure.h).
+// process: on the CPU the memory-safety part of the check is one cheap pass (cpu/structure.h),
+// raising ValueError like the Python check of the contents.
 // Takes the contiguous int32 index tensors the kernel will read; row_indices may be undefined.
 void check_structure_is_safe(const at::Tensor& row_offsets, const at::Tensor& row_indices,
                              const at::Tensor& col_indices, int64_t m, int64_t n) {
@@ -37,7 +38,7 @@ void check_structure_is_safe(const at::Tensor& row_offsets, const at::Tensor& ro
       row_offsets.data_ptr<int32_t>(),
       row_indices.defined() ? row_indices.data_ptr<int32_t>() : nullptr,
       col_indices.data_ptr<int32_t>(), m, n, col_indices.size(0));
-  ROSA_CHECK(problem.empty(), problem);
+  ROSA_CHECK_VALUE(problem.empty(), problem);
 }
 
 // Which rows of `a` the SDDMM reads (rows with nonzeros), and which rows of `bt` (the columns
@@ -74,17 +75,14 @@ at::Tensor used_rows_contiguous(const at::Tensor& t, const std::vector<uint8_t>&
 at::Tensor spmm_cpu(const at::Tensor& values, const at::Tensor& row_offsets,
                     const at::Tensor& row_indices, const at::Tensor& col_indices,
                     const at::Tensor& dense, int64_t m) {
-  check_values(values);
-  check_csr(values, row_offsets, row_indices, col_indices, m, values.size(0));
-  check_dense(values, dense, "dense", -1);
+  const Csr csr = check_spmm(values, row_offsets, row_indices, col_indices, dense, m);
+  check_structure_is_safe(csr.row_offsets, csr.row_indices, csr.col_indices, m, dense.size(0));
   const auto dense_rows = rows_contiguous(dense);
-  const auto offsets = row_offsets.contiguous(), order = row_indices.contiguous(),
-             cols = col_indices.contiguous(), vals = values.contiguous();
-  check_structure_is_safe(offsets, order, cols, m, dense.size(0));
+  const auto vals = values.contiguous();
   auto out = at::empty({m, dense.size(1)}, dense.options());
   ROSA_DISPATCH_VALUES(values.scalar_type(), "rosa_kernels::spmm", [&] {
-    cpu::spmm<scalar_t>(vals.data_ptr<scalar_t>(), offsets.data_ptr<int32_t>(),
-                        order.data_ptr<int32_t>(), cols.data_ptr<int32_t>(),
+    cpu::spmm<scalar_t>(vals.data_ptr<scalar_t>(), csr.row_offsets.data_ptr<int32_t>(),
+                        csr.row_indices.data_ptr<int32_t>(), csr.col_indices.data_ptr<int32_t>(),
                         dense_rows.data_ptr<scalar_t>(), dense_rows.stride(0),
                         out.data_ptr<scalar_t>(), m, dense.size(0), dense.size(1), threads());
   });
@@ -93,22 +91,16 @@ at::Tensor spmm_cpu(const at::Tensor& values, const at::Tensor& row_offsets,
 
 at::Tensor sddmm_cpu(const at::Tensor& row_offsets, const at::Tensor& row_indices,
                      const at::Tensor& col_indices, const at::Tensor& a, const at::Tensor& bt) {
-  check_dense(a, a, "a", -1);
-  check_dense(a, bt, "bt", -1);
+  const Csr csr = check_sddmm(row_offsets, row_indices, col_indices, a, bt);
   const int64_t m = a.size(0);
-  ROSA_CHECK(bt.size(1) == a.size(1), "bt must have ", a.size(1), " columns (a's), got ",
-              bt.size(1));
-  check_csr(a, row_offsets, row_indices, col_indices, m, col_indices.size(0));
-  const auto offsets = row_offsets.contiguous(), order = row_indices.contiguous(),
-             cols = col_indices.contiguous();
-  check_structure_is_safe(offsets, order, cols, m, bt.size(0));
-  const auto a_rows = used_rows_contiguous(a, row_mask_of_rows(offsets, m));
-  const auto bt_rows = used_rows_contiguous(bt, row_mask_of_columns(cols, bt.size(0)));
-  auto out = at::empty({col_indices.size(0)}, a.options());
+  check_structure_is_safe(csr.row_offsets, csr.row_indices, csr.col_indices, m, bt.size(0));
+  const auto a_rows = used_rows_contiguous(a, row_mask_of_rows(csr.row_offsets, m));
+  const auto bt_rows = used_rows_contiguous(bt, row_mask_of_columns(csr.col_indices, bt.size(0)));
+  auto out = at::empty({csr.col_indices.size(0)}, a.options());
   ROSA_DISPATCH_VALUES(a.scalar_type(), "rosa_kernels::sddmm", [&] {
-    cpu::sddmm<scalar_t>(offsets.data_ptr<int32_t>(), order.data_ptr<int32_t>(),
-                         cols.data_ptr<int32_t>(), a_rows.data_ptr<scalar_t>(), a_rows.stride(0),
-                         bt_rows.data_ptr<scalar_t>(), bt_rows.stride(0),
+    cpu::sddmm<scalar_t>(csr.row_offsets.data_ptr<int32_t>(), csr.row_indices.data_ptr<int32_t>(),
+                         csr.col_indices.data_ptr<int32_t>(), a_rows.data_ptr<scalar_t>(),
+                         a_rows.stride(0), bt_rows.data_ptr<scalar_t>(), bt_rows.stride(0),
                          out.data_ptr<scalar_t>(), m, bt.size(0), a.size(1), threads());
   });
   return out;
@@ -117,52 +109,53 @@ at::Tensor sddmm_cpu(const at::Tensor& row_offsets, const at::Tensor& row_indice
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> csr_transpose_cpu(
     const at::Tensor& values, const at::Tensor& row_offsets, const at::Tensor& col_indices,
     int64_t m, int64_t n) {
-  check_values(values);
-  check_csr(values, row_offsets, at::Tensor(), col_indices, m, values.size(0));
-  ROSA_CHECK(n >= 0 && n < (int64_t(1) << 31) - 1, "n must be in [0, 2^31 - 1), got ", n);
+  const Csr csr = check_csr_transpose(values, row_offsets, col_indices, m, n);
+  check_structure_is_safe(csr.row_offsets, at::Tensor(), csr.col_indices, m, n);
   const int64_t nnz = values.size(0);
-  const auto offsets = row_offsets.contiguous(), cols = col_indices.contiguous(),
-             vals = values.contiguous();
-  check_structure_is_safe(offsets, at::Tensor(), cols, m, n);
+  const auto vals = values.contiguous();
+  const auto index_options = values.options().dtype(at::kInt);
   auto values_t = at::empty({nnz}, values.options());
-  auto row_offsets_t = at::empty({n + 1}, row_offsets.options());
-  auto col_indices_t = at::empty({nnz}, col_indices.options());
-  auto permutation = at::empty({nnz}, col_indices.options());
+  auto row_offsets_t = at::empty({n + 1}, index_options);
+  auto col_indices_t = at::empty({nnz}, index_options);
+  auto permutation = at::empty({nnz}, index_options);
   ROSA_DISPATCH_VALUES(values.scalar_type(), "rosa_kernels::csr_transpose", [&] {
-    cpu::csr_transpose<scalar_t>(vals.data_ptr<scalar_t>(), offsets.data_ptr<int32_t>(),
-                                 cols.data_ptr<int32_t>(), m, n, values_t.data_ptr<scalar_t>(),
-                                 row_offsets_t.data_ptr<int32_t>(),
+    cpu::csr_transpose<scalar_t>(vals.data_ptr<scalar_t>(), csr.row_offsets.data_ptr<int32_t>(),
+                                 csr.col_indices.data_ptr<int32_t>(), m, n,
+                                 values_t.data_ptr<scalar_t>(), row_offsets_t.data_ptr<int32_t>(),
                                  col_indices_t.data_ptr<int32_t>(),
                                  permutation.data_ptr<int32_t>());
   });
   return {values_t, row_offsets_t, col_indices_t, permutation};
 }
 
+// dense += A for a dense whose rows are contiguous; `csr` holds the checked int32 indices.
+void csr_add_into(const at::Tensor& values, const Csr& csr, const at::Tensor& dense) {
+  check_structure_is_safe(csr.row_offsets, csr.row_indices, csr.col_indices, dense.size(0),
+                          dense.size(1));
+  const auto vals = values.contiguous();
+  ROSA_DISPATCH_VALUES(values.scalar_type(), "rosa_kernels::csr_add", [&] {
+    cpu::csr_add<scalar_t>(vals.data_ptr<scalar_t>(), csr.row_offsets.data_ptr<int32_t>(),
+                           csr.col_indices.data_ptr<int32_t>(), dense.data_ptr<scalar_t>(),
+                           dense.stride(0), dense.size(0), threads());
+  });
+}
+
 void csr_add_inplace_cpu(const at::Tensor& values, const at::Tensor& row_offsets,
                          const at::Tensor& row_indices, const at::Tensor& col_indices,
                          const at::Tensor& dense) {
-  check_values(values);
-  check_dense(values, dense, "dense", -1);
-  check_csr(values, row_offsets, row_indices, col_indices, dense.size(0), values.size(0));
-  ROSA_CHECK(dense.stride(1) == 1 || dense.size(1) <= 1,
-              "dense must have contiguous rows for an in-place csr_add");
-  const auto offsets = row_offsets.contiguous(), cols = col_indices.contiguous(),
-             vals = values.contiguous();
-  check_structure_is_safe(offsets, row_indices.contiguous(), cols, dense.size(0), dense.size(1));
-  ROSA_DISPATCH_VALUES(values.scalar_type(), "rosa_kernels::csr_add_", [&] {
-    cpu::csr_add<scalar_t>(vals.data_ptr<scalar_t>(), offsets.data_ptr<int32_t>(),
-                           cols.data_ptr<int32_t>(), dense.data_ptr<scalar_t>(), dense.stride(0),
-                           dense.size(0), threads());
-  });
+  const Csr csr = check_csr_add(values, row_offsets, row_indices, col_indices, dense);
+  ROSA_CHECK_VALUE(dense.stride(1) == 1 || dense.size(1) <= 1,
+                   "dense must have contiguous rows for an in-place csr_add, got strides (",
+                   dense.stride(0), ", ", dense.stride(1), ")");
+  csr_add_into(values, csr, dense);
 }
 
 at::Tensor csr_add_cpu(const at::Tensor& values, const at::Tensor& row_offsets,
                        const at::Tensor& row_indices, const at::Tensor& col_indices,
                        const at::Tensor& dense) {
-  check_values(values);
-  check_dense(values, dense, "dense", -1);
+  const Csr csr = check_csr_add(values, row_offsets, row_indices, col_indices, dense);
   auto out = dense.clone(at::MemoryFormat::Contiguous);
-  csr_add_inplace_cpu(values, row_offsets, row_indices, col_indices, out);
+  csr_add_into(values, csr, out);
   return out;
 }
 

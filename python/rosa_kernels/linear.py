@@ -64,6 +64,10 @@ DENSE_GRAD_DENSITY = 0.004
 # ----------------------------------------------------------------------------------------------
 # The whole layer as one autograd function: the input is saved once, the dropout keep-mask (if
 # any) as bool, and the small T x rank product h = drop(X) A^T so that dB needs no recompute.
+# A step on a GPU is launch-bound up to ~2048 tokens at 4096 x 4096, so every pass counts: the
+# LoRA product accumulates into the base GEMM's output (addmm_), scales ride on GEMMs' alpha, the
+# dropout is one native_dropout (mask and scaled input in one pass), and nothing is cast or copied.
+# Merged mode, dropout > 0: 4 ops forward (linear, native_dropout, mm, addmm_), 8 backward.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -72,43 +76,55 @@ class _RosaFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_A, lora_B, values, row_offsets, row_indices, col_indices,
                 row_offsets_t, row_indices_t, col_indices_t, permutation, flat_indices, pending,
                 scale, dropout, mode, dense_grad):
-        in_features = x.shape[-1]
-        out_features = weight.shape[0]
+        out_features, in_features = weight.shape
         x2d = x.reshape(-1, in_features)
         # mode: "nomask" (LoRA only), "merged" (the weight already holds W + S), "csr_add", "spmm".
-        # The mask was validated when it was set: the raw ops skip the public wrappers' checks,
-        # whose host time would show in every step of a launch-bound layer.
+        # The mask was validated when it was set: the raw ops skip the public wrappers' checks.
         if mode == "csr_add":
             y = F.linear(x2d, _ops.csr_add(values, row_offsets, row_indices, col_indices, weight), bias)
         else:
             y = F.linear(x2d, weight, bias)
         if mode == "spmm":
             # X S^T = (S X^T)^T
-            y = y + _ops.spmm(values, row_offsets, row_indices, col_indices, x2d.t(), out_features).t()
-        # h = (X ∘ keep) A^T without the dropout's 1 / (1 - p): that factor rides on the LoRA scale.
+            y.add_(_ops.spmm(values, row_offsets, row_indices, col_indices, x2d.t(), out_features).t())
+        # h = drop(X) A^T = ((X ∘ keep) / (1 - p)) A^T; Y += scale * h B^T in the same GEMM.
         if dropout > 0.0:
-            keep = torch.empty_like(x2d).bernoulli_(1.0 - dropout)
-            h = torch.mm(x2d * keep, lora_A.t())
-            keep = keep.bool()
+            x_dropped, keep = torch.native_dropout(x2d, dropout, True)
+            h = torch.mm(x_dropped, lora_A.t())
         else:
             keep = None
             h = torch.mm(x2d, lora_A.t())
-        lora_scale = scale / (1.0 - dropout)
-        y = torch.addmm(y, h, lora_B.t(), alpha=lora_scale)
-        ctx.save_for_backward(x2d, keep, h, weight, lora_A, lora_B, values, row_offsets, row_indices, col_indices,
-                              row_offsets_t, row_indices_t, col_indices_t, permutation, flat_indices)
+        y.addmm_(h, lora_B.t(), alpha=scale)
+        # Only what this mode's backward reads: each saved tensor costs host time to unpack.
+        if mode == "merged":
+            sparse = (flat_indices,) if dense_grad else (row_offsets, row_indices, col_indices)
+        elif mode == "nomask":
+            sparse = (values,)
+        else:
+            sparse = (values, row_offsets, row_indices, col_indices, row_offsets_t, row_indices_t, col_indices_t,
+                      permutation, flat_indices)
+        ctx.save_for_backward(x2d, keep, h, weight, lora_A, lora_B, *sparse)
         # Not saved for backward: every backward of the step adds into it in place, which would
         # trip the saved-tensor version check of the other forwards of the same step.
         ctx.pending = pending
-        ctx.lora_scale, ctx.mode, ctx.dense_grad = lora_scale, mode, dense_grad
+        # dB = scale * dY^T h; dA and the LoRA part of dX see X ∘ keep, whose 1 / (1 - p) rides here.
+        ctx.scale, ctx.kept_scale = scale, scale / (1.0 - dropout)
+        ctx.mode, ctx.dense_grad = mode, dense_grad
         ctx.x_shape = x.shape
-        return y.reshape(*x.shape[:-1], out_features)
+        return y.view(*x.shape[:-1], out_features)
 
     @staticmethod
     def backward(ctx, dy):
-        (x2d, keep, h, weight, lora_A, lora_B, values, row_offsets, row_indices, col_indices,
-         row_offsets_t, row_indices_t, col_indices_t, permutation, flat_indices) = ctx.saved_tensors
-        lora_scale, mode = ctx.lora_scale, ctx.mode
+        x2d, keep, h, weight, lora_A, lora_B, *sparse = ctx.saved_tensors
+        kept_scale, mode = ctx.kept_scale, ctx.mode
+        if mode == "merged":
+            row_offsets, row_indices, col_indices = (None,) * 3 if ctx.dense_grad else sparse
+            flat_indices = sparse[0] if ctx.dense_grad else None
+        elif mode == "nomask":
+            (values,) = sparse
+        else:
+            (values, row_offsets, row_indices, col_indices, row_offsets_t, row_indices_t, col_indices_t,
+             permutation, flat_indices) = sparse
         in_features = x2d.shape[1]
         dy2d = dy.reshape(-1, weight.shape[0])
         dx = d_lora_A = d_lora_B = d_values = None
@@ -121,19 +137,20 @@ class _RosaFunction(torch.autograd.Function):
                 dx = torch.mm(dy2d, weight)
             if mode == "spmm":
                 # dY S = (S^T dY^T)^T with the cached transpose; values_t = values[permutation].
-                values_t = values[permutation.long()]
-                dx = dx + _ops.spmm(values_t, row_offsets_t, row_indices_t, col_indices_t, dy2d.t(), in_features).t()
+                values_t = values.index_select(0, permutation)
+                dx.add_(_ops.spmm(values_t, row_offsets_t, row_indices_t, col_indices_t, dy2d.t(), in_features).t())
             if keep is None:
-                dx = torch.addmm(dx, g, lora_A, alpha=lora_scale)
+                dx.addmm_(g, lora_A, alpha=kept_scale)
             else:
-                dx = dx.add_(torch.mm(g, lora_A).mul_(keep), alpha=lora_scale)
-            dx = dx.reshape(ctx.x_shape)
+                dx.addcmul_(torch.mm(g, lora_A), keep, value=kept_scale)
+            dx = dx.view(ctx.x_shape)
+        # dA = scale / (1 - p) * (dY B)^T (X ∘ keep), dB = scale * dY^T h. With beta=0 addmm ignores
+        # its first operand (only its shape is used, NaNs included) and the scale is the GEMM's alpha.
         if ctx.needs_input_grad[3]:
-            # dA = scale / (1 - p) * (dY B)^T (X ∘ keep)
             x_kept = x2d if keep is None else x2d * keep
-            d_lora_A = torch.mm(g.t(), x_kept).mul_(lora_scale)
+            d_lora_A = torch.addmm(lora_A, g.t(), x_kept, beta=0, alpha=kept_scale)
         if ctx.needs_input_grad[4]:
-            d_lora_B = torch.mm(dy2d.t(), h).mul_(lora_scale)  # dB = scale / (1 - p) * dY^T h
+            d_lora_B = torch.addmm(lora_B, dy2d.t(), h, beta=0, alpha=ctx.scale)
         if ctx.needs_input_grad[5]:
             if mode == "nomask":
                 d_values = torch.zeros_like(values)
@@ -325,22 +342,27 @@ class RosaLinear(nn.Module):
             x, weight, lora_A, lora_B, values = (t.to(dtype) for t in (x, weight, lora_A, lora_B, values))
             bias = bias.to(dtype) if bias is not None else None
             with torch.autocast(device_type, enabled=False):
-                return self._apply_function(x, weight, bias, lora_A, lora_B, values, collecting, mode)
-        return self._apply_function(x, weight, bias, lora_A, lora_B, values, collecting, mode)
+                return self._apply_function(x, weight, bias, lora_A, lora_B, values, collecting, mode, device_type)
+        return self._apply_function(x, weight, bias, lora_A, lora_B, values, collecting, mode, device_type)
 
-    def _apply_function(self, x, weight, bias, lora_A, lora_B, values, collecting, mode):
+    def _apply_function(self, x, weight, bias, lora_A, lora_B, values, collecting, mode, device_type):
+        buffers = self._buffers  # a dict lookup each, instead of nn.Module.__getattr__'s slower path
         return _RosaFunction.apply(
             x, weight, bias, lora_A, lora_B, values,
-            self.row_offsets, self.row_indices, self.col_indices,
-            self.row_offsets_t, self.row_indices_t, self.col_indices_t, self.permutation, self.flat_indices,
+            buffers["row_offsets"], buffers["row_indices"], buffers["col_indices"],
+            buffers["row_offsets_t"], buffers["row_indices_t"], buffers["col_indices_t"], buffers["permutation"],
+            buffers["flat_indices"],
             self._pending if collecting else None,
-            self.scale, self.dropout if self.training else 0.0, mode, self._dense_grad(x),
+            self.scale, self.dropout if self.training else 0.0, mode, self._dense_grad_on(device_type),
         )
 
     def _dense_grad(self, x) -> bool:
         """Whether dS goes through the dense GEMM (``sparse_grad``, decided from shapes, no sync)."""
+        return self._dense_grad_on(x.device.type)
+
+    def _dense_grad_on(self, device_type: str) -> bool:
         if self.sparse_grad == "auto":
-            return x.device.type == "cuda" and self.density >= DENSE_GRAD_DENSITY
+            return device_type == "cuda" and self.density >= DENSE_GRAD_DENSITY
         return self.sparse_grad == "dense"
 
     # ------------------------------------------------------------------------------------------
