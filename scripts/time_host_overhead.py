@@ -54,7 +54,8 @@ def median_us(fn, device, *, reps=2000, budget=1.5, warmup=20):
     if device.type == "cuda":
         torch.cuda.synchronize()
     per_call = max((clock() - start) / 10, 1e-7)
-    batch = max(1, int(0.002 / per_call))
+    # On a GPU one synchronization per 10+ calls, so the host can run ahead as in training.
+    batch = max(10 if device.type == "cuda" else 1, int(0.002 / per_call))
     batches = max(5, min(reps // batch, int(budget / (per_call * batch))))
     samples = []
     for _ in range(batches):
@@ -76,7 +77,7 @@ def random_structure(m, n, density, device, seed=0):
     return csr.to(device)
 
 
-def op_lines(device, size=64, tokens=16, density=0.05):
+def op_lines(device, size=64, tokens=16, density=0.05, budget=1.5):
     m = n = size
     csr = random_structure(m, n, density, device)
     values, offsets, order, cols = csr.values, csr.row_offsets, csr.row_indices, csr.col_indices
@@ -107,18 +108,18 @@ def op_lines(device, size=64, tokens=16, density=0.05):
     results = {}
     for name, (public, raw) in calls.items():
         row = {
-            "validate=False": median_us(lambda: public(False), device),
-            "validate=True": median_us(lambda: public(True), device),
-            "raw op": median_us(raw, device),
+            "validate=False": median_us(lambda: public(False), device, budget=budget),
+            "validate=True": median_us(lambda: public(True), device, budget=budget),
+            "raw op": median_us(raw, device, budget=budget),
         }
 
         def raw_below_autograd():
             with below():
                 raw()
 
-        row["raw, below autograd"] = median_us(raw_below_autograd, device)
+        row["raw, below autograd"] = median_us(raw_below_autograd, device, budget=budget)
         results[name] = row
-    results["torch.mm"] = {"raw op": median_us(lambda: torch.mm(a, bt.t()), device)}
+    results["torch.mm"] = {"raw op": median_us(lambda: torch.mm(a, bt.t()), device, budget=budget)}
     return results
 
 
@@ -138,17 +139,31 @@ class _CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def make_layers(size, tokens, density, device, dtype):
+def load_linear_module(path):
+    """Another version of linear.py (an older commit's), loaded into this build's package."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("rosa_kernels._linear_compared", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_layers(size, tokens, density, device, dtype, compare_linear=None):
     torch.manual_seed(0)
     layers = {}
-    for mode in ("merged", "csr_add", "spmm"):
-        layer = rosa_kernels.RosaLinear(size, size, bias=False, rank=16, density=density, alpha=16.0, dropout=0.05,
-                                        sparse_mode=mode, device=device, dtype=dtype)
-        layer.set_mask(random_structure(size, size, density, device, seed=2))
-        with torch.no_grad():
-            layer.sparse_values.normal_()
-            layer.lora_B.normal_()
-        layers[f"RosaLinear {mode}"] = layer
+    classes = [("", rosa_kernels.RosaLinear)]
+    if compare_linear is not None:
+        classes.append((" (compared)", compare_linear.RosaLinear))
+    for suffix, cls in classes:
+        for mode in ("merged", "csr_add", "spmm"):
+            layer = cls(size, size, bias=False, rank=16, density=density, alpha=16.0, dropout=0.05,
+                        sparse_mode=mode, device=device, dtype=dtype)
+            layer.set_mask(random_structure(size, size, density, device, seed=2))
+            with torch.no_grad():
+                layer.sparse_values.normal_()
+                layer.lora_B.normal_()
+            layers[f"RosaLinear {mode}{suffix}"] = layer
     layers["LoraLinear"] = LoraLinear(size, size, rank=16, dropout=0.05, device=device, dtype=dtype)
     layers["nn.Linear (full)"] = torch.nn.Linear(size, size, bias=False, device=device, dtype=dtype)
     for layer in layers.values():
@@ -168,27 +183,35 @@ def step_of(layer, x, grad_y):
     return step
 
 
-def layer_lines(device, size, tokens, density, dtype=torch.float32):
+def layer_lines(device, size, tokens, density, dtype=torch.float32, compare_linear=None, budget=2.0):
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(tokens, size, generator=gen).to(device=device, dtype=dtype).requires_grad_()
     grad_y = torch.randn(tokens, size, generator=gen).to(device=device, dtype=dtype)
     results = {}
-    for name, layer in make_layers(size, tokens, density, device, dtype).items():
+    for name, layer in make_layers(size, tokens, density, device, dtype, compare_linear).items():
         step = step_of(layer, x, grad_y)
         step()
         counter = _CountOps()
         with counter:
             step()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
             step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         # Ops called from Python or from an autograd node, not from inside another op.
         is_op = lambda e: e is not None and e.name.startswith(("aten::", "rosa_kernels::"))  # noqa: E731
         top_level = [e for e in prof.events() if is_op(e) and not is_op(e.cpu_parent)]
         results[name] = {
-            "us": median_us(step, device, reps=500, budget=2.0),
+            "us": median_us(step, device, reps=500, budget=budget),
             "compute ops": len(counter.compute),
             "metadata ops": len(counter.metadata),
             "profiler top-level ops": len(top_level),
+            "CUDA kernels": len(kernels) if device.type == "cuda" else None,
+            "kernel names": sorted({e.name[:60] for e in kernels}),
             "ops": counter.compute,
         }
     return results
@@ -199,14 +222,16 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-ops", action="store_true")
+    parser.add_argument("--budget", type=float, default=1.5, help="seconds per timed line (at most)")
     parser.add_argument("--show-ops", action="store_true", help="list the compute ops of each step")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--compare-linear", help="also time the RosaLinear of this linear.py (e.g. an older commit's)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     out = {"torch": torch.__version__, "device": str(device), "threads": args.threads}
     if not args.skip_ops:
-        out["ops"] = op_lines(device)
+        out["ops"] = op_lines(device, budget=args.budget)
         print(f"## public ops, 64 x 64, density 5%, 16 columns ({device}, {args.threads} thread): median us per call")
         print("| op | validate=False | validate=True | raw op | raw, below autograd |")
         print("|---|---|---|---|---|")
@@ -216,22 +241,25 @@ def main():
             print(f"| {name} | " + " | ".join(cells) + " |")
     shapes = [(64, 16, 0.05), (256, 128, 0.01)]
     if device.type == "cuda":
-        shapes.append((4096, 2048, 0.003))
+        shapes += [(4096, 2048, 0.003), (4096, 8192, 0.003)]
+    compare_linear = load_linear_module(args.compare_linear) if args.compare_linear else None
     out["layers"] = {}
     for size, tokens, density in shapes:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         key = f"{size}x{size}, {tokens} tokens, d={density}, {str(dtype).split('.')[-1]}"
-        rows = layer_lines(device, size, tokens, density, dtype)
+        rows = layer_lines(device, size, tokens, density, dtype, compare_linear, budget=args.budget)
         out["layers"][key] = rows
         print(f"\n## layer step (fwd + bwd), {key}: median us per step")
-        print("| layer | us | compute ops | metadata ops | profiler top-level ops |")
-        print("|---|---|---|---|---|")
+        print("| layer | us | compute ops | metadata ops | profiler top-level ops | CUDA kernels |")
+        print("|---|---|---|---|---|---|")
         for name, row in rows.items():
             print(f"| {name} | {row['us']:.1f} | {row['compute ops']} | {row['metadata ops']} | "
-                  f"{row['profiler top-level ops']} |")
+                  f"{row['profiler top-level ops']} | {row['CUDA kernels'] if row['CUDA kernels'] is not None else ''} |")
         if args.show_ops:
             for name, row in rows.items():
                 print(f"{name}: {' '.join(row['ops'])}")
+                if row["kernel names"]:
+                    print(f"  kernels: {' | '.join(row['kernel names'])}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
