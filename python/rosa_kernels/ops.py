@@ -12,7 +12,8 @@ project can swap ``import spops`` for ``import rosa_kernels as spops``. Every fu
   :func:`rosa_kernels.validate_csr`); invalid indices are then undefined behaviour.
 
 The ops themselves are ``torch.ops.rosa_kernels.{spmm, sddmm, csr_transpose, csr_add, csr_add_}``:
-``torch.compile`` traces them and ``torch.library.opcheck`` passes on them.
+``torch.compile`` traces them and ``torch.library.opcheck`` passes on them. Their autograd is
+registered in C++ (``csrc/ops.cpp``); this module registers their fake kernels.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from . import _C  # noqa: F401  (loading the extension registers the ops)
-from .csr import INDEX_DTYPES, _validate_csr, check_size, check_tensor, row_order
+from .csr import INDEX_DTYPES, _validate_csr, check_size, check_tensor
 
 __all__ = ["spmm", "sddmm", "csr_transpose", "csr_add"]
 
@@ -77,98 +78,6 @@ def _csr_add_inplace_fake(values, row_offsets, row_indices, col_indices, dense):
     _check_devices("values", values, dense=dense, row_offsets=row_offsets, row_indices=row_indices,
                    col_indices=col_indices)
     return None
-
-
-# ----------------------------------------------------------------------------------------------
-# Autograd. Gradients flow to the floating operands; index tensors and sizes get none.
-# ----------------------------------------------------------------------------------------------
-
-
-def _transposed_structure(values, row_offsets, col_indices, m, n):
-    """(values_t, row_offsets_t, row_indices_t, col_indices_t, permutation) of an m x n CSR."""
-    values_t, row_offsets_t, col_indices_t, permutation = _ops.csr_transpose(values, row_offsets, col_indices, m, n)
-    return values_t, row_offsets_t, row_order(row_offsets_t), col_indices_t, permutation
-
-
-def _spmm_setup(ctx, inputs, output):
-    values, row_offsets, row_indices, col_indices, dense, m = inputs
-    ctx.m = m
-    ctx.save_for_backward(values, row_offsets, row_indices, col_indices, dense)
-
-
-def _spmm_backward(ctx, grad):
-    values, row_offsets, row_indices, col_indices, dense = ctx.saved_tensors
-    grad = grad.contiguous()
-    grad_values = grad_dense = None
-    if ctx.needs_input_grad[0]:
-        # d values[p] = <grad[i, :], dense[j, :]>: an SDDMM at the nonzeros.
-        grad_values = _ops.sddmm(row_offsets, row_indices, col_indices, grad, dense)
-    if ctx.needs_input_grad[4]:
-        # d dense = A^T @ grad.
-        values_t, offsets_t, order_t, cols_t, _ = _transposed_structure(
-            values, row_offsets, col_indices, ctx.m, dense.shape[0]
-        )
-        grad_dense = _ops.spmm(values_t, offsets_t, order_t, cols_t, grad, dense.shape[0])
-    return grad_values, None, None, None, grad_dense, None
-
-
-def _sddmm_setup(ctx, inputs, output):
-    row_offsets, row_indices, col_indices, a, bt = inputs
-    ctx.save_for_backward(row_offsets, row_indices, col_indices, a, bt)
-
-
-def _sddmm_backward(ctx, grad):
-    row_offsets, row_indices, col_indices, a, bt = ctx.saved_tensors
-    grad = grad.contiguous()
-    grad_a = grad_bt = None
-    m, n = a.shape[0], bt.shape[0]
-    if ctx.needs_input_grad[3]:
-        # d a = G @ bt with G the CSR matrix of the incoming gradient.
-        grad_a = _ops.spmm(grad, row_offsets, row_indices, col_indices, bt, m)
-    if ctx.needs_input_grad[4]:
-        # d bt = G^T @ a.
-        grad_t, offsets_t, order_t, cols_t, _ = _transposed_structure(grad, row_offsets, col_indices, m, n)
-        grad_bt = _ops.spmm(grad_t, offsets_t, order_t, cols_t, a, n)
-    return None, None, None, grad_a, grad_bt
-
-
-def _csr_transpose_setup(ctx, inputs, output):
-    ctx.save_for_backward(output[3])
-
-
-def _csr_transpose_backward(ctx, grad_values_t, grad_offsets, grad_cols, grad_permutation):
-    (permutation,) = ctx.saved_tensors
-    if grad_values_t is None or not ctx.needs_input_grad[0]:
-        return None, None, None, None, None
-    # values_t = values[permutation], and permutation is a bijection: scatter the gradient back.
-    grad_values = torch.empty_like(grad_values_t).index_copy_(0, permutation.long(), grad_values_t)
-    return grad_values, None, None, None, None
-
-
-def _csr_add_setup(ctx, inputs, output):
-    values, row_offsets, row_indices, col_indices, dense = inputs
-    ctx.nnz = values.shape[0]
-    ctx.save_for_backward(row_offsets, col_indices)
-
-
-def _csr_add_backward(ctx, grad):
-    row_offsets, col_indices = ctx.saved_tensors
-    grad_values = None
-    if ctx.needs_input_grad[0]:
-        m = row_offsets.shape[0] - 1
-        counts = (row_offsets[1:] - row_offsets[:-1]).long()
-        rows = torch.repeat_interleave(torch.arange(m, device=grad.device), counts, output_size=ctx.nnz)
-        grad_values = grad[rows, col_indices.long()]
-    grad_dense = grad if ctx.needs_input_grad[4] else None
-    return grad_values, None, None, None, grad_dense
-
-
-torch.library.register_autograd("rosa_kernels::spmm", _spmm_backward, setup_context=_spmm_setup)
-torch.library.register_autograd("rosa_kernels::sddmm", _sddmm_backward, setup_context=_sddmm_setup)
-torch.library.register_autograd(
-    "rosa_kernels::csr_transpose", _csr_transpose_backward, setup_context=_csr_transpose_setup
-)
-torch.library.register_autograd("rosa_kernels::csr_add", _csr_add_backward, setup_context=_csr_add_setup)
 
 
 # ----------------------------------------------------------------------------------------------
