@@ -223,6 +223,8 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-ops", action="store_true")
     parser.add_argument("--budget", type=float, default=1.5, help="seconds per timed line (at most)")
+    parser.add_argument("--shape", action="append", help="SIZE,TOKENS,DENSITY of a layer step (repeatable); "
+                        "default 64,16,0.05 and 256,128,0.01, plus 4096,2048,0.003 and 4096,8192,0.003 on a GPU")
     parser.add_argument("--show-ops", action="store_true", help="list the compute ops of each step")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--compare-linear", help="also time the RosaLinear of this linear.py (e.g. an older commit's)")
@@ -242,6 +244,9 @@ def main():
     shapes = [(64, 16, 0.05), (256, 128, 0.01)]
     if device.type == "cuda":
         shapes += [(4096, 2048, 0.003), (4096, 8192, 0.003)]
+    if args.shape:
+        shapes = [(int(size), int(tokens), float(density)) for size, tokens, density in
+                  (shape.split(",") for shape in args.shape)]
     compare_linear = load_linear_module(args.compare_linear) if args.compare_linear else None
     out["layers"] = {}
     for size, tokens, density in shapes:
