@@ -21,26 +21,25 @@
 namespace rosa {
 
 DropoutKey check_dropout_key(const at::Tensor& seed, double p) {
-  ROSA_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1,
-             "seed must be a one-element int64 tensor, got ", seed.scalar_type(), " with ", seed.numel(),
-             " elements");
-  ROSA_CHECK(seed.device().is_cpu(), "seed must be a CPU tensor (read on the host), got ", seed.device());
-  ROSA_CHECK(p >= 0.0 && p < 1.0, "p must lie in [0, 1)");
+  check_defined(seed, "seed");
+  ROSA_CHECK_TYPE(seed.scalar_type() == at::kLong && seed.numel() == 1,
+                  "seed must be a one-element int64 tensor, got ", dtype_name(seed.scalar_type()), " with ",
+                  seed.numel(), " elements");
+  ROSA_CHECK_VALUE(seed.device().is_cpu(), "seed must be a CPU tensor (read on the host), got ", seed.device());
+  ROSA_CHECK_VALUE(p >= 0.0 && p < 1.0, "p must lie in [0, 1)");
   return dropout_key(seed.item<int64_t>(), p);
 }
 
 void check_lora_operands(const at::Tensor& x, const char* x_name, const at::Tensor& other, const char* other_name,
                          int64_t other_columns_dim, int64_t other_columns) {
-  check_value_dtype(x, x_name);
-  ROSA_CHECK(x.dim() == 2, x_name, " must be 2-D, got ", x.dim(), " dimensions");
-  ROSA_CHECK(other.dim() == 2, other_name, " must be 2-D, got ", other.dim(), " dimensions");
-  ROSA_CHECK(other.scalar_type() == x.scalar_type(), other_name, " must have dtype ", x.scalar_type(), ", got ",
-             other.scalar_type());
-  check_same_device(x, other, other_name);
-  ROSA_CHECK(other.size(other_columns_dim) == other_columns, other_name, " must have size ", other_columns,
-             " in dimension ", other_columns_dim, ", got ", other.sizes());
-  ROSA_CHECK(x.size(0) < (int64_t(1) << 31) && x.size(1) < (int64_t(1) << 31) && other.size(0) < (int64_t(1) << 31),
-             "lora dropout sizes must be below 2^31");
+  check_floating(x, x_name, 2);
+  check_floating(other, other_name, 2);
+  check_same_dtype(x, x_name, other, other_name);
+  check_same_device(x, x_name, other, other_name);
+  ROSA_CHECK_VALUE(other.size(other_columns_dim) == other_columns, other_name, " must have size ", other_columns,
+                   " in dimension ", other_columns_dim, ", got shape ", shape_of(other));
+  ROSA_CHECK_VALUE(x.size(0) < kInt32Max && x.size(1) < kInt32Max && other.size(0) < kInt32Max,
+                   "lora dropout sizes must be below 2^31 - 1");
 }
 
 namespace {
@@ -82,8 +81,9 @@ void lora_dropout_grad_x_cpu(const at::Tensor& dx, const at::Tensor& g, const at
                              const at::Tensor& seed, double p, double alpha) {
   check_lora_operands(dx, "dx", lora_A, "lora_A", 1, dx.size(1));
   check_lora_operands(dx, "dx", g, "g", 0, dx.size(0));
-  ROSA_CHECK(g.size(1) == lora_A.size(0), "g must have ", lora_A.size(0), " columns (the rank), got ", g.size(1));
-  ROSA_CHECK(dx.stride(1) == 1 || dx.size(1) <= 1, "dx must have unit column stride");
+  ROSA_CHECK_VALUE(g.size(1) == lora_A.size(0), "g must have ", lora_A.size(0), " columns (the rank), got ",
+                   g.size(1));
+  ROSA_CHECK_VALUE(dx.stride(1) == 1 || dx.size(1) <= 1, "dx must have unit column stride");
   const DropoutKey key = check_dropout_key(seed, p);
   const auto g_c = g.contiguous();
   const auto a = lora_A.contiguous();

@@ -79,8 +79,9 @@ void lora_dropout_grad_x_cuda(const at::Tensor& dx, const at::Tensor& g, const a
                               const at::Tensor& seed, double p, double alpha) {
   check_lora_operands(dx, "dx", lora_A, "lora_A", 1, dx.size(1));
   check_lora_operands(dx, "dx", g, "g", 0, dx.size(0));
-  ROSA_CHECK(g.size(1) == lora_A.size(0), "g must have ", lora_A.size(0), " columns (the rank), got ", g.size(1));
-  ROSA_CHECK(dx.stride(1) == 1 || dx.size(1) <= 1, "dx must have unit column stride");
+  ROSA_CHECK_VALUE(g.size(1) == lora_A.size(0), "g must have ", lora_A.size(0), " columns (the rank), got ",
+                   g.size(1));
+  ROSA_CHECK_VALUE(dx.stride(1) == 1 || dx.size(1) <= 1, "dx must have unit column stride");
   const DropoutKey key = check_dropout_key(seed, p);
   const c10::cuda::CUDAGuard guard(dx.device());
   const auto g_c = g.contiguous();

@@ -1,9 +1,10 @@
 // CUDA implementations of the rosa_kernels op schemas (declared in ops.cpp).
 //
-// The same shape/dtype/device checks as the CPU registration (checks.h), then: a device guard for
-// the operands' GPU, the current PyTorch stream, a dispatch of the value dtype onto the CUDA type
-// (c10::Half -> __half, c10::BFloat16 -> __nv_bfloat16) and a call of the torch-free launcher in
-// cuda/. Nothing here reads tensor contents or synchronizes: outputs are sized from shapes alone.
+// The same argument checks as the CPU registration (checks.h: check_spmm, ...), then: a device
+// guard for the operands' GPU, the current PyTorch stream, a dispatch of the value dtype onto the
+// CUDA type (c10::Half -> __half, c10::BFloat16 -> __nv_bfloat16) and a call of the torch-free
+// launcher in cuda/. Nothing here reads tensor contents or synchronizes: outputs are sized from
+// shapes alone.
 #include <cstdlib>
 #include <cstring>
 
@@ -45,8 +46,11 @@ typename CudaValue<S>::type* cuda_mutable_ptr(const at::Tensor& t) {
   return reinterpret_cast<typename CudaValue<S>::type*>(t.mutable_data_ptr<S>());
 }
 
+// The dispatcher picked this implementation because some operand is a CUDA tensor; the checks of
+// checks.h then put every operand on the reference's device, so this one check covers them all.
 void check_cuda(const at::Tensor& t, const char* name) {
-  ROSA_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got ", t.device());
+  ROSA_CHECK_VALUE(t.is_cuda(), name, " must be a CUDA tensor like the other operands, got ",
+                   t.device());
 }
 
 // ROSA_SPMM_KERNEL=rows|rows2|slab32|slab16 forces one SpMM kernel (for measurements); default auto.
@@ -63,16 +67,12 @@ cuda::SpmmKernel spmm_kernel_choice() {
 at::Tensor spmm_cuda(const at::Tensor& values, const at::Tensor& row_offsets,
                      const at::Tensor& row_indices, const at::Tensor& col_indices,
                      const at::Tensor& dense, int64_t m) {
+  const Csr csr = check_spmm(values, row_offsets, row_indices, col_indices, dense, m);
   check_cuda(values, "values");
-  check_values(values);
-  check_csr(values, row_offsets, row_indices, col_indices, m, values.size(0));
-  check_dense(values, dense, "dense", -1);
-  ROSA_CHECK(dense.size(0) < (int64_t(1) << 31) - 1 && dense.size(1) < (int64_t(1) << 31) - 1,
-              "dense dimensions must be below 2^31 - 1, got ", dense.sizes());
   const c10::cuda::CUDAGuard guard(values.device());
   const auto dense_rows = rows_contiguous(dense);
-  const auto offsets = row_offsets.contiguous(), order = row_indices.contiguous(),
-             cols = col_indices.contiguous(), vals = values.contiguous();
+  const auto &offsets = csr.row_offsets, &order = csr.row_indices, &cols = csr.col_indices;
+  const auto vals = values.contiguous();
   auto out = at::empty({m, dense.size(1)}, dense.options());
   if (out.numel() == 0) return out;
   const int64_t n = dense.size(0), k = dense.size(1), nnz = vals.size(0);
@@ -101,19 +101,12 @@ at::Tensor strided_operand(const at::Tensor& t) {
 
 at::Tensor sddmm_cuda(const at::Tensor& row_offsets, const at::Tensor& row_indices,
                       const at::Tensor& col_indices, const at::Tensor& a, const at::Tensor& bt) {
+  const Csr csr = check_sddmm(row_offsets, row_indices, col_indices, a, bt);
   check_cuda(a, "a");
-  check_index(row_offsets, "row_offsets", -1);
-  ROSA_CHECK(row_offsets.size(0) >= 1, "row_offsets must have length >= 1");
-  const int64_t m = row_offsets.size(0) - 1;
-  check_dense(a, a, "a", m);
-  check_dense(a, bt, "bt", -1);
-  ROSA_CHECK(bt.size(1) == a.size(1), "bt must have ", a.size(1), " columns (a's), got ",
-              bt.size(1));
-  check_csr(a, row_offsets, row_indices, col_indices, m, col_indices.size(0));
+  const int64_t m = a.size(0);
   const c10::cuda::CUDAGuard guard(a.device());
   const auto a_op = strided_operand(a), bt_op = strided_operand(bt);
-  const auto offsets = row_offsets.contiguous(), order = row_indices.contiguous(),
-             cols = col_indices.contiguous();
+  const auto &offsets = csr.row_offsets, &order = csr.row_indices, &cols = csr.col_indices;
   const int64_t nnz = cols.size(0);
   auto out = at::empty({nnz}, a.options());
   if (nnz == 0) return out;
@@ -140,18 +133,16 @@ at::Tensor sddmm_cuda(const at::Tensor& row_offsets, const at::Tensor& row_indic
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> csr_transpose_cuda(
     const at::Tensor& values, const at::Tensor& row_offsets, const at::Tensor& col_indices,
     int64_t m, int64_t n) {
+  const Csr csr = check_csr_transpose(values, row_offsets, col_indices, m, n);
   check_cuda(values, "values");
-  check_values(values);
-  check_csr(values, row_offsets, at::Tensor(), col_indices, m, values.size(0));
-  ROSA_CHECK(n >= 0 && n < (int64_t(1) << 31) - 1, "n must be in [0, 2^31 - 1), got ", n);
   const c10::cuda::CUDAGuard guard(values.device());
   const int64_t nnz = values.size(0);
-  const auto offsets = row_offsets.contiguous(), cols = col_indices.contiguous(),
-             vals = values.contiguous();
+  const auto &offsets = csr.row_offsets, &cols = csr.col_indices;
+  const auto vals = values.contiguous();
   auto values_t = at::empty({nnz}, values.options());
-  auto row_offsets_t = at::empty({n + 1}, row_offsets.options());
-  auto col_indices_t = at::empty({nnz}, col_indices.options());
-  auto permutation = at::empty({nnz}, col_indices.options());
+  auto row_offsets_t = at::empty({n + 1}, offsets.options());
+  auto col_indices_t = at::empty({nnz}, cols.options());
+  auto permutation = at::empty({nnz}, cols.options());
   const size_t workspace_bytes = cuda::csr_transpose_workspace_bytes(nnz, n);
   auto workspace = at::empty({static_cast<int64_t>(workspace_bytes)},
                              values.options().dtype(at::kByte));
@@ -169,18 +160,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> csr_transpose_cuda(
   return {values_t, row_offsets_t, col_indices_t, permutation};
 }
 
-void csr_add_inplace_cuda(const at::Tensor& values, const at::Tensor& row_offsets,
-                          const at::Tensor& row_indices, const at::Tensor& col_indices,
-                          const at::Tensor& dense) {
-  check_cuda(values, "values");
-  check_values(values);
-  check_dense(values, dense, "dense", -1);
-  check_csr(values, row_offsets, row_indices, col_indices, dense.size(0), values.size(0));
-  ROSA_CHECK(dense.stride(1) == 1 || dense.size(1) <= 1,
-              "dense must have contiguous rows for an in-place csr_add");
+// dense += A for a dense whose rows are contiguous; `csr` holds the checked int32 indices.
+void csr_add_into(const at::Tensor& values, const Csr& csr, const at::Tensor& dense) {
   const c10::cuda::CUDAGuard guard(values.device());
-  const auto offsets = row_offsets.contiguous(), cols = col_indices.contiguous(),
-             vals = values.contiguous();
+  const auto &offsets = csr.row_offsets, &cols = csr.col_indices;
+  const auto vals = values.contiguous();
   if (dense.numel() == 0 || vals.size(0) == 0) return;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   ROSA_DISPATCH_VALUES(values.scalar_type(), "rosa_kernels::csr_add_", [&] {
@@ -191,15 +175,26 @@ void csr_add_inplace_cuda(const at::Tensor& values, const at::Tensor& row_offset
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+void csr_add_inplace_cuda(const at::Tensor& values, const at::Tensor& row_offsets,
+                          const at::Tensor& row_indices, const at::Tensor& col_indices,
+                          const at::Tensor& dense) {
+  const Csr csr = check_csr_add(values, row_offsets, row_indices, col_indices, dense);
+  check_cuda(values, "values");
+  ROSA_CHECK_VALUE(dense.stride(1) == 1 || dense.size(1) <= 1,
+                   "dense must have contiguous rows for an in-place csr_add, got strides (",
+                   dense.stride(0), ", ", dense.stride(1), ")");
+  csr_add_into(values, csr, dense);
+}
+
 at::Tensor csr_add_cuda(const at::Tensor& values, const at::Tensor& row_offsets,
                         const at::Tensor& row_indices, const at::Tensor& col_indices,
                         const at::Tensor& dense) {
+  const Csr csr = check_csr_add(values, row_offsets, row_indices, col_indices, dense);
   check_cuda(values, "values");
-  check_dense(values, dense, "dense", -1);
   const c10::cuda::CUDAGuard guard(values.device());
   auto out = at::empty(dense.sizes(), dense.options());  // contiguous
   out.copy_(dense);
-  csr_add_inplace_cuda(values, row_offsets, row_indices, col_indices, out);
+  csr_add_into(values, csr, out);
   return out;
 }
 

@@ -95,6 +95,7 @@ def test_csr_add_gradcheck(requires, device, gen):
         return rosa_kernels.csr_add(values, A.row_offsets, A.row_indices, A.col_indices, dense)
 
     assert torch.autograd.gradcheck(f, (values, dense))
+    assert torch.autograd.gradgradcheck(f, (values, dense))  # the C++ backward is differentiable
 
 
 @pytest.mark.parametrize("requires", ["values", "dense"])

@@ -100,6 +100,7 @@ def test_csr_transpose_gradcheck(device, gen):
         return rosa_kernels.csr_transpose(values, A.row_offsets, A.col_indices, 7, 9)[0]
 
     assert torch.autograd.gradcheck(f, (values,))
+    assert torch.autograd.gradgradcheck(f, (values,))  # the C++ backward is differentiable
 
 
 def test_csr_transpose_opcheck(device, gen):

@@ -173,6 +173,31 @@ def test_gradcheck_float64(mode, grad_path):
     assert torch.autograd.gradcheck(f, (x, *params))
 
 
+@pytest.mark.parametrize("mode,dropout,most", [("merged", 0.1, 12), ("merged", 0.0, 9), ("csr_add", 0.1, 14),
+                                               ("spmm", 0.1, 17)])
+def test_a_training_step_dispatches_few_ops_and_no_casts_or_copies(mode, dropout, most):
+    """A GPU step is launch-bound at moderate sizes: every op counts (docs/perf-notes.md, host overhead)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view and func.overloadpacket.__name__ not in ("detach", "lift_fresh"):
+                self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    layer = make_layer(16, 12, mode=mode, dropout=dropout, bias=False)
+    x, dy = torch.randn(5, 16, requires_grad=True), torch.randn(5, 12)
+    counter = Count()
+    with counter:
+        layer(x).backward(dy)
+    assert len(counter.ops) <= most, counter.ops
+    assert not {"_to_copy", "copy_", "clone", "contiguous"} & set(counter.ops), counter.ops
+
+
 def test_gradcheck_float64_merged_through_the_layer():
     # In merged mode S lives inside the dense weight, so check the layer as a whole: the gradient
     # of every trainable parameter against finite differences of the layer's own output.

@@ -90,6 +90,7 @@ def test_sddmm_gradcheck(requires, device, gen):
         return rosa_kernels.sddmm(mask.row_offsets, mask.row_indices, mask.col_indices, a, bt)
 
     assert torch.autograd.gradcheck(f, (a, bt))
+    assert torch.autograd.gradgradcheck(f, (a, bt))  # the C++ backward is differentiable
 
 
 def test_sddmm_gradcheck_transposed_views(device, gen):

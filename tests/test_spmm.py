@@ -94,6 +94,7 @@ def test_spmm_gradcheck(requires, device, gen):
         return rosa_kernels.spmm(values, A.row_offsets, A.row_indices, A.col_indices, dense, 7)
 
     assert torch.autograd.gradcheck(f, (values, dense))
+    assert torch.autograd.gradgradcheck(f, (values, dense))  # the C++ backward is differentiable
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

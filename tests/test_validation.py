@@ -1,5 +1,6 @@
 """Bad input: every public function raises TypeError/ValueError naming the bad argument, and the
-raw ops (torch.ops.rosa_kernels.*) refuse bad shapes and unsafe indices without crashing."""
+raw ops (torch.ops.rosa_kernels.*) refuse bad shapes (ValueError / TypeError, the same checks) and
+unsafe indices (ValueError) without crashing."""
 
 import numpy as np
 import pytest
@@ -106,23 +107,54 @@ CASES = [
     ("wrong_m_for_offsets", ["spmm", "csr_transpose"], "m", lambda m: m + 1, ValueError, "row_offsets"),
     ("wrong_n_for_columns", ["csr_transpose"], "n", lambda n: 3, ValueError, "col_indices"),
 ]
+# Cases about index *contents*: only validate=True checks those (it costs a GPU synchronization).
+CONTENT_CASES = {
+    "row_offsets_not_from_0", "row_offsets_decreasing", "row_offsets_end_not_nnz", "row_offsets_int64_overflow",
+    "col_index_negative", "col_index_too_large", "col_indices_unsorted", "row_indices_out_of_range",
+    "row_indices_negative", "row_indices_repeat", "wrong_n_for_columns",
+}
 PARAMS = [
-    pytest.param(name, argument, make_bad, error, text, id=f"{name}-{case}")
+    pytest.param(name, argument, make_bad, error, text, validate, id=f"{name}-{case}-validate={validate}")
     for case, names, argument, make_bad, error, text in CASES
     for name in names
+    for validate in ((True,) if case in CONTENT_CASES else (True, False))
 ]
 
 
-@pytest.mark.parametrize("name,argument,make_bad,error,text", PARAMS)
-def test_bad_argument_raises_naming_it(name, argument, make_bad, error, text):
+@pytest.mark.parametrize("name,argument,make_bad,error,text,validate", PARAMS)
+def test_bad_argument_raises_naming_it(name, argument, make_bad, error, text, validate):
+    """The same messages whether the checks ran in Python (contents) or inside the C++ op."""
     args = valid(name)
-    call(name, args)  # the unchanged arguments are fine
+    call(name, {**args, "validate": validate})  # the unchanged arguments are fine
     args[argument] = make_bad(args[argument])
     with pytest.raises(error) as info:
-        call(name, args)
+        call(name, {**args, "validate": validate})
     message = str(info.value)
     assert text in message, message
     assert argument.split(".")[0] in message or argument in ("m", "n"), message
+
+
+@pytest.mark.parametrize("name", INDEX_OPS)
+@pytest.mark.parametrize("validate", [True, False])
+@pytest.mark.parametrize("index_dtype", [torch.int16, torch.int64])
+def test_int16_and_int64_indices_give_the_int32_result(name, validate, index_dtype):
+    args = valid(name)
+    expected = call(name, args)
+    for key in ("row_offsets", "row_indices", "col_indices"):
+        if key in args:
+            args[key] = args[key].to(index_dtype)
+    got = call(name, {**args, "validate": validate})
+    for g, e in zip(got if isinstance(got, tuple) else (got,), expected if isinstance(expected, tuple) else (expected,)):
+        assert g.dtype == e.dtype
+        torch.testing.assert_close(g, e)
+
+
+def test_none_where_a_tensor_belongs_is_a_type_error():
+    for name, argument in [("spmm", "values"), ("sddmm", "a"), ("csr_transpose", "col_indices"),
+                           ("csr_add", "dense"), ("spmm", "row_indices")]:
+        for validate in (True, False):
+            with pytest.raises(TypeError, match=f"{argument} must be a torch.Tensor"):
+                call(name, {**valid(name), argument: None, "validate": validate})
 
 
 @pytest.mark.parametrize("name", ["spmm", "sddmm", "csr_add"])
@@ -207,7 +239,7 @@ def raw(name, **changes):
 
 RAW_CASES = [
     ("spmm", dict(row_offsets=torch.tensor([0, 2, 2], dtype=torch.int32)), "row_offsets"),
-    ("spmm", dict(row_offsets=torch.tensor(OFFSETS)), "row_offsets"),  # int64
+    ("spmm", dict(row_offsets=torch.tensor(OFFSETS, dtype=torch.float64)), "row_offsets"),
     ("spmm", dict(row_offsets=torch.tensor([0, 2, 2, 3, 5, 600], dtype=torch.int32)), "row_offsets"),
     ("spmm", dict(row_offsets=torch.tensor([0, 2, 1, 3, 5, 6], dtype=torch.int32)), "row_offsets"),
     ("spmm", dict(row_offsets=torch.tensor([-4, 2, 2, 3, 5, 6], dtype=torch.int32)), "row_offsets"),
@@ -236,16 +268,16 @@ RAW_CASES = [
 
 @pytest.mark.parametrize("name,changes,text", RAW_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(RAW_CASES)])
 def test_raw_ops_reject_bad_input(name, changes, text):
-    with pytest.raises(RuntimeError, match=text):
+    with pytest.raises((ValueError, TypeError), match=text):
         raw(name, **changes)
 
 
 def test_raw_csr_add_inplace_checks():
     args = valid("csr_add")
-    with pytest.raises(RuntimeError, match="dense"):
+    with pytest.raises(ValueError, match="dense"):
         ops.csr_add_(*list(args.values())[:4], torch.randn(N, M).t())  # rows not contiguous
     bad_cols = with_item(args["col_indices"], 1, 40)
-    with pytest.raises(RuntimeError, match="col_indices"):
+    with pytest.raises(ValueError, match="col_indices"):
         ops.csr_add_(args["values"], args["row_offsets"], args["row_indices"], bad_cols, args["dense"])
 
 
@@ -257,7 +289,7 @@ def test_raw_csr_add_inplace_checks():
     m=st.integers(0, 6), n=st.integers(0, 6),
 )
 def test_raw_cpu_ops_never_crash_on_garbage_indices(offsets, cols, order, m, n):
-    """Arbitrary index contents either compute or raise RuntimeError: never a crash."""
+    """Arbitrary index contents either compute or raise ValueError: never a crash."""
     as_int = lambda xs: torch.tensor(xs, dtype=torch.int32)  # noqa: E731
     offsets, cols, order = as_int(offsets), as_int(cols), as_int(order)
     values = torch.ones(cols.shape[0])
@@ -270,5 +302,5 @@ def test_raw_cpu_ops_never_crash_on_garbage_indices(offsets, cols, order, m, n):
     for run in calls:
         try:
             run()
-        except RuntimeError:
+        except ValueError:
             pass

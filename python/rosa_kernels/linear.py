@@ -67,6 +67,10 @@ _NO_PLAN = (None, None, None, None, None, 0, 0)
 # The whole layer as one autograd function: the input is saved once, with the small T x rank
 # product h = drop(X) A^T (so that dB needs no recompute) and, under dropout, a 64-bit seed: the
 # keep mask is regenerated from it inside the fused dropout ops (rosa_kernels.dropout), never saved.
+# A step on a GPU is launch-bound up to ~2048 tokens at 4096 x 4096, so every pass counts: the
+# LoRA product accumulates into the base GEMM's output (addmm_), scales ride on GEMMs' alpha (or
+# inside the fused ops), and nothing is cast or copied. Merged mode, dropout > 0: 3 ops forward
+# (linear, lora_dropout_project, addmm_), 6 backward (+ the SDDMM or the plan's GEMM and gather).
 # ----------------------------------------------------------------------------------------------
 
 
@@ -76,45 +80,58 @@ class _RosaFunction(torch.autograd.Function):
                 row_offsets_t, row_indices_t, col_indices_t, permutation, flat_indices,
                 plan_gather, plan_target, plan_row_offsets, plan_row_indices, plan_col_indices, plan_width,
                 plan_rest_nnz, pending, scale, dropout, mode, dense_grad):
-        in_features = x.shape[-1]
-        out_features = weight.shape[0]
+        out_features, in_features = weight.shape
         x2d = x.reshape(-1, in_features)
         # mode: "nomask" (LoRA only), "merged" (the weight already holds W + S), "csr_add", "spmm".
-        # The mask was validated when it was set: the raw ops skip the public wrappers' checks,
-        # whose host time would show in every step of a launch-bound layer.
+        # The mask was validated when it was set: the raw ops skip the public wrappers' checks.
         if mode == "csr_add":
             y = F.linear(x2d, _ops.csr_add(values, row_offsets, row_indices, col_indices, weight), bias)
         else:
             y = F.linear(x2d, weight, bias)
         if mode == "spmm":
             # X S^T = (S X^T)^T
-            y = y + _ops.spmm(values, row_offsets, row_indices, col_indices, x2d.t(), out_features).t()
-        # h = (X ∘ keep) A^T without the dropout's 1 / (1 - p): that factor rides on the LoRA scale.
+            y.add_(_ops.spmm(values, row_offsets, row_indices, col_indices, x2d.t(), out_features).t())
+        # h = (X ∘ keep) A^T without the dropout's 1 / (1 - p): that factor rides on the LoRA scale,
+        # kept_scale = scale / (1 - p), which every LoRA term carries (Y, dX, dA, dB).
         if dropout > 0.0:
             seed = draw_seed()
             h = _ops.lora_dropout_project(x2d, lora_A, seed, dropout)
         else:
             seed = None
             h = torch.mm(x2d, lora_A.t())
-        lora_scale = scale / (1.0 - dropout)
-        y = torch.addmm(y, h, lora_B.t(), alpha=lora_scale)
-        ctx.save_for_backward(x2d, seed, h, weight, lora_A, lora_B, values, row_offsets, row_indices, col_indices,
-                              row_offsets_t, row_indices_t, col_indices_t, permutation, flat_indices,
-                              plan_gather, plan_target, plan_row_offsets, plan_row_indices, plan_col_indices)
-        ctx.plan_width, ctx.plan_rest_nnz = plan_width, plan_rest_nnz
+        kept_scale = scale / (1.0 - dropout)
+        y.addmm_(h, lora_B.t(), alpha=kept_scale)
+        # dS's path, and only what this mode's backward reads: each saved tensor costs host time.
+        if mode == "nomask":
+            grad_path, sparse = "none", (values,)
+        elif dense_grad:
+            grad_path, sparse = "dense", (flat_indices,)
+        elif plan_width:
+            grad_path, sparse = "plan", (plan_gather, plan_target, plan_row_offsets, plan_row_indices,
+                                         plan_col_indices)
+        else:
+            grad_path, sparse = "sddmm", (row_offsets, row_indices, col_indices)
+        if mode in ("csr_add", "spmm"):
+            sparse = sparse + (values, row_offsets, row_indices, col_indices, row_offsets_t, row_indices_t,
+                               col_indices_t, permutation)
+        ctx.save_for_backward(x2d, seed, h, weight, lora_A, lora_B, *sparse)
         # Not saved for backward: every backward of the step adds into it in place, which would
         # trip the saved-tensor version check of the other forwards of the same step.
         ctx.pending = pending
-        ctx.lora_scale, ctx.dropout, ctx.mode, ctx.dense_grad = lora_scale, dropout, mode, dense_grad
+        ctx.kept_scale, ctx.dropout, ctx.mode, ctx.grad_path = kept_scale, dropout, mode, grad_path
+        ctx.plan_sizes = (plan_width, plan_rest_nnz)
         ctx.x_shape = x.shape
-        return y.reshape(*x.shape[:-1], out_features)
+        return y.view(*x.shape[:-1], out_features)
 
     @staticmethod
     def backward(ctx, dy):
-        (x2d, seed, h, weight, lora_A, lora_B, values, row_offsets, row_indices, col_indices,
-         row_offsets_t, row_indices_t, col_indices_t, permutation, flat_indices,
-         plan_gather, plan_target, plan_row_offsets, plan_row_indices, plan_col_indices) = ctx.saved_tensors
-        lora_scale, mode = ctx.lora_scale, ctx.mode
+        x2d, seed, h, weight, lora_A, lora_B, *sparse = ctx.saved_tensors
+        kept_scale, mode, grad_path = ctx.kept_scale, ctx.mode, ctx.grad_path
+        path_tensors = {"none": 1, "dense": 1, "plan": 5, "sddmm": 3}[grad_path]
+        grad_tensors, mode_tensors = sparse[:path_tensors], sparse[path_tensors:]
+        if mode_tensors:
+            (values, row_offsets, row_indices, col_indices, row_offsets_t, row_indices_t, col_indices_t,
+             permutation) = mode_tensors
         in_features = x2d.shape[1]
         dy2d = dy.reshape(-1, weight.shape[0])
         dx = d_lora_A = d_lora_B = d_values = None
@@ -127,36 +144,36 @@ class _RosaFunction(torch.autograd.Function):
                 dx = torch.mm(dy2d, weight)
             if mode == "spmm":
                 # dY S = (S^T dY^T)^T with the cached transpose; values_t = values[permutation].
-                values_t = values[permutation.long()]
-                dx = dx + _ops.spmm(values_t, row_offsets_t, row_indices_t, col_indices_t, dy2d.t(), in_features).t()
+                values_t = values.index_select(0, permutation)
+                dx.add_(_ops.spmm(values_t, row_offsets_t, row_indices_t, col_indices_t, dy2d.t(), in_features).t())
             if seed is None:
-                dx = torch.addmm(dx, g, lora_A, alpha=lora_scale)
+                dx.addmm_(g, lora_A, alpha=kept_scale)
             else:
-                _ops.lora_dropout_grad_x_(dx, g, lora_A, seed, ctx.dropout, lora_scale)
-            dx = dx.reshape(ctx.x_shape)
+                _ops.lora_dropout_grad_x_(dx, g, lora_A, seed, ctx.dropout, kept_scale)
+            dx = dx.view(ctx.x_shape)
+        # dA = scale / (1 - p) * (dY B)^T (X ∘ keep), dB = scale / (1 - p) * dY^T h. With beta=0 addmm
+        # ignores its first operand (only its shape is used, NaNs included): the scale is the alpha.
         if ctx.needs_input_grad[3]:
-            # dA = scale / (1 - p) * (dY B)^T (X ∘ keep)
             if seed is None:
-                d_lora_A = torch.mm(g.t(), x2d).mul_(lora_scale)
+                d_lora_A = torch.addmm(lora_A, g.t(), x2d, beta=0, alpha=kept_scale)
             else:
-                d_lora_A = _ops.lora_dropout_grad_A(g, x2d, seed, ctx.dropout, lora_scale)
+                d_lora_A = _ops.lora_dropout_grad_A(g, x2d, seed, ctx.dropout, kept_scale)
         if ctx.needs_input_grad[4]:
-            d_lora_B = torch.mm(dy2d.t(), h).mul_(lora_scale)  # dB = scale / (1 - p) * dY^T h
+            d_lora_B = torch.addmm(lora_B, dy2d.t(), h, beta=0, alpha=kept_scale)
         if ctx.needs_input_grad[5]:
-            if mode == "nomask":
-                d_values = torch.zeros_like(values)
-            elif ctx.dense_grad:
-                # dS = (dY^T X)[mask] through one dense GEMM: faster than the SDDMM on a GPU once the
-                # mask is dense enough (see SPARSE_GRADS); the m x n product is freed at once.
-                d_values = torch.mm(dy2d.t(), x2d).view(-1).index_select(0, flat_indices)
-            elif ctx.plan_width:
+            if grad_path == "none":
+                d_values = torch.zeros_like(grad_tensors[0])
+            elif grad_path == "dense":
+                # dS = (dY^T X)[mask] through one dense GEMM (sparse_grad="dense"); the m x n product is
+                # freed at once.
+                d_values = torch.mm(dy2d.t(), x2d).view(-1).index_select(0, grad_tensors[0])
+            elif grad_path == "plan":
                 # dS through the mask's plan: G = dY^T X[:, J] for the hot columns J by one GEMM, the
                 # remaining nonzeros by the SDDMM, gathered into the mask's order.
-                d_values = planned_sddmm(dy2d.t(), x2d.t(), plan_gather, plan_target, plan_row_offsets,
-                                         plan_row_indices, plan_col_indices, ctx.plan_width, ctx.plan_rest_nnz)
+                d_values = planned_sddmm(dy2d.t(), x2d.t(), *grad_tensors, *ctx.plan_sizes)
             else:
                 # dS = SDDMM(mask, dY^T, X^T): transposed views, read without copies by the kernels.
-                d_values = _ops.sddmm(row_offsets, row_indices, col_indices, dy2d.t(), x2d.t())
+                d_values = _ops.sddmm(*grad_tensors, dy2d.t(), x2d.t())
         if ctx.pending is not None:
             _masks.accumulate_gradient(ctx.pending, dy2d, x2d)  # dW = dY^T X of the frozen base
         return (dx, None, None, d_lora_A, d_lora_B, d_values) + (None,) * 20
@@ -343,18 +360,15 @@ class RosaLinear(nn.Module):
         return self._apply_function(x, weight, bias, lora_A, lora_B, values, collecting, mode)
 
     def _apply_function(self, x, weight, bias, lora_A, lora_B, values, collecting, mode):
+        buffers = self._buffers  # a dict lookup each, instead of nn.Module.__getattr__'s slower path
         return _RosaFunction.apply(
             x, weight, bias, lora_A, lora_B, values,
-            self.row_offsets, self.row_indices, self.col_indices,
-            self.row_offsets_t, self.row_indices_t, self.col_indices_t, self.permutation, self.flat_indices,
-            *self._plan_parts(x, mode),
+            buffers["row_offsets"], buffers["row_indices"], buffers["col_indices"],
+            buffers["row_offsets_t"], buffers["row_indices_t"], buffers["col_indices_t"], buffers["permutation"],
+            buffers["flat_indices"], *self._plan_parts(x, mode),
             self._pending if collecting else None,
-            self.scale, self.dropout if self.training else 0.0, mode, self._dense_grad(x),
+            self.scale, self.dropout if self.training else 0.0, mode, self.sparse_grad == "dense",
         )
-
-    def _dense_grad(self, x) -> bool:
-        """Whether dS goes through the dense GEMM (``sparse_grad="dense"``)."""
-        return self.sparse_grad == "dense"
 
     def _plan_parts(self, x, mode) -> tuple:
         """The tensors and sizes of the mask's plan for dS (``sparse_grad="auto"``), or none."""

@@ -3,7 +3,8 @@
 The positional signatures match the ``spops`` library that RoSA's reference code imports, so a
 project can swap ``import spops`` for ``import rosa_kernels as spops``. Every function:
 
-- checks its arguments and raises ``TypeError`` / ``ValueError`` naming the bad one;
+- checks its arguments and raises ``TypeError`` / ``ValueError`` naming the bad one (the checks
+  run in C++, inside the op, so they cost little host time);
 - converts int16/int64 index tensors to int32;
 - keeps the input's floating dtype (accumulating in float32) unless ``return_type=`` asks for another;
 - with ``validate=True`` (the default) also checks the index *contents* (a GPU synchronization).
@@ -11,7 +12,8 @@ project can swap ``import spops`` for ``import rosa_kernels as spops``. Every fu
   :func:`rosa_kernels.validate_csr`); invalid indices are then undefined behaviour.
 
 The ops themselves are ``torch.ops.rosa_kernels.{spmm, sddmm, csr_transpose, csr_add, csr_add_}``:
-``torch.compile`` traces them and ``torch.library.opcheck`` passes on them.
+``torch.compile`` traces them and ``torch.library.opcheck`` passes on them. Their autograd is
+registered in C++ (``csrc/ops.cpp``); this module registers their fake kernels.
 """
 
 from __future__ import annotations
@@ -19,15 +21,7 @@ from __future__ import annotations
 import torch
 
 from . import _C  # noqa: F401  (loading the extension registers the ops)
-from .csr import (
-    check_same_device,
-    check_same_dtype,
-    check_size,
-    check_tensor,
-    check_values_tensor,
-    _validate_csr,
-    row_order,
-)
+from .csr import INDEX_DTYPES, _validate_csr, check_size, check_tensor
 
 __all__ = ["spmm", "sddmm", "csr_transpose", "csr_add"]
 
@@ -39,146 +33,104 @@ _ops = torch.ops.rosa_kernels
 # ----------------------------------------------------------------------------------------------
 
 
+def _check_devices(reference_name, reference, **tensors):
+    """Operands on several devices: the fake kernel is what runs when one of them is on "meta"."""
+    for name, t in tensors.items():
+        if t.device != reference.device:
+            raise ValueError(f"{name} must be on the same device as {reference_name} ({reference.device}), got {t.device}")
+
+
 @torch.library.register_fake("rosa_kernels::spmm")
 def _spmm_fake(values, row_offsets, row_indices, col_indices, dense, m):
+    _check_devices("values", values, dense=dense, row_offsets=row_offsets, row_indices=row_indices,
+                   col_indices=col_indices)
     return dense.new_empty((m, dense.shape[1]))
 
 
 @torch.library.register_fake("rosa_kernels::sddmm")
 def _sddmm_fake(row_offsets, row_indices, col_indices, a, bt):
+    _check_devices("a", a, bt=bt, row_offsets=row_offsets, row_indices=row_indices, col_indices=col_indices)
     return a.new_empty((col_indices.shape[0],))
 
 
 @torch.library.register_fake("rosa_kernels::csr_transpose")
 def _csr_transpose_fake(values, row_offsets, col_indices, m, n):
+    _check_devices("values", values, row_offsets=row_offsets, col_indices=col_indices)
     nnz = values.shape[0]
+    # Index outputs are int32 whatever the input index dtype (the op converts int16/int64).
     return (
         values.new_empty((nnz,)),
-        row_offsets.new_empty((n + 1,)),
-        col_indices.new_empty((nnz,)),
-        col_indices.new_empty((nnz,)),
+        row_offsets.new_empty((n + 1,), dtype=torch.int32),
+        col_indices.new_empty((nnz,), dtype=torch.int32),
+        col_indices.new_empty((nnz,), dtype=torch.int32),
     )
 
 
 @torch.library.register_fake("rosa_kernels::csr_add")
 def _csr_add_fake(values, row_offsets, row_indices, col_indices, dense):
+    _check_devices("values", values, dense=dense, row_offsets=row_offsets, row_indices=row_indices,
+                   col_indices=col_indices)
     return torch.empty_like(dense, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("rosa_kernels::csr_add_")
 def _csr_add_inplace_fake(values, row_offsets, row_indices, col_indices, dense):
+    _check_devices("values", values, dense=dense, row_offsets=row_offsets, row_indices=row_indices,
+                   col_indices=col_indices)
     return None
 
 
 # ----------------------------------------------------------------------------------------------
-# Autograd. Gradients flow to the floating operands; index tensors and sizes get none.
+# Public functions. The argument checks (types, dtypes, shapes, lengths, devices, sizes) live in
+# the C++ ops (csrc/checks.h), which raise ValueError / TypeError naming the argument, and index
+# tensors of int16/int64 are converted there too: with validate=False a call costs little more
+# host time than the raw op. Python keeps what C++ cannot see: a Python value where a tensor
+# belongs (the op's schema rejects it with a RuntimeError, turned into a TypeError here), a size
+# that is not a Python int, and, with validate=True, the index contents.
 # ----------------------------------------------------------------------------------------------
 
 
-def _transposed_structure(values, row_offsets, col_indices, m, n):
-    """(values_t, row_offsets_t, row_indices_t, col_indices_t, permutation) of an m x n CSR."""
-    values_t, row_offsets_t, col_indices_t, permutation = _ops.csr_transpose(values, row_offsets, col_indices, m, n)
-    return values_t, row_offsets_t, row_order(row_offsets_t), col_indices_t, permutation
+def _check_flag(value, name):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
 
 
-def _spmm_setup(ctx, inputs, output):
-    values, row_offsets, row_indices, col_indices, dense, m = inputs
-    ctx.m = m
-    ctx.save_for_backward(values, row_offsets, row_indices, col_indices, dense)
+def _check_return_type(return_type):
+    if not isinstance(return_type, torch.dtype):
+        raise TypeError(f"return_type must be a torch.dtype or None, got {type(return_type).__name__}")
+    if not return_type.is_floating_point:
+        raise TypeError(f"return_type must be a floating dtype, got {return_type}")
 
 
-def _spmm_backward(ctx, grad):
-    values, row_offsets, row_indices, col_indices, dense = ctx.saved_tensors
-    grad = grad.contiguous()
-    grad_values = grad_dense = None
-    if ctx.needs_input_grad[0]:
-        # d values[p] = <grad[i, :], dense[j, :]>: an SDDMM at the nonzeros.
-        grad_values = _ops.sddmm(row_offsets, row_indices, col_indices, grad, dense)
-    if ctx.needs_input_grad[4]:
-        # d dense = A^T @ grad.
-        values_t, offsets_t, order_t, cols_t, _ = _transposed_structure(
-            values, row_offsets, col_indices, ctx.m, dense.shape[0]
-        )
-        grad_dense = _ops.spmm(values_t, offsets_t, order_t, cols_t, grad, dense.shape[0])
-    return grad_values, None, None, None, grad_dense, None
+def _name_non_tensors(**arguments):
+    """Raises the TypeError for the first argument that is not a tensor (after the op refused it)."""
+    for name, value in arguments.items():
+        check_tensor(value, name)
 
 
-def _sddmm_setup(ctx, inputs, output):
-    row_offsets, row_indices, col_indices, a, bt = inputs
-    ctx.save_for_backward(row_offsets, row_indices, col_indices, a, bt)
+def _is_tensor(x, dim):
+    return isinstance(x, torch.Tensor) and x.dim() == dim
 
 
-def _sddmm_backward(ctx, grad):
-    row_offsets, row_indices, col_indices, a, bt = ctx.saved_tensors
-    grad = grad.contiguous()
-    grad_a = grad_bt = None
-    m, n = a.shape[0], bt.shape[0]
-    if ctx.needs_input_grad[3]:
-        # d a = G @ bt with G the CSR matrix of the incoming gradient.
-        grad_a = _ops.spmm(grad, row_offsets, row_indices, col_indices, bt, m)
-    if ctx.needs_input_grad[4]:
-        # d bt = G^T @ a.
-        grad_t, offsets_t, order_t, cols_t, _ = _transposed_structure(grad, row_offsets, col_indices, m, n)
-        grad_bt = _ops.spmm(grad_t, offsets_t, order_t, cols_t, a, n)
-    return None, None, None, grad_a, grad_bt
+def _is_index(x, length):
+    return (isinstance(x, torch.Tensor) and x.dtype in INDEX_DTYPES and x.dim() == 1
+            and (length is None or x.shape[0] == length))
 
 
-def _csr_transpose_setup(ctx, inputs, output):
-    ctx.save_for_backward(output[3])
+def _validated(row_offsets, col_indices, row_indices, m, n, nnz, n_name):
+    """validate=True: checks the index contents (one GPU synchronization) and returns int32 indices.
 
-
-def _csr_transpose_backward(ctx, grad_values_t, grad_offsets, grad_cols, grad_permutation):
-    (permutation,) = ctx.saved_tensors
-    if grad_values_t is None or not ctx.needs_input_grad[0]:
-        return None, None, None, None, None
-    # values_t = values[permutation], and permutation is a bijection: scatter the gradient back.
-    grad_values = torch.empty_like(grad_values_t).index_copy_(0, permutation.long(), grad_values_t)
-    return grad_values, None, None, None, None
-
-
-def _csr_add_setup(ctx, inputs, output):
-    values, row_offsets, row_indices, col_indices, dense = inputs
-    ctx.nnz = values.shape[0]
-    ctx.save_for_backward(row_offsets, col_indices)
-
-
-def _csr_add_backward(ctx, grad):
-    row_offsets, col_indices = ctx.saved_tensors
-    grad_values = None
-    if ctx.needs_input_grad[0]:
-        m = row_offsets.shape[0] - 1
-        counts = (row_offsets[1:] - row_offsets[:-1]).long()
-        rows = torch.repeat_interleave(torch.arange(m, device=grad.device), counts, output_size=ctx.nnz)
-        grad_values = grad[rows, col_indices.long()]
-    grad_dense = grad if ctx.needs_input_grad[4] else None
-    return grad_values, None, None, None, grad_dense
-
-
-torch.library.register_autograd("rosa_kernels::spmm", _spmm_backward, setup_context=_spmm_setup)
-torch.library.register_autograd("rosa_kernels::sddmm", _sddmm_backward, setup_context=_sddmm_setup)
-torch.library.register_autograd(
-    "rosa_kernels::csr_transpose", _csr_transpose_backward, setup_context=_csr_transpose_setup
-)
-torch.library.register_autograd("rosa_kernels::csr_add", _csr_add_backward, setup_context=_csr_add_setup)
-
-
-# ----------------------------------------------------------------------------------------------
-# Public functions
-# ----------------------------------------------------------------------------------------------
-
-
-def _check_options(return_type, validate):
-    if return_type is not None:
-        if not isinstance(return_type, torch.dtype):
-            raise TypeError(f"return_type must be a torch.dtype or None, got {type(return_type).__name__}")
-        if not return_type.is_floating_point:
-            raise TypeError(f"return_type must be a floating dtype, got {return_type}")
-    if not isinstance(validate, bool):
-        raise TypeError(f"validate must be a bool, got {type(validate).__name__}")
-
-
-def _cast(result, return_type):
-    return result if return_type is None else result.to(return_type)
+    Only for a well-formed structure (index tensors of the right lengths on one device); anything
+    else is left to the op's own checks, which then refuse the call with a precise message before
+    any kernel runs.
+    """
+    if not (_is_index(row_offsets, m + 1) and _is_index(col_indices, nnz)
+            and (row_indices is None or _is_index(row_indices, m))):
+        return row_offsets, col_indices, row_indices
+    device = row_offsets.device
+    if col_indices.device != device or (row_indices is not None and row_indices.device != device):
+        return row_offsets, col_indices, row_indices
+    return _validate_csr(row_offsets, col_indices, m, n, nnz, row_indices, n_name=n_name)
 
 
 def spmm(values, row_offsets, row_indices, col_indices, dense, m, *, return_type=None, validate=True):
@@ -186,19 +138,22 @@ def spmm(values, row_offsets, row_indices, col_indices, dense, m, *, return_type
 
     ``n`` is ``dense.shape[0]``. Differentiable w.r.t. ``values`` and ``dense``.
     """
-    _check_options(return_type, validate)
-    check_values_tensor(values, "values", 1)
-    check_values_tensor(dense, "dense", 2)
-    m = check_size(m, "m")
-    check_same_dtype(values, "values", dense=dense)
-    check_same_device(values, "values", dense=dense, row_offsets=check_tensor(row_offsets, "row_offsets"),
-                      row_indices=check_tensor(row_indices, "row_indices"),
-                      col_indices=check_tensor(col_indices, "col_indices"))
-    row_offsets, col_indices, row_indices = _validate_csr(
-        row_offsets, col_indices, m, dense.shape[0], values.shape[0], row_indices, check_contents=validate,
-        n_name="n = dense.shape[0]", nnz_name="values.shape[0]",
-    )
-    return _cast(_ops.spmm(values, row_offsets, row_indices, col_indices, dense, m), return_type)
+    if return_type is not None:
+        _check_return_type(return_type)
+    if type(m) is not int:
+        m = check_size(m, "m")
+    if validate is not False:
+        _check_flag(validate, "validate")
+        if _is_tensor(values, 1) and _is_tensor(dense, 2) and m >= 0:
+            row_offsets, col_indices, row_indices = _validated(
+                row_offsets, col_indices, row_indices, m, dense.shape[0], values.shape[0], "n = dense.shape[0]")
+    try:
+        result = _ops.spmm(values, row_offsets, row_indices, col_indices, dense, m)
+    except RuntimeError:
+        _name_non_tensors(values=values, row_offsets=row_offsets, row_indices=row_indices, col_indices=col_indices,
+                          dense=dense)
+        raise
+    return result if return_type is None else result.to(return_type)
 
 
 def sddmm(row_offsets, row_indices, col_indices, a, bt, *, return_type=None, validate=True):
@@ -209,20 +164,19 @@ def sddmm(row_offsets, row_indices, col_indices, a, bt, *, return_type=None, val
     RoSA's ``dS = mask ∘ (dY^T X)`` is ``sddmm(..., dY.t(), X.t())`` with ``dY`` (T, out) and
     ``X`` (T, in) as they come. Differentiable w.r.t. ``a`` and ``bt``.
     """
-    _check_options(return_type, validate)
-    check_values_tensor(a, "a", 2)
-    check_values_tensor(bt, "bt", 2)
-    check_same_dtype(a, "a", bt=bt)
-    check_same_device(a, "a", bt=bt, row_offsets=check_tensor(row_offsets, "row_offsets"),
-                      row_indices=check_tensor(row_indices, "row_indices"),
-                      col_indices=check_tensor(col_indices, "col_indices"))
-    if bt.shape[1] != a.shape[1]:
-        raise ValueError(f"bt must have a.shape[1] = {a.shape[1]} columns, got shape {tuple(bt.shape)}")
-    row_offsets, col_indices, row_indices = _validate_csr(
-        row_offsets, col_indices, a.shape[0], bt.shape[0], None, row_indices, check_contents=validate,
-        m_name="a.shape[0]", n_name="n = bt.shape[0]",
-    )
-    return _cast(_ops.sddmm(row_offsets, row_indices, col_indices, a, bt), return_type)
+    if return_type is not None:
+        _check_return_type(return_type)
+    if validate is not False:
+        _check_flag(validate, "validate")
+        if _is_tensor(a, 2) and _is_tensor(bt, 2):
+            row_offsets, col_indices, row_indices = _validated(
+                row_offsets, col_indices, row_indices, a.shape[0], bt.shape[0], None, "n = bt.shape[0]")
+    try:
+        result = _ops.sddmm(row_offsets, row_indices, col_indices, a, bt)
+    except RuntimeError:
+        _name_non_tensors(row_offsets=row_offsets, row_indices=row_indices, col_indices=col_indices, a=a, bt=bt)
+        raise
+    return result if return_type is None else result.to(return_type)
 
 
 def csr_transpose(values, row_offsets, col_indices, m, n, *, return_permutation=False, validate=True):
@@ -233,18 +187,21 @@ def csr_transpose(values, row_offsets, col_indices, m, n, *, return_permutation=
     new values of the same structure can be re-gathered without redoing the transpose.
     Differentiable w.r.t. ``values``. Build ``row_indices`` of the result with :func:`row_order`.
     """
-    _check_options(None, validate)
-    if not isinstance(return_permutation, bool):
-        raise TypeError(f"return_permutation must be a bool, got {type(return_permutation).__name__}")
-    check_values_tensor(values, "values", 1)
-    m = check_size(m, "m")
-    n = check_size(n, "n")
-    check_same_device(values, "values", row_offsets=check_tensor(row_offsets, "row_offsets"),
-                      col_indices=check_tensor(col_indices, "col_indices"))
-    row_offsets, col_indices, _ = _validate_csr(
-        row_offsets, col_indices, m, n, values.shape[0], check_contents=validate, nnz_name="values.shape[0]"
-    )
-    values_t, row_offsets_t, col_indices_t, permutation = _ops.csr_transpose(values, row_offsets, col_indices, m, n)
+    if return_permutation is not False:
+        _check_flag(return_permutation, "return_permutation")
+    if type(m) is not int:
+        m = check_size(m, "m")
+    if type(n) is not int:
+        n = check_size(n, "n")
+    if validate is not False:
+        _check_flag(validate, "validate")
+        if _is_tensor(values, 1) and m >= 0 and n >= 0:
+            row_offsets, col_indices, _ = _validated(row_offsets, col_indices, None, m, n, values.shape[0], "n")
+    try:
+        values_t, row_offsets_t, col_indices_t, permutation = _ops.csr_transpose(values, row_offsets, col_indices, m, n)
+    except RuntimeError:
+        _name_non_tensors(values=values, row_offsets=row_offsets, col_indices=col_indices)
+        raise
     if return_permutation:
         return values_t, row_offsets_t, col_indices_t, permutation
     return values_t, row_offsets_t, col_indices_t
@@ -257,22 +214,26 @@ def csr_add(values, row_offsets, row_indices, col_indices, dense, inplace=False,
     not differentiable (it raises if autograd would need it). Differentiable w.r.t. ``values`` and
     ``dense`` otherwise.
     """
-    _check_options(return_type, validate)
-    if not isinstance(inplace, bool):
-        raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
-    check_values_tensor(values, "values", 1)
-    check_values_tensor(dense, "dense", 2)
-    check_same_dtype(values, "values", dense=dense)
-    check_same_device(values, "values", dense=dense, row_offsets=check_tensor(row_offsets, "row_offsets"),
-                      row_indices=check_tensor(row_indices, "row_indices"),
-                      col_indices=check_tensor(col_indices, "col_indices"))
-    m, n = dense.shape
-    row_offsets, col_indices, row_indices = _validate_csr(
-        row_offsets, col_indices, m, n, values.shape[0], row_indices, check_contents=validate,
-        m_name="dense.shape[0]", n_name="n = dense.shape[1]", nnz_name="values.shape[0]",
-    )
+    if return_type is not None:
+        _check_return_type(return_type)
+    if inplace is not False:
+        _check_flag(inplace, "inplace")
+    if validate is not False:
+        _check_flag(validate, "validate")
+        if _is_tensor(values, 1) and _is_tensor(dense, 2):
+            m, n = dense.shape
+            row_offsets, col_indices, row_indices = _validated(
+                row_offsets, col_indices, row_indices, m, n, values.shape[0], "n = dense.shape[1]")
     if not inplace:
-        return _cast(_ops.csr_add(values, row_offsets, row_indices, col_indices, dense), return_type)
+        try:
+            result = _ops.csr_add(values, row_offsets, row_indices, col_indices, dense)
+        except RuntimeError:
+            _name_non_tensors(values=values, row_offsets=row_offsets, row_indices=row_indices,
+                              col_indices=col_indices, dense=dense)
+            raise
+        return result if return_type is None else result.to(return_type)
+    _name_non_tensors(values=values, row_offsets=row_offsets, row_indices=row_indices, col_indices=col_indices,
+                      dense=dense)
     if return_type is not None and return_type != dense.dtype:
         raise ValueError(
             f"return_type must be None or dense.dtype ({dense.dtype}) with inplace=True, got {return_type}"
@@ -281,8 +242,9 @@ def csr_add(values, row_offsets, row_indices, col_indices, dense, inplace=False,
         raise ValueError(
             "csr_add(..., inplace=True) is not differentiable: use inplace=False when values or dense require grad"
         )
-    if dense.stride(-1) == 1 or dense.shape[1] <= 1:
-        _ops.csr_add_(values, row_offsets, row_indices, col_indices, dense)
-    else:
+    if dense.dim() == 2 and dense.stride(1) != 1 and dense.shape[1] > 1:
+        # The kernel writes rows in place: a dense without contiguous rows gets the sum copied in.
         dense.copy_(_ops.csr_add(values, row_offsets, row_indices, col_indices, dense))
+    else:
+        _ops.csr_add_(values, row_offsets, row_indices, col_indices, dense)
     return dense
