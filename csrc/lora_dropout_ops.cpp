@@ -1,15 +1,14 @@
-// RosaLinear's fused LoRA dropout ops: schemas and CPU implementations (CUDA: lora_dropout_ops_cuda.cpp).
+// RosaLinear's LoRA dropout ops: schemas and CPU implementations (CUDA: lora_dropout_ops_cuda.cpp).
 //
 // With keep(t, j) the counter-based dropout mask of dropout_keep.h, drawn from a 64-bit seed held
 // in a one-element int64 CPU tensor (read on the host: no GPU synchronization):
 //
-//     lora_dropout_project(x, lora_A, seed, p)              -> (X ∘ keep) A^T            T x R
-//     lora_dropout_grad_A(g, x, seed, p, alpha)             -> alpha * G^T (X ∘ keep)     R x N
-//     lora_dropout_grad_x_(dx, g, lora_A, seed, p, alpha)   :  dX += alpha * keep ∘ (G A) in place
+//     lora_dropout_apply(x, seed, p)              -> X ∘ keep                 (T x N, a new tensor)
+//     lora_dropout_add_(dx, g, seed, p, alpha)    :  dX += alpha * keep ∘ G   in place
 //
 // Internal building blocks of RosaLinear's autograd function (python/rosa_kernels/linear.py), which
 // regenerates the mask in backward instead of saving it; python/rosa_kernels/dropout.py registers
-// their fake kernels.
+// their fake kernels. No 1 / (1 - p) factor: the caller folds it into its scale.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -30,16 +29,13 @@ DropoutKey check_dropout_key(const at::Tensor& seed, double p) {
   return dropout_key(seed.item<int64_t>(), p);
 }
 
-void check_lora_operands(const at::Tensor& x, const char* x_name, const at::Tensor& other, const char* other_name,
-                         int64_t other_columns_dim, int64_t other_columns) {
-  check_floating(x, x_name, 2);
-  check_floating(other, other_name, 2);
-  check_same_dtype(x, x_name, other, other_name);
-  check_same_device(x, x_name, other, other_name);
-  ROSA_CHECK_VALUE(other.size(other_columns_dim) == other_columns, other_name, " must have size ", other_columns,
-                   " in dimension ", other_columns_dim, ", got shape ", shape_of(other));
-  ROSA_CHECK_VALUE(x.size(0) < kInt32Max && x.size(1) < kInt32Max && other.size(0) < kInt32Max,
-                   "lora dropout sizes must be below 2^31 - 1");
+void check_dropout_add(const at::Tensor& dx, const at::Tensor& g) {
+  check_floating(dx, "dx", 2);
+  check_floating(g, "g", 2);
+  check_same_dtype(dx, "dx", g, "g");
+  check_same_device(dx, "dx", g, "g");
+  ROSA_CHECK_VALUE(g.sizes() == dx.sizes(), "g must have the shape of dx ", shape_of(dx), ", got ", shape_of(g));
+  ROSA_CHECK_VALUE(dx.stride(1) == 1 || dx.size(1) <= 1, "dx must have unit column stride");
 }
 
 namespace {
@@ -47,65 +43,40 @@ namespace {
 #define ROSA_DISPATCH_VALUES(dtype, name, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, name, __VA_ARGS__)
 
-at::Tensor lora_dropout_project_cpu(const at::Tensor& x, const at::Tensor& lora_A, const at::Tensor& seed,
-                                    double p) {
-  check_lora_operands(x, "x", lora_A, "lora_A", 1, x.size(1));
+at::Tensor lora_dropout_apply_cpu(const at::Tensor& x, const at::Tensor& seed, double p) {
+  check_floating(x, "x", 2);
   const DropoutKey key = check_dropout_key(seed, p);
   const auto x_rows = rows_contiguous(x);
-  const auto a = lora_A.contiguous();
-  auto h = at::empty({x.size(0), a.size(0)}, x.options());
-  ROSA_DISPATCH_VALUES(x.scalar_type(), "lora_dropout_project", [&] {
-    cpu::lora_dropout_project<scalar_t>(x_rows.const_data_ptr<scalar_t>(), x_rows.stride(0),
-                                        a.const_data_ptr<scalar_t>(), h.mutable_data_ptr<scalar_t>(), x.size(0),
-                                        x.size(1), a.size(0), key, at::get_num_threads());
+  auto out = at::empty(x.sizes(), x.options());
+  ROSA_DISPATCH_VALUES(x.scalar_type(), "lora_dropout_apply", [&] {
+    cpu::lora_dropout_apply<scalar_t>(x_rows.const_data_ptr<scalar_t>(), x_rows.stride(0),
+                                      out.mutable_data_ptr<scalar_t>(), out.size(1), x.size(0), x.size(1), key,
+                                      at::get_num_threads());
   });
-  return h;
+  return out;
 }
 
-at::Tensor lora_dropout_grad_A_cpu(const at::Tensor& g, const at::Tensor& x, const at::Tensor& seed, double p,
-                                   double alpha) {
-  check_lora_operands(x, "x", g, "g", 0, x.size(0));
+void lora_dropout_add_cpu(const at::Tensor& dx, const at::Tensor& g, const at::Tensor& seed, double p,
+                          double alpha) {
+  check_dropout_add(dx, g);
   const DropoutKey key = check_dropout_key(seed, p);
-  const auto x_rows = rows_contiguous(x);
-  const auto g_c = g.contiguous();
-  auto grad_A = at::empty({g.size(1), x.size(1)}, x.options());
-  ROSA_DISPATCH_VALUES(x.scalar_type(), "lora_dropout_grad_A", [&] {
-    cpu::lora_dropout_grad_A<scalar_t>(g_c.const_data_ptr<scalar_t>(), x_rows.const_data_ptr<scalar_t>(),
-                                       x_rows.stride(0), grad_A.mutable_data_ptr<scalar_t>(), x.size(0),
-                                       x.size(1), g.size(1), alpha, key, at::get_num_threads());
-  });
-  return grad_A;
-}
-
-void lora_dropout_grad_x_cpu(const at::Tensor& dx, const at::Tensor& g, const at::Tensor& lora_A,
-                             const at::Tensor& seed, double p, double alpha) {
-  check_lora_operands(dx, "dx", lora_A, "lora_A", 1, dx.size(1));
-  check_lora_operands(dx, "dx", g, "g", 0, dx.size(0));
-  ROSA_CHECK_VALUE(g.size(1) == lora_A.size(0), "g must have ", lora_A.size(0), " columns (the rank), got ",
-                   g.size(1));
-  ROSA_CHECK_VALUE(dx.stride(1) == 1 || dx.size(1) <= 1, "dx must have unit column stride");
-  const DropoutKey key = check_dropout_key(seed, p);
-  const auto g_c = g.contiguous();
-  const auto a = lora_A.contiguous();
-  ROSA_DISPATCH_VALUES(dx.scalar_type(), "lora_dropout_grad_x_", [&] {
-    cpu::lora_dropout_grad_x<scalar_t>(dx.mutable_data_ptr<scalar_t>(), dx.stride(0), g_c.const_data_ptr<scalar_t>(),
-                                       a.const_data_ptr<scalar_t>(), dx.size(0), dx.size(1), a.size(0), alpha, key,
-                                       at::get_num_threads());
+  const auto g_rows = rows_contiguous(g);
+  ROSA_DISPATCH_VALUES(dx.scalar_type(), "lora_dropout_add_", [&] {
+    cpu::lora_dropout_add<scalar_t>(dx.mutable_data_ptr<scalar_t>(), dx.stride(0), g_rows.const_data_ptr<scalar_t>(),
+                                    g_rows.stride(0), dx.size(0), dx.size(1), alpha, key, at::get_num_threads());
   });
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(rosa_kernels, m) {
-  m.def("lora_dropout_project(Tensor x, Tensor lora_A, Tensor seed, float p) -> Tensor");
-  m.def("lora_dropout_grad_A(Tensor g, Tensor x, Tensor seed, float p, float alpha) -> Tensor");
-  m.def("lora_dropout_grad_x_(Tensor(a!) dx, Tensor g, Tensor lora_A, Tensor seed, float p, float alpha) -> ()");
+  m.def("lora_dropout_apply(Tensor x, Tensor seed, float p) -> Tensor");
+  m.def("lora_dropout_add_(Tensor(a!) dx, Tensor g, Tensor seed, float p, float alpha) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(rosa_kernels, CPU, m) {
-  m.impl("lora_dropout_project", &lora_dropout_project_cpu);
-  m.impl("lora_dropout_grad_A", &lora_dropout_grad_A_cpu);
-  m.impl("lora_dropout_grad_x_", &lora_dropout_grad_x_cpu);
+  m.impl("lora_dropout_apply", &lora_dropout_apply_cpu);
+  m.impl("lora_dropout_add_", &lora_dropout_add_cpu);
 }
 
 }  // namespace rosa

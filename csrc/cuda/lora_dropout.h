@@ -1,10 +1,7 @@
-// Launchers of the CUDA kernels of RosaLinear's fused LoRA dropout (torch-free; see
-// cuda/lora_dropout.cu for the math and the work split). T is float, double, __half or
-// __nv_bfloat16. X and dX have unit column stride and row stride ld*; A (R x N) and G (T x R) are
-// contiguous.
+// Launchers of the CUDA kernels of RosaLinear's LoRA dropout (torch-free; see cuda/lora_dropout.cu).
+// T is float, double, __half or __nv_bfloat16; rows have unit column stride and row stride ld*.
 #pragma once
 
-#include <cstddef>
 #include <cstdint>
 
 #include <cuda_runtime.h>
@@ -13,21 +10,14 @@
 
 namespace rosa::cuda {
 
+// out = X ∘ keep
 template <typename T>
-void lora_dropout_project(const T* x, int64_t ldx, const T* lora_A, T* h, int64_t tokens, int64_t n,
-                          int64_t rank, DropoutKey key, cudaStream_t stream);
+void lora_dropout_apply(const T* x, int64_t ldx, T* out, int64_t ldo, int64_t tokens, int64_t n, DropoutKey key,
+                        cudaStream_t stream);
 
-// Bytes of float32 (float64 for double) workspace that lora_dropout_grad_A needs; 0 if none.
+// dX += alpha * keep ∘ G
 template <typename T>
-size_t lora_dropout_grad_A_workspace_bytes(int64_t tokens, int64_t n, int64_t rank);
-
-template <typename T>
-void lora_dropout_grad_A(const T* g, const T* x, int64_t ldx, T* grad_A, int64_t tokens, int64_t n,
-                         int64_t rank, double alpha, DropoutKey key, void* workspace,
-                         size_t workspace_bytes, cudaStream_t stream);
-
-template <typename T>
-void lora_dropout_grad_x(T* dx, int64_t lddx, const T* g, const T* lora_A, int64_t tokens, int64_t n,
-                         int64_t rank, double alpha, DropoutKey key, cudaStream_t stream);
+void lora_dropout_add(T* dx, int64_t lddx, const T* g, int64_t ldg, int64_t tokens, int64_t n, double alpha,
+                      DropoutKey key, cudaStream_t stream);
 
 }  // namespace rosa::cuda

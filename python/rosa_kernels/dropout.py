@@ -1,12 +1,12 @@
-"""RosaLinear's LoRA dropout, fused and regenerated from a seed.
+"""RosaLinear's LoRA dropout, regenerated from a seed.
 
 The LoRA branch of RoSA reads ``drop(X)``. Instead of drawing, applying and saving a T x in keep
-mask, RosaLinear draws one 64-bit seed per forward and three fused ops (``torch.ops.rosa_kernels``,
-CPU and CUDA) rebuild the mask from it wherever it is needed:
+mask, RosaLinear draws one 64-bit seed per forward, and two ops (``torch.ops.rosa_kernels``, CPU
+and CUDA) rebuild the mask from it wherever it is needed:
 
-- ``lora_dropout_project(x, lora_A, seed, p)`` = ``(X ∘ keep) A^T`` (T x rank), one read of X;
-- ``lora_dropout_grad_A(g, x, seed, p, alpha)`` = ``alpha * G^T (X ∘ keep)`` (rank x in);
-- ``lora_dropout_grad_x_(dx, g, lora_A, seed, p, alpha)``: ``dX += alpha * keep ∘ (G A)`` in place.
+- ``lora_dropout_apply(x, seed, p)`` = ``X ∘ keep`` (forward; the LoRA down-projection and dA read it);
+- ``lora_dropout_add_(dx, g, seed, p, alpha)``: ``dX += alpha * keep ∘ G`` in place (backward,
+  ``G = (dY B) A``), so the mask is never saved.
 
 ``keep(t, j)`` is a counter-based hash of (seed, t, j) (``csrc/dropout_keep.h``), so the CPU and
 the GPU draw the same mask from the same seed; :func:`keep_mask` is the same function in torch
@@ -53,16 +53,12 @@ def keep_mask(seed: torch.Tensor | int, tokens: int, features: int, p: float) ->
 
 
 def _register_fake_kernels() -> None:
-    @torch.library.register_fake("rosa_kernels::lora_dropout_project")
-    def _(x, lora_A, seed, p):
-        return x.new_empty((x.shape[0], lora_A.shape[0]))
+    @torch.library.register_fake("rosa_kernels::lora_dropout_apply")
+    def _(x, seed, p):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
 
-    @torch.library.register_fake("rosa_kernels::lora_dropout_grad_A")
-    def _(g, x, seed, p, alpha):
-        return x.new_empty((g.shape[1], x.shape[1]))
-
-    @torch.library.register_fake("rosa_kernels::lora_dropout_grad_x_")
-    def _(dx, g, lora_A, seed, p, alpha):
+    @torch.library.register_fake("rosa_kernels::lora_dropout_add_")
+    def _(dx, g, seed, p, alpha):
         return None
 
 

@@ -65,12 +65,13 @@ _NO_PLAN = (None, None, None, None, None, 0, 0)
 
 # ----------------------------------------------------------------------------------------------
 # The whole layer as one autograd function: the input is saved once, with the small T x rank
-# product h = drop(X) A^T (so that dB needs no recompute) and, under dropout, a 64-bit seed: the
-# keep mask is regenerated from it inside the fused dropout ops (rosa_kernels.dropout), never saved.
+# product h = drop(X) A^T (so that dB needs no recompute) and, under dropout, X ∘ keep (for dA, as
+# PEFT's LoRA keeps its dropout output) and a 64-bit seed: the keep mask itself is never saved,
+# lora_dropout_add_ regenerates it for dX (rosa_kernels.dropout).
 # A step on a GPU is launch-bound up to ~2048 tokens at 4096 x 4096, so every pass counts: the
 # LoRA product accumulates into the base GEMM's output (addmm_), scales ride on GEMMs' alpha (or
-# inside the fused ops), and nothing is cast or copied. Merged mode, dropout > 0: 3 ops forward
-# (linear, lora_dropout_project, addmm_), 6 backward (+ the SDDMM or the plan's GEMM and gather).
+# inside the dropout ops), and nothing is cast or copied. Merged mode, dropout > 0: 4 ops forward
+# (linear, lora_dropout_apply, mm, addmm_), 6 backward (+ the SDDMM or the plan's GEMM and gather).
 # ----------------------------------------------------------------------------------------------
 
 
@@ -95,10 +96,10 @@ class _RosaFunction(torch.autograd.Function):
         # kept_scale = scale / (1 - p), which every LoRA term carries (Y, dX, dA, dB).
         if dropout > 0.0:
             seed = draw_seed()
-            h = _ops.lora_dropout_project(x2d, lora_A, seed, dropout)
+            x_kept = _ops.lora_dropout_apply(x2d, seed, dropout)
         else:
-            seed = None
-            h = torch.mm(x2d, lora_A.t())
+            seed = x_kept = None
+        h = torch.mm(x2d if x_kept is None else x_kept, lora_A.t())
         kept_scale = scale / (1.0 - dropout)
         y.addmm_(h, lora_B.t(), alpha=kept_scale)
         # dS's path, and only what this mode's backward reads: each saved tensor costs host time.
@@ -114,7 +115,7 @@ class _RosaFunction(torch.autograd.Function):
         if mode in ("csr_add", "spmm"):
             sparse = sparse + (values, row_offsets, row_indices, col_indices, row_offsets_t, row_indices_t,
                                col_indices_t, permutation)
-        ctx.save_for_backward(x2d, seed, h, weight, lora_A, lora_B, *sparse)
+        ctx.save_for_backward(x2d, seed, x_kept, h, weight, lora_A, lora_B, *sparse)
         # Not saved for backward: every backward of the step adds into it in place, which would
         # trip the saved-tensor version check of the other forwards of the same step.
         ctx.pending = pending
@@ -125,7 +126,7 @@ class _RosaFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x2d, seed, h, weight, lora_A, lora_B, *sparse = ctx.saved_tensors
+        x2d, seed, x_kept, h, weight, lora_A, lora_B, *sparse = ctx.saved_tensors
         kept_scale, mode, grad_path = ctx.kept_scale, ctx.mode, ctx.grad_path
         path_tensors = {"none": 1, "dense": 1, "plan": 5, "sddmm": 3}[grad_path]
         grad_tensors, mode_tensors = sparse[:path_tensors], sparse[path_tensors:]
@@ -149,15 +150,12 @@ class _RosaFunction(torch.autograd.Function):
             if seed is None:
                 dx.addmm_(g, lora_A, alpha=kept_scale)
             else:
-                _ops.lora_dropout_grad_x_(dx, g, lora_A, seed, ctx.dropout, kept_scale)
+                _ops.lora_dropout_add_(dx, torch.mm(g, lora_A), seed, ctx.dropout, kept_scale)
             dx = dx.view(ctx.x_shape)
         # dA = scale / (1 - p) * (dY B)^T (X ∘ keep), dB = scale / (1 - p) * dY^T h. With beta=0 addmm
         # ignores its first operand (only its shape is used, NaNs included): the scale is the alpha.
         if ctx.needs_input_grad[3]:
-            if seed is None:
-                d_lora_A = torch.addmm(lora_A, g.t(), x2d, beta=0, alpha=kept_scale)
-            else:
-                d_lora_A = _ops.lora_dropout_grad_A(g, x2d, seed, ctx.dropout, kept_scale)
+            d_lora_A = torch.addmm(lora_A, g.t(), x2d if x_kept is None else x_kept, beta=0, alpha=kept_scale)
         if ctx.needs_input_grad[4]:
             d_lora_B = torch.addmm(lora_B, dy2d.t(), h, beta=0, alpha=kept_scale)
         if ctx.needs_input_grad[5]:
