@@ -65,9 +65,9 @@ _NO_PLAN = (None, None, None, None, None, 0, 0)
 
 # ----------------------------------------------------------------------------------------------
 # The whole layer as one autograd function: the input is saved once, with the small T x rank
-# product h = drop(X) A^T (so that dB needs no recompute) and, under dropout, X ∘ keep (for dA, as
-# PEFT's LoRA keeps its dropout output) and a 64-bit seed: the keep mask itself is never saved,
-# lora_dropout_add_ regenerates it for dX (rosa_kernels.dropout).
+# product h = drop(X) A^T (so that dB needs no recompute) and, under dropout, a 64-bit seed: neither
+# the keep mask nor X ∘ keep is saved (a T x in tensor per layer: the 32-layer memory target), the
+# dropout ops regenerate them in backward (rosa_kernels.dropout).
 # A step on a GPU is launch-bound up to ~2048 tokens at 4096 x 4096, so every pass counts: the
 # LoRA product accumulates into the base GEMM's output (addmm_), scales ride on GEMMs' alpha (or
 # inside the dropout ops), and nothing is cast or copied. Merged mode, dropout > 0: 4 ops forward
@@ -115,7 +115,7 @@ class _RosaFunction(torch.autograd.Function):
         if mode in ("csr_add", "spmm"):
             sparse = sparse + (values, row_offsets, row_indices, col_indices, row_offsets_t, row_indices_t,
                                col_indices_t, permutation)
-        ctx.save_for_backward(x2d, seed, x_kept, h, weight, lora_A, lora_B, *sparse)
+        ctx.save_for_backward(x2d, seed, h, weight, lora_A, lora_B, *sparse)
         # Not saved for backward: every backward of the step adds into it in place, which would
         # trip the saved-tensor version check of the other forwards of the same step.
         ctx.pending = pending
@@ -126,7 +126,7 @@ class _RosaFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x2d, seed, x_kept, h, weight, lora_A, lora_B, *sparse = ctx.saved_tensors
+        x2d, seed, h, weight, lora_A, lora_B, *sparse = ctx.saved_tensors
         kept_scale, mode, grad_path = ctx.kept_scale, ctx.mode, ctx.grad_path
         path_tensors = {"none": 1, "dense": 1, "plan": 5, "sddmm": 3}[grad_path]
         grad_tensors, mode_tensors = sparse[:path_tensors], sparse[path_tensors:]
@@ -155,7 +155,8 @@ class _RosaFunction(torch.autograd.Function):
         # dA = scale / (1 - p) * (dY B)^T (X ∘ keep), dB = scale / (1 - p) * dY^T h. With beta=0 addmm
         # ignores its first operand (only its shape is used, NaNs included): the scale is the alpha.
         if ctx.needs_input_grad[3]:
-            d_lora_A = torch.addmm(lora_A, g.t(), x2d if x_kept is None else x_kept, beta=0, alpha=kept_scale)
+            x_kept = x2d if seed is None else _ops.lora_dropout_apply(x2d, seed, ctx.dropout)
+            d_lora_A = torch.addmm(lora_A, g.t(), x_kept, beta=0, alpha=kept_scale)
         if ctx.needs_input_grad[4]:
             d_lora_B = torch.addmm(lora_B, dy2d.t(), h, beta=0, alpha=kept_scale)
         if ctx.needs_input_grad[5]:
@@ -253,7 +254,8 @@ class RosaLinear(nn.Module):
         if sparse_grad not in SPARSE_GRADS:
             raise ValueError(f"sparse_grad must be one of {SPARSE_GRADS}, got {sparse_grad!r}")
         self.sparse_grad = sparse_grad
-        self._grad_plan = self._grad_plan_dtype = None  # the mask's MaskPlan, built with the mask
+        # The parts of the mask's MaskPlan that dS needs (built with the mask), and where they live.
+        self._grad_plan = self._grad_plan_key = None
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = in_features, out_features
         self.rank, self.density, self.alpha = int(rank), float(density), float(alpha)
@@ -370,18 +372,25 @@ class RosaLinear(nn.Module):
 
     def _plan_parts(self, x, mode) -> tuple:
         """The tensors and sizes of the mask's plan for dS (``sparse_grad="auto"``), or none."""
-        plan = self._grad_plan
-        if self.sparse_grad != "auto" or mode == "nomask" or plan is None or plan.device != x.device:
+        parts = self._grad_plan
+        if self.sparse_grad != "auto" or mode == "nomask" or parts is None or self._grad_plan_key[0] != x.device:
             return _NO_PLAN
-        parts = plan.sddmm_parts()
-        return parts if parts[5] > 0 else _NO_PLAN
+        return parts
 
     def _build_plan(self):
         """The mask's MaskPlan on the layer's device (one host synchronization, when the mask is set
         or the layer moves; the plan's cost model decides per device)."""
-        self._grad_plan = MaskPlan(self.row_offsets, self.col_indices, self.out_features, self.in_features,
-                                   dtype=self.weight.dtype, validate=False)
-        self._grad_plan_dtype = self.weight.dtype
+        self._use_plan(MaskPlan(self.row_offsets, self.col_indices, self.out_features, self.in_features,
+                                dtype=self.weight.dtype, validate=False))
+
+    def _use_plan(self, plan: MaskPlan):
+        # Only what planned_sddmm reads is kept (the plan's other index tensors would cost a few MB
+        # per layer); the gather index as int32, which index_select takes as well.
+        gather, target, *rest, width, rest_nnz = plan.sddmm_parts()
+        small = target.numel() == 0 or int(self.out_features) * width + rest_nnz < 2**31 - 1
+        self._grad_plan = ((gather, target.int() if small else target, *rest, width, rest_nnz) if width
+                           else None)
+        self._grad_plan_key = (plan.device, self.weight.dtype)
 
     # ------------------------------------------------------------------------------------------
     # Sparse mode and merging of S into the dense weight
@@ -446,8 +455,7 @@ class RosaLinear(nn.Module):
             self._pending = self._pending.to(self.weight.device)
         if self._merged:
             self._scatter()
-        if self._grad_plan is not None and (self._grad_plan.device != self.weight.device
-                                            or self._grad_plan_dtype != self.weight.dtype):
+        if self._grad_plan_key is not None and self._grad_plan_key != (self.weight.device, self.weight.dtype):
             self._build_plan()
         return self
 
