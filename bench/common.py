@@ -847,10 +847,18 @@ def _versions(device: str) -> tuple:
 
 
 def _git_revision() -> str | None:
+    """HEAD's short hash, with "+changes" when the tree differs from it (a copied tree, such as the
+    GPU machine's, can carry an older .git); ROSA_GIT_REVISION overrides it."""
     import subprocess
 
+    if os.environ.get("ROSA_GIT_REVISION"):
+        return os.environ["ROSA_GIT_REVISION"]
+    here = os.path.dirname(os.path.abspath(__file__))
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__)), timeout=5).stdout.strip() or None
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here,
+                              timeout=5).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                 text=True, cwd=here, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
+    return (head + ("+changes" if changed else "")) or None
