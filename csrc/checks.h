@@ -39,6 +39,10 @@ std::string message(const Parts&... parts) {
 }  // namespace detail
 
 #define ROSA_CHECK(cond, ...) TORCH_CHECK(cond, ::rosa::detail::message(__VA_ARGS__))
+
+// Dispatches on the four value dtypes; `scalar_t` is the c10 type inside the body.
+#define ROSA_DISPATCH_VALUES(dtype, name, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, name, __VA_ARGS__)
 // The same, raising Python's ValueError / TypeError: bad arguments of the ops are reported as the
 // public Python functions promise (shapes, lengths, devices, sizes: ValueError; dtypes and
 // missing tensors: TypeError), with the argument's name, what was expected and what came.

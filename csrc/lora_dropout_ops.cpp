@@ -40,9 +40,6 @@ void check_dropout_add(const at::Tensor& dx, const at::Tensor& g) {
 
 namespace {
 
-#define ROSA_DISPATCH_VALUES(dtype, name, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, name, __VA_ARGS__)
-
 at::Tensor lora_dropout_apply_cpu(const at::Tensor& x, const at::Tensor& seed, double p) {
   check_floating(x, "x", 2);
   const DropoutKey key = check_dropout_key(seed, p);

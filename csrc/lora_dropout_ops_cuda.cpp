@@ -6,34 +6,13 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include "checks.h"
+#include "cuda_values.h"
 #include "cuda/lora_dropout.h"
 #include "lora_dropout_ops.h"
 
 namespace rosa {
 namespace {
-
-#define ROSA_DISPATCH_VALUES(dtype, name, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, name, __VA_ARGS__)
-
-template <typename S>
-struct CudaValue { using type = S; };
-template <>
-struct CudaValue<c10::Half> { using type = __half; };
-template <>
-struct CudaValue<c10::BFloat16> { using type = __nv_bfloat16; };
-
-template <typename S>
-const typename CudaValue<S>::type* cptr(const at::Tensor& t) {
-  return reinterpret_cast<const typename CudaValue<S>::type*>(t.const_data_ptr<S>());
-}
-template <typename S>
-typename CudaValue<S>::type* mptr(const at::Tensor& t) {
-  return reinterpret_cast<typename CudaValue<S>::type*>(t.mutable_data_ptr<S>());
-}
 
 at::Tensor lora_dropout_apply_cuda(const at::Tensor& x, const at::Tensor& seed, double p) {
   check_floating(x, "x", 2);
@@ -44,8 +23,8 @@ at::Tensor lora_dropout_apply_cuda(const at::Tensor& x, const at::Tensor& seed, 
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
   ROSA_DISPATCH_VALUES(x.scalar_type(), "lora_dropout_apply", [&] {
     using T = typename CudaValue<scalar_t>::type;
-    cuda::lora_dropout_apply<T>(cptr<scalar_t>(x_rows), x_rows.stride(0), mptr<scalar_t>(out), out.size(1),
-                                x.size(0), x.size(1), key, stream);
+    cuda::lora_dropout_apply<T>(cuda_ptr<scalar_t>(x_rows), x_rows.stride(0), cuda_mutable_ptr<scalar_t>(out),
+                                out.size(1), x.size(0), x.size(1), key, stream);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
@@ -60,8 +39,8 @@ void lora_dropout_add_cuda(const at::Tensor& dx, const at::Tensor& g, const at::
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
   ROSA_DISPATCH_VALUES(dx.scalar_type(), "lora_dropout_add_", [&] {
     using T = typename CudaValue<scalar_t>::type;
-    cuda::lora_dropout_add<T>(mptr<scalar_t>(dx), dx.stride(0), cptr<scalar_t>(g_rows), g_rows.stride(0),
-                              dx.size(0), dx.size(1), alpha, key, stream);
+    cuda::lora_dropout_add<T>(cuda_mutable_ptr<scalar_t>(dx), dx.stride(0), cuda_ptr<scalar_t>(g_rows),
+                              g_rows.stride(0), dx.size(0), dx.size(1), alpha, key, stream);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -26,10 +26,6 @@
 namespace rosa {
 namespace {
 
-// Dispatches on the four value dtypes; `scalar_t` is the c10 type inside `body`.
-#define ROSA_DISPATCH_VALUES(dtype, name, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, name, __VA_ARGS__)
-
 int threads() { return at::get_num_threads(); }
 
 // Index contents are the Python boundary's job, but a direct torch.ops call must not crash the

@@ -14,10 +14,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include "checks.h"
+#include "cuda_values.h"
 #include "cuda/csr_add.h"
 #include "cuda/csr_transpose.h"
 #include "cuda/sddmm.h"
@@ -25,26 +23,6 @@
 
 namespace rosa {
 namespace {
-
-#define ROSA_DISPATCH_VALUES(dtype, name, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, name, __VA_ARGS__)
-
-// The CUDA value type of a c10 scalar type (same size and bit layout).
-template <typename S>
-struct CudaValue { using type = S; };
-template <>
-struct CudaValue<c10::Half> { using type = __half; };
-template <>
-struct CudaValue<c10::BFloat16> { using type = __nv_bfloat16; };
-
-template <typename S>
-const typename CudaValue<S>::type* cuda_ptr(const at::Tensor& t) {
-  return reinterpret_cast<const typename CudaValue<S>::type*>(t.const_data_ptr<S>());
-}
-template <typename S>
-typename CudaValue<S>::type* cuda_mutable_ptr(const at::Tensor& t) {
-  return reinterpret_cast<typename CudaValue<S>::type*>(t.mutable_data_ptr<S>());
-}
 
 // The dispatcher picked this implementation because some operand is a CUDA tensor; the checks of
 // checks.h then put every operand on the reference's device, so this one check covers them all.
