@@ -194,6 +194,17 @@ inline Csr check_csr_add(const at::Tensor& values, const at::Tensor& row_offsets
                        "values")};
 }
 
+// csr_add_ writes into `dense` itself, so its rows must already be contiguous.
+inline Csr check_csr_add_inplace(const at::Tensor& values, const at::Tensor& row_offsets,
+                                 const at::Tensor& row_indices, const at::Tensor& col_indices,
+                                 const at::Tensor& dense) {
+  Csr csr = check_csr_add(values, row_offsets, row_indices, col_indices, dense);
+  ROSA_CHECK_VALUE(dense.stride(1) == 1 || dense.size(1) <= 1,
+                   "dense must have contiguous rows for an in-place csr_add, got strides (",
+                   dense.stride(0), ", ", dense.stride(1), ")");
+  return csr;
+}
+
 // Dense operands are read row by row with a row stride: make the rows contiguous.
 inline at::Tensor rows_contiguous(const at::Tensor& t) {
   if (t.stride(1) == 1 || t.size(1) <= 1) return t;

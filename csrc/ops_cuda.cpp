@@ -156,11 +156,8 @@ void csr_add_into(const at::Tensor& values, const Csr& csr, const at::Tensor& de
 void csr_add_inplace_cuda(const at::Tensor& values, const at::Tensor& row_offsets,
                           const at::Tensor& row_indices, const at::Tensor& col_indices,
                           const at::Tensor& dense) {
-  const Csr csr = check_csr_add(values, row_offsets, row_indices, col_indices, dense);
+  const Csr csr = check_csr_add_inplace(values, row_offsets, row_indices, col_indices, dense);
   check_cuda(values, "values");
-  ROSA_CHECK_VALUE(dense.stride(1) == 1 || dense.size(1) <= 1,
-                   "dense must have contiguous rows for an in-place csr_add, got strides (",
-                   dense.stride(0), ", ", dense.stride(1), ")");
   csr_add_into(values, csr, dense);
 }
 
