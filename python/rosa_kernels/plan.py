@@ -270,9 +270,16 @@ class MaskPlan:
     # Per-call checks: only shapes, dtypes and devices (no index contents, no synchronization).
     # ------------------------------------------------------------------------------------------
 
-    def _check_device(self, x: torch.Tensor, name: str) -> None:
-        if x.device != self.device:
-            raise ValueError(f"{name} must be on the plan's device ({self.device}), got {x.device}")
+    def _check_operands(self, first: torch.Tensor, first_name: str, first_dim: int, second: torch.Tensor,
+                        second_name: str) -> None:
+        """Both are value tensors (``first`` of ``first_dim`` dimensions, ``second`` 2-D) of one dtype,
+        on the plan's device."""
+        check_values_tensor(first, first_name, first_dim)
+        check_values_tensor(second, second_name, 2)
+        check_same_dtype(first, first_name, **{second_name: second})
+        if first.device != self.device:
+            raise ValueError(f"{first_name} must be on the plan's device ({self.device}), got {first.device}")
+        check_same_device(first, first_name, **{second_name: second})
 
     def _uses_autograd(self, *tensors) -> bool:
         return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
@@ -299,11 +306,7 @@ class MaskPlan:
         (to rounding); ``a`` (m, k) and ``bt`` (n, k) may be transposed views (RoSA's
         ``dS = plan.sddmm(dY.t(), X.t())``). Differentiable w.r.t. ``a`` and ``bt``.
         """
-        check_values_tensor(a, "a", 2)
-        check_values_tensor(bt, "bt", 2)
-        check_same_dtype(a, "a", bt=bt)
-        self._check_device(a, "a")
-        check_same_device(a, "a", bt=bt)
+        self._check_operands(a, "a", 2, bt, "bt")
         m, n = self.shape
         if a.shape[0] != m:
             raise ValueError(f"a must have m = {m} rows, got shape {tuple(a.shape)}")
@@ -334,11 +337,7 @@ class MaskPlan:
         (to rounding; see the module docstring). ``dense`` may be a transposed view (RoSA's
         ``X S^T = plan.spmm(values, X.t()).t()``). Differentiable w.r.t. ``values`` and ``dense``.
         """
-        check_values_tensor(values, "values", 1)
-        check_values_tensor(dense, "dense", 2)
-        check_same_dtype(values, "values", dense=dense)
-        self._check_device(values, "values")
-        check_same_device(values, "values", dense=dense)
+        self._check_operands(values, "values", 1, dense, "dense")
         m, n = self.shape
         if values.shape[0] != self.nnz:
             raise ValueError(f"values must have length nnz = {self.nnz}, got {values.shape[0]}")
