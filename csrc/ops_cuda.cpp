@@ -31,7 +31,7 @@ void check_cuda(const at::Tensor& t, const char* name) {
                    t.device());
 }
 
-// ROSA_SPMM_KERNEL=rows|rows2|panel|slab32|slab16 forces one SpMM kernel (for measurements); default auto.
+// ROSA_SPMM_KERNEL=rows|rows2|slab32|slab16 forces one SpMM kernel (for measurements); default auto.
 cuda::SpmmKernel spmm_kernel_choice() {
   const char* choice = std::getenv("ROSA_SPMM_KERNEL");
   if (choice == nullptr) return cuda::SpmmKernel::kAuto;
@@ -39,7 +39,6 @@ cuda::SpmmKernel spmm_kernel_choice() {
   if (std::strcmp(choice, "slab16") == 0) return cuda::SpmmKernel::kSlab16;
   if (std::strcmp(choice, "rows") == 0) return cuda::SpmmKernel::kRows;
   if (std::strcmp(choice, "rows2") == 0) return cuda::SpmmKernel::kRows2;
-  if (std::strcmp(choice, "panel") == 0) return cuda::SpmmKernel::kPanel;
   return cuda::SpmmKernel::kAuto;
 }
 

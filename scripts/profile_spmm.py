@@ -3,7 +3,7 @@
 Usage (on a GPU machine):
     ncu -k regex:spmm --launch-skip 0 --launch-count 2 --section SpeedOfLight ... \\
         python scripts/profile_spmm.py [--shape 4096x4096] [--density 0.01] [--kind uniform]
-        [--variants rows,panel] [--tokens 4096]
+        [--variants rows,slab32] [--tokens 4096]
 
 Each variant runs twice (a warm-up and the profiled call); between variants nothing else launches
 a kernel named like `spmm`, so `ncu -k regex:spmm` sees only the SpMM kernels.
@@ -26,7 +26,7 @@ def main():
     parser.add_argument("--shape", default="4096x4096")
     parser.add_argument("--density", type=float, default=0.01)
     parser.add_argument("--kind", default="uniform", choices=["uniform", "rosa"])
-    parser.add_argument("--variants", default="rows,panel")
+    parser.add_argument("--variants", default="rows,slab32")
     parser.add_argument("--tokens", type=int, default=4096)
     args = parser.parse_args()
     m, n = (int(x) for x in args.shape.split("x"))

@@ -2,7 +2,7 @@
 
 Usage (on a GPU machine, after `pip install --no-build-isolation --no-deps .`):
     python scripts/time_cuda_ops.py [--quick] [--tokens 4096] [--out FILE.json]
-        [--variants rows,panel] [--densities 0.001,0.01] [--no-other-ops]
+        [--variants rows,rows2] [--densities 0.001,0.01] [--no-other-ops]
 
 bf16, tokens 4096, A of shape m x n in {4096x4096, 11008x4096, 4096x11008}, densities 0.1-3%,
 mask kinds `uniform` and `rosa` (the recipe of rosa_kernels.testing, generated on the GPU to keep
@@ -123,7 +123,7 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--out", default=None)
-    parser.add_argument("--variants", default="rows,panel",
+    parser.add_argument("--variants", default="rows,rows2,slab32",
                         help="comma-separated ROSA_SPMM_KERNEL values to time")
     parser.add_argument("--densities", default=None, help="comma-separated, e.g. 0.001,0.01")
     parser.add_argument("--no-other-ops", action="store_true", help="time spmm only")

@@ -44,30 +44,12 @@ constexpr int kRowsThreads = 128;
 constexpr int kScanThreads = 1024;
 constexpr int kRows2Depth = 4;  // dense slices loaded per step by the rows2 kernel
 
-// The panel kernel's tile: a half-warp of kPanelLanes lanes owns kPanelRowsPerLane output rows of
-// a kPanelLanes x 16-byte column tile; 32 half-warps make a block of kPanelRows rows. The dense
-// operand is staged kPanelDepth rows at a time, double-buffered.
-constexpr int kPanelThreads = 512;
-constexpr int kPanelLanes = 16;
-constexpr int kPanelRowsPerLane = 8;
-constexpr int kPanelGroups = kPanelThreads / kPanelLanes;
-constexpr int kPanelRows = kPanelGroups * kPanelRowsPerLane;
-constexpr int kPanelDepth = 256;
-constexpr int kPanelStages = 3;  // panels in shared memory: one in use, two in flight
-constexpr size_t kPanelSharedBytes = size_t(kPanelStages) * kPanelDepth * kPanelLanes * 16;
-
 template <int kGroup>
 struct SlabShape {
   static constexpr int kChunkRows = 32 / kGroup;     // C of SELL-C
   static constexpr int kLightCap = 4 * kChunkRows;   // longer rows are "heavy"
   static constexpr int kSliceBytes = 16 * kGroup;    // bytes of one dense row in the slab
 };
-
-// Nonzeros served per staged dense row above which `auto` picks the panel kernel (0.4% density
-// at kPanelRows = 256).
-constexpr double kPanelMinReuse = 1.0;
-
-constexpr int64_t kVectorElementsOf(int value_bytes) { return 16 / value_bytes; }
 
 inline size_t round_up16(size_t bytes) { return (bytes + 15) / 16 * 16; }
 
@@ -96,8 +78,7 @@ __device__ __forceinline__ uint4 load_slice(const T* row, int64_t column, int64_
   return slice;
 }
 
-// acc[e] += v * slice[e]
-// `slice` is taken by value: a reference into shared memory let the compiler read it as
+// acc[e] += v * slice[e]. `slice` is taken by value: a reference into shared memory let the compiler read it as
 // kVectorElements<T> narrow loads (8 shared-memory wavefronts instead of one, per nonzero).
 template <typename T>
 __device__ __forceinline__ void multiply_add(accumulator_t<T> (&acc)[kVectorElements<T>],
@@ -345,155 +326,6 @@ __global__ void __launch_bounds__(kRowsThreads)
 }
 
 // ---------------------------------------------------------------------------------------------
-// The panel kernel: one block per (column tile, kPanelRows consecutive positions of row_indices).
-// ---------------------------------------------------------------------------------------------
-
-__device__ __forceinline__ void copy_async16(void* shared, const void* global) {
-  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(address), "l"(global));
-}
-__device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int kPending>
-__device__ __forceinline__ void copy_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-}
-
-// Rows [first, first + rows) of `dense` restricted to the tile's columns -> panel[r][lane slice].
-// Thread t copies slice t % kPanelLanes of rows t / kPanelLanes + i * (kPanelThreads /
-// kPanelLanes). Full 16-byte slices are copied asynchronously; the ragged edge (past k, or an
-// unaligned operand) is loaded element-wise, zeros past k.
-template <typename T>
-__device__ __forceinline__ void stage_panel(uint4* __restrict__ panel, const T* __restrict__ dense,
-                                            int64_t dense_row_stride, int64_t first, int rows,
-                                            int64_t tile_begin, int64_t k, bool vector_ok) {
-  constexpr int kVec = kVectorElements<T>;
-  constexpr int kRowsPerPass = kPanelThreads / kPanelLanes;
-  const int row = threadIdx.x / kPanelLanes;
-  const int64_t column = tile_begin + (threadIdx.x % kPanelLanes) * kVec;
-  const bool async = vector_ok && column + kVec <= k;
-  const T* source = dense + (first + row) * dense_row_stride;
-  const int64_t source_step = kRowsPerPass * dense_row_stride;
-#pragma unroll 2
-  for (int pass = 0; pass < kPanelDepth / kRowsPerPass; ++pass) {
-    if (row + pass * kRowsPerPass < rows) {
-      uint4* target = panel + threadIdx.x + pass * kPanelThreads;
-      if (async) {
-        copy_async16(target, source + column);
-      } else {
-        *target = load_slice(source, column, k, vector_ok);
-      }
-    }
-    source += source_step;
-  }
-}
-
-// One block serves kPanelRows rows (positions of row_indices: similar lengths) for one tile of
-// kPanelLanes 16-byte column slices. It walks `dense` in panels of kPanelDepth rows, staging the
-// next panel (cp.async) while the current one is used, so every dense element crosses L2 once per
-// block: (m / kPanelRows) reads of `dense` in all, instead of one 2k-byte read per nonzero
-// (kPanelStages buffers: two panels in flight while one is used, since a single one in flight
-// left the copy latency-bound at ~16 GB/s per SM on an H200). Each
-// half-warp owns kPanelRowsPerLane rows (positions g, g + 32, ...) with float32 accumulators in
-// registers; per row it keeps a window of its next kPanelLanes nonzeros (one per lane), uses the
-// window's entries that fall in the current panel (a prefix: columns ascend), and reloads the
-// window after consuming some, so the load overlaps the next rows and the barrier. Nonzeros of a
-// row are added in CSR order, as in the rows kernel: the results are bitwise equal.
-template <typename T>
-__global__ void __launch_bounds__(kPanelThreads, 1)
-    spmm_panel_kernel(const T* __restrict__ values, const int32_t* __restrict__ row_offsets,
-                      const int32_t* __restrict__ row_indices,
-                      const int32_t* __restrict__ col_indices, const T* __restrict__ dense,
-                      int64_t dense_row_stride, T* __restrict__ out, int64_t m, int64_t n,
-                      int64_t k, bool dense_vector_ok, bool out_vector_ok) {
-  using Acc = accumulator_t<T>;
-  constexpr int kVec = kVectorElements<T>;
-  constexpr int kRowsHere = kPanelRowsPerLane;
-  extern __shared__ uint4 panels[];  // [kPanelStages][kPanelDepth][kPanelLanes]
-
-  const int lane = threadIdx.x % 32;
-  const int member = lane % kPanelLanes;
-  const unsigned group_mask = lane < kPanelLanes ? 0x0000ffffu : 0xffff0000u;
-  const int group = threadIdx.x / kPanelLanes;
-  const int64_t tile_begin = static_cast<int64_t>(blockIdx.y) * kPanelLanes * kVec;
-  const int64_t column = tile_begin + member * kVec;
-  const int64_t first_position = static_cast<int64_t>(blockIdx.x) * kPanelRows + group;
-
-  // Per row: the next unused nonzero, the row's end, and the window entry of this lane (column
-  // `kNone` past the row's end, so it is in no panel).
-  constexpr int32_t kNone = 0x7fffffff;
-  int32_t next[kRowsHere], end[kRowsHere];  // nnz < 2^31
-  int32_t window_col[kRowsHere];
-  Acc window_value[kRowsHere];
-#pragma unroll
-  for (int r = 0; r < kRowsHere; ++r) {
-    const int64_t position = first_position + int64_t(r) * kPanelGroups;
-    next[r] = end[r] = 0;
-    if (position < m) {
-      const int64_t row = row_indices[position];
-      next[r] = row_offsets[row];
-      end[r] = row_offsets[row + 1];
-    }
-  }
-#pragma unroll
-  for (int r = 0; r < kRowsHere; ++r) {
-    const int64_t p = int64_t(next[r]) + member;
-    window_col[r] = p < end[r] ? col_indices[p] : kNone;
-    window_value[r] = p < end[r] ? to_acc(values[p]) : Acc(0);
-  }
-
-  Acc acc[kRowsHere][kVec] = {};
-  const int64_t panel_count = (n + kPanelDepth - 1) / kPanelDepth;
-  auto stage = [&](int64_t q) {  // panel q into buffer q % kPanelStages, as one commit group
-    if (q < panel_count) {
-      const int64_t first = q * kPanelDepth;
-      stage_panel(panels + (q % kPanelStages) * kPanelDepth * kPanelLanes, dense,
-                  dense_row_stride, first, static_cast<int>(std::min<int64_t>(n - first, kPanelDepth)),
-                  tile_begin, k, dense_vector_ok);
-    }
-    copy_async_commit();
-  };
-  for (int q = 0; q < kPanelStages - 1; ++q) stage(q);
-  for (int64_t q = 0; q < panel_count; ++q) {
-    copy_async_wait<kPanelStages - 2>();  // panel q has landed (later ones may be in flight)
-    __syncthreads();  // ... for every thread; and everyone is done with panel q - 1's buffer
-    stage(q + kPanelStages - 1);           // into that buffer
-    const uint4* panel = panels + (q % kPanelStages) * kPanelDepth * kPanelLanes;
-    const int32_t panel_first = static_cast<int32_t>(q * kPanelDepth);  // < n < 2^31
-    const int64_t panel_end = std::min<int64_t>(n, (q + 1) * kPanelDepth);
-#pragma unroll
-    for (int r = 0; r < kRowsHere; ++r) {
-      for (;;) {
-        const unsigned inside =
-            __ballot_sync(group_mask, window_col[r] < panel_end) & group_mask;
-        const int count = __popc(inside);  // a prefix of the window: columns ascend
-        if (count == 0) break;
-#pragma unroll 2
-        for (int e = 0; e < count; ++e) {
-          const int32_t j = __shfl_sync(group_mask, window_col[r], e, kPanelLanes);
-          const Acc v = __shfl_sync(group_mask, window_value[r], e, kPanelLanes);
-          const uint4 slice = panel[(j - panel_first) * kPanelLanes + member];  // one 16-byte load
-          multiply_add<T>(acc[r], v, slice);
-        }
-        next[r] += count;
-        const int64_t p = int64_t(next[r]) + member;
-        window_col[r] = p < end[r] ? col_indices[p] : kNone;
-        window_value[r] = p < end[r] ? to_acc(values[p]) : Acc(0);
-        if (count < kPanelLanes) break;
-      }
-    }
-  }
-
-  if (column >= k) return;
-#pragma unroll
-  for (int r = 0; r < kRowsHere; ++r) {
-    const int64_t position = first_position + int64_t(r) * kPanelGroups;
-    if (position < m) {
-      store_slice(out + int64_t(row_indices[position]) * k, column, k, out_vector_ok, acc[r]);
-    }
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
 // The rows2 kernel: the same work per (row, chunk), long rows first across all chunks.
 // ---------------------------------------------------------------------------------------------
 
@@ -637,26 +469,17 @@ unsigned items_grid(int64_t items) {
 
 SpmmKernel spmm_select(SpmmKernel requested, int64_t m, int64_t n, int64_t k, int64_t nnz,
                        int value_bytes) {
+  (void)value_bytes;
+  (void)nnz;
   if (m == 0 || k == 0) return SpmmKernel::kRows;
   const int64_t shared_limit = max_shared_memory_per_block() - 1024;
   const bool fits32 = n * 32 <= shared_limit, fits16 = n * 16 <= shared_limit;
-  const int64_t tile_width = int64_t(kPanelLanes) * kVectorElementsOf(value_bytes);
-  const int64_t panel_tiles = (k + tile_width - 1) / tile_width;
-  const bool fits_panel =
-      static_cast<int64_t>(kPanelSharedBytes) <= shared_limit && panel_tiles <= 65535;
   SpmmKernel kernel = requested;
   if (kernel == SpmmKernel::kAuto) {
-    // The panel kernel reads `dense` once per kPanelRows rows; the rows kernel reads one dense row
-    // per nonzero. Per staged dense row the panel kernel serves kPanelRows * density nonzeros, so
-    // it wins once that is well above one and the grid fills the device (docs/perf-notes.md).
-    const double density = double(nnz) / (double(m) * double(std::max<int64_t>(n, 1)));
-    const int64_t blocks = ((m + kPanelRows - 1) / kPanelRows) * panel_tiles;
-    const bool dense_enough = density * kPanelRows >= kPanelMinReuse;
-    // Measured 2.7x slower than rows at d = 1% (docs/perf-notes.md): kept selectable only.
-    kernel = dense_enough && blocks >= multiprocessor_count() && false ? SpmmKernel::kPanel
-                                                                        : SpmmKernel::kRows;
+    // Measured on H100 and H200 (docs/perf-notes.md): the rows kernel wins at every LLaMA shape
+    // and density 0.1-3% over the slab kernels here and the panel kernel of git history (8afc41b).
+    kernel = SpmmKernel::kRows;
   }
-  if (kernel == SpmmKernel::kPanel && !fits_panel) kernel = SpmmKernel::kRows;
   if (kernel == SpmmKernel::kSlab32 && !fits32) kernel = SpmmKernel::kSlab16;
   if (kernel == SpmmKernel::kSlab16 && !fits16) kernel = SpmmKernel::kRows;
   return kernel;
@@ -684,20 +507,6 @@ void spmm(const T* values, const int32_t* row_offsets, const int32_t* row_indice
   if (selected == SpmmKernel::kSlab16) {
     launch_slab<T, 1>(values, row_offsets, row_indices, col_indices, dense, dense_row_stride, out,
                       m, n, k, nnz, dense_vector_ok, out_vector_ok, workspace, stream);
-    return;
-  }
-  if (selected == SpmmKernel::kPanel) {
-    auto kernel = spmm_panel_kernel<T>;
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                         static_cast<int>(kPanelSharedBytes));
-    const int64_t tiles = (k + int64_t(kPanelLanes) * kVec - 1) / (int64_t(kPanelLanes) * kVec);
-    const int64_t row_blocks = (m + kPanelRows - 1) / kPanelRows;
-    // Row blocks fastest: the blocks resident together share a few column tiles of `dense`
-    // (a few MB of L2) instead of spanning all of it.
-    kernel<<<dim3(static_cast<unsigned>(row_blocks), static_cast<unsigned>(tiles)), kPanelThreads,
-             kPanelSharedBytes, stream>>>(values, row_offsets, row_indices, col_indices, dense,
-                                          dense_row_stride, out, m, n, k, dense_vector_ok,
-                                          out_vector_ok);
     return;
   }
   const int64_t per_block = int64_t(kRowsThreads) * kVec;

@@ -25,8 +25,6 @@ enum class SpmmKernel : int {
   kRows = 3,    // one block per (row, column chunk), dense rows read straight from global memory
   kRows2 = 5,   // kRows' work, longest rows first across all column chunks (RoSA masks with long
                 // rows; slower on uniform ones)
-  kPanel = 6,   // a block owns 256 rows x a 256-byte column tile and stages `dense` through
-                // shared memory in panels of 256 rows: one read of `dense` per 256 rows (d >= 0.4%)
 };
 
 // The kernel that will run for `requested` (kAuto or a forced one that may not fit): a host
