@@ -5,8 +5,10 @@
 // CUDA type (c10::Half -> __half, c10::BFloat16 -> __nv_bfloat16) and a call of the torch-free
 // launcher in cuda/. Nothing here reads tensor contents or synchronizes: outputs are sized from
 // shapes alone.
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
@@ -31,7 +33,8 @@ void check_cuda(const at::Tensor& t, const char* name) {
                    t.device());
 }
 
-// ROSA_SPMM_KERNEL=rows|rows2|slab32|slab16 forces one SpMM kernel (for measurements); default auto.
+// ROSA_SPMM_KERNEL=rows|rows2|slab32|slab16|dense forces one SpMM kernel or the dense path (for
+// measurements and tests); ROSA_SDDMM_KERNEL=sparse|dense forces one SDDMM path. Default: auto.
 cuda::SpmmKernel spmm_kernel_choice() {
   const char* choice = std::getenv("ROSA_SPMM_KERNEL");
   if (choice == nullptr) return cuda::SpmmKernel::kAuto;
@@ -40,6 +43,83 @@ cuda::SpmmKernel spmm_kernel_choice() {
   if (std::strcmp(choice, "rows") == 0) return cuda::SpmmKernel::kRows;
   if (std::strcmp(choice, "rows2") == 0) return cuda::SpmmKernel::kRows2;
   return cuda::SpmmKernel::kAuto;
+}
+
+bool env_is(const char* name, const char* value) {
+  const char* choice = std::getenv(name);
+  return choice != nullptr && std::strcmp(choice, value) == 0;
+}
+
+// The dense paths run cuBLAS through at::mm, under torch's global matmul settings. By default
+// those let cuBLAS add split-K partial sums in bf16 / fp16 (allow_bf16_reduced_precision_reduction),
+// and a user may ask for fp16 accumulation: measured 13x the error of float32 accumulation on a
+// 512 x 700 x 300 product. The ops promise float32 accumulation, so while this guard lives those
+// settings are the strict ones; the previous ones come back after. A mutex keeps two threads'
+// save / restore from interleaving (other threads' matmuls meanwhile only gain precision).
+class StrictCublasReductions {
+ public:
+  StrictCublasReductions() : lock_(mutex()) {
+    auto& context = at::globalContext();
+    bf16_ = context.allowBF16ReductionCuBLAS();
+    fp16_ = context.allowFP16ReductionCuBLAS();
+    fp16_accumulation_ = context.allowFP16AccumulationCuBLAS();
+    context.setAllowBF16ReductionCuBLAS(false, allows_split_k(bf16_));
+    context.setAllowFP16ReductionCuBLAS(false, allows_split_k(fp16_));
+    context.setAllowFP16AccumulationCuBLAS(false);
+  }
+  ~StrictCublasReductions() {
+    auto& context = at::globalContext();
+    context.setAllowBF16ReductionCuBLAS(allows_reduced(bf16_), allows_split_k(bf16_));
+    context.setAllowFP16ReductionCuBLAS(allows_reduced(fp16_), allows_split_k(fp16_));
+    context.setAllowFP16AccumulationCuBLAS(fp16_accumulation_);
+  }
+  StrictCublasReductions(const StrictCublasReductions&) = delete;
+  StrictCublasReductions& operator=(const StrictCublasReductions&) = delete;
+
+ private:
+  static std::mutex& mutex() {
+    static std::mutex instance;
+    return instance;
+  }
+  static bool allows_reduced(at::CuBLASReductionOption option) {
+    return option == at::CuBLASReductionOption::AllowReducedPrecisionWithSplitK;
+  }
+  static bool allows_split_k(at::CuBLASReductionOption option) {
+    return option != at::CuBLASReductionOption::DisallowReducedPrecisionDisallowSplitK;
+  }
+  std::lock_guard<std::mutex> lock_;
+  at::CuBLASReductionOption bf16_{}, fp16_{};
+  bool fp16_accumulation_ = false;
+};
+
+// The dense paths bound their m x n temporary by working on row chunks of this many bytes.
+constexpr int64_t kDenseChunkBytes = int64_t(256) << 20;
+
+int64_t dense_chunk_rows(int64_t n, int64_t element_size) {
+  return std::max<int64_t>(1, kDenseChunkBytes / std::max<int64_t>(1, n * element_size));
+}
+
+// out = A @ dense through one GEMM per row chunk: the chunk of A written densely (zeros, then
+// csr_add), then cuBLAS. Chosen where the sparse kernels' L2 traffic costs more (d >~ 1.1% for
+// bf16 at LLaMA shapes; spmm_dense_is_faster).
+void spmm_dense_path(const at::Tensor& vals, const Csr& csr, const at::Tensor& dense,
+                     at::Tensor& out) {
+  const int64_t m = out.size(0), n = dense.size(0), nnz = vals.size(0);
+  const int64_t chunk = dense_chunk_rows(n, vals.element_size());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const StrictCublasReductions strict;
+  for (int64_t first = 0; first < m; first += chunk) {
+    const int64_t rows = std::min(chunk, m - first);
+    auto a_rows = at::zeros({rows, n}, dense.options());
+    ROSA_DISPATCH_VALUES(vals.scalar_type(), "rosa_kernels::spmm", [&] {
+      cuda::csr_add(cuda_ptr<scalar_t>(vals), csr.row_offsets.const_data_ptr<int32_t>() + first,
+                    csr.col_indices.const_data_ptr<int32_t>(), cuda_mutable_ptr<scalar_t>(a_rows),
+                    n, rows, nnz, stream);
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    auto out_rows = out.narrow(0, first, rows);
+    at::mm_out(out_rows, a_rows, dense);
+  }
 }
 
 at::Tensor spmm_cuda(const at::Tensor& values, const at::Tensor& row_offsets,
@@ -54,7 +134,14 @@ at::Tensor spmm_cuda(const at::Tensor& values, const at::Tensor& row_offsets,
   auto out = at::empty({m, dense.size(1)}, dense.options());
   if (out.numel() == 0) return out;
   const int64_t n = dense.size(0), k = dense.size(1), nnz = vals.size(0);
-  const auto kernel = cuda::spmm_select(spmm_kernel_choice(), m, n, k, nnz,
+  const auto requested = spmm_kernel_choice();
+  if (env_is("ROSA_SPMM_KERNEL", "dense") ||
+      (requested == cuda::SpmmKernel::kAuto &&
+       cuda::spmm_dense_is_faster(m, n, k, nnz, static_cast<int>(values.element_size())))) {
+    spmm_dense_path(vals, csr, dense, out);
+    return out;
+  }
+  const auto kernel = cuda::spmm_select(requested, m, n, k, nnz,
                                         static_cast<int>(values.element_size()));
   const size_t workspace_bytes =
       cuda::spmm_workspace_bytes(kernel, m, nnz, static_cast<int>(values.element_size()));
@@ -89,6 +176,28 @@ at::Tensor sddmm_cuda(const at::Tensor& row_offsets, const at::Tensor& row_indic
   auto out = at::empty({nnz}, a.options());
   if (nnz == 0) return out;
   const auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t n = bt.size(0), k = a.size(1);
+  const bool dense_path =
+      env_is("ROSA_SDDMM_KERNEL", "dense") ||
+      (!env_is("ROSA_SDDMM_KERNEL", "sparse") &&
+       cuda::sddmm_dense_is_faster(m, n, k, nnz, static_cast<int>(a.element_size())));
+  if (dense_path) {
+    // out[p] = (a @ bt^T)[i, j]: one cuBLAS GEMM per row chunk, then a gather.
+    const int64_t chunk = dense_chunk_rows(n, a.element_size());
+    const StrictCublasReductions strict;
+    for (int64_t first = 0; first < m; first += chunk) {
+      const int64_t rows = std::min(chunk, m - first);
+      const auto product = at::mm(a.narrow(0, first, rows), bt.t());
+      ROSA_DISPATCH_VALUES(a.scalar_type(), "rosa_kernels::sddmm", [&] {
+        cuda::sddmm_gather(cuda_ptr<scalar_t>(product), product.stride(0),
+                           offsets.const_data_ptr<int32_t>() + first,
+                           cols.const_data_ptr<int32_t>(), cuda_mutable_ptr<scalar_t>(out), rows,
+                           stream);
+      });
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    return out;
+  }
   ROSA_DISPATCH_VALUES(a.scalar_type(), "rosa_kernels::sddmm", [&] {
     using cuda_t = typename CudaValue<scalar_t>::type;
     // The split-token partial sums come from torch's caching allocator (no cudaMalloc per call).

@@ -123,7 +123,7 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--out", default=None)
-    parser.add_argument("--variants", default="rows,rows2,slab32",
+    parser.add_argument("--variants", default="rows,dense",
                         help="comma-separated ROSA_SPMM_KERNEL values to time")
     parser.add_argument("--densities", default=None, help="comma-separated, e.g. 0.001,0.01")
     parser.add_argument("--no-other-ops", action="store_true", help="time spmm only")

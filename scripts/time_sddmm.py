@@ -1,7 +1,9 @@
 """Times the CUDA SDDMM against the alternatives a user has, in one run, on one GPU.
 
 For each shape (m x n mask, k tokens), density and mask kind it reports the median time of
-- ours, bf16, RoSA's layout: sddmm(mask, dY.t(), X.t()) with dY (k x m), X (k x n) row-major;
+- ours, bf16, RoSA's layout: sddmm(mask, dY.t(), X.t()) with dY (k x m), X (k x n) row-major
+  (auto: the sparse kernel, or one GEMM + gather where that is predicted faster), and the same
+  with the sparse kernel forced (ROSA_SDDMM_KERNEL=sparse);
 - ours, bf16, row-major a (m x k) and bt (n x k);
 - ours, fp32, RoSA's layout;
 - dense bf16 torch.mm(dY.t(), X) followed by a gather of the mask positions;
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 
 import torch
@@ -113,6 +116,9 @@ def main():
                 rel = ((ours.float() - ref).norm() / ref.norm()).item()
                 row = {"m": m, "n": n, "k": k, "kind": kind, "density": density, "nnz": nnz, "rel_err_bf16": rel}
                 row["ours_bf16_tokens"] = bench(lambda: sddmm(row_offsets, row_indices, col_indices, dy.t(), x.t()), args.quick)
+                os.environ["ROSA_SDDMM_KERNEL"] = "sparse"
+                row["sparse_bf16_tokens"] = bench(lambda: sddmm(row_offsets, row_indices, col_indices, dy.t(), x.t()), args.quick)
+                os.environ.pop("ROSA_SDDMM_KERNEL")
                 row["ours_bf16_rows"] = bench(lambda: sddmm(row_offsets, row_indices, col_indices, a_rows, bt_rows), args.quick)
                 row["ours_fp32_tokens"] = bench(lambda: sddmm(row_offsets, row_indices, col_indices, dy32.t(), x32.t()), args.quick)
                 row["mm_gather_bf16"] = bench(lambda: torch.mm(dy.t(), x).view(-1)[flat], args.quick)
@@ -130,11 +136,12 @@ def main():
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
     print()
-    print("| m x n | kind | d | nnz | ours bf16 T-major ms | ours bf16 row-major ms | ours fp32 ms | mm+gather bf16 ms | sampled_addmm fp32 ms | best alt / ours (T-major) | ours / floor | rel err |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| m x n | kind | d | nnz | ours bf16 T-major ms | sparse kernel ms | ours bf16 row-major ms | ours fp32 ms | mm+gather bf16 ms | sampled_addmm fp32 ms | best alt / ours (T-major) | ours / floor | rel err |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         alts = [r["mm_gather_bf16"]] + ([r["sampled_addmm_fp32"]] if "sampled_addmm_fp32" in r else [])
         print(f"| {r['m']}x{r['n']} | {r['kind']} | {r['density']} | {r['nnz']} | {r['ours_bf16_tokens']:.4f} | "
+              f"{r['sparse_bf16_tokens']:.4f} | "
               f"{r['ours_bf16_rows']:.4f} | {r['ours_fp32_tokens']:.4f} | {r['mm_gather_bf16']:.4f} | "
               f"{r.get('sampled_addmm_fp32', float('nan')):.4f} | {min(alts) / r['ours_bf16_tokens']:.2f}x | "
               f"{r['ours_bf16_tokens'] / r['floor']:.1f} | {r['rel_err_bf16']:.1e} |")

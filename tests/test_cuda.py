@@ -32,7 +32,7 @@ TOLERANCE = {
     torch.float16: (2e-3, 2e-3),
     torch.bfloat16: (1.6e-2, 1.6e-2),
 }
-SPMM_KERNELS = ["auto", "rows", "rows2", "slab32", "slab16"]
+SPMM_KERNELS = ["auto", "rows", "rows2", "slab32", "slab16", "dense"]
 
 # (m, n, k, density, empty_row_fraction): degenerate, tiny, single row/column, odd sizes.
 SHAPES = [
@@ -137,6 +137,37 @@ def test_spmm_is_deterministic(kernel, monkeypatch):
     second = spmm(a.values, a.row_offsets, a.row_indices, a.col_indices, dense, 512)
     assert torch.equal(first, second)
     _assert_close(first, _dense_of(a).double() @ dense.double(), torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dense_paths_accumulate_in_float32_and_restore_settings(dtype, monkeypatch):
+    """The GEMM paths turn off cuBLAS's reduced-precision split-K sums and fp16 accumulation
+    (torch allows the first by default; with it this product is off by 3x the bf16 tolerance),
+    and leave torch's settings as they found them."""
+    monkeypatch.setenv("ROSA_SPMM_KERNEL", "dense")
+    monkeypatch.setenv("ROSA_SDDMM_KERNEL", "dense")
+    matmul = torch.backends.cuda.matmul
+    names = ["allow_bf16_reduced_precision_reduction", "allow_fp16_reduced_precision_reduction"]
+    if hasattr(matmul, "allow_fp16_accumulation"):
+        names.append("allow_fp16_accumulation")
+    saved = {name: getattr(matmul, name) for name in names}
+    try:
+        for name in names:
+            setattr(matmul, name, True)
+        a = rosa_mask(512, 700, 0.05, seed=7, dtype=dtype, device=_cuda())
+        dense = _randn(700, 300, dtype=dtype, seed=8)
+        out = spmm(a.values, a.row_offsets, a.row_indices, a.col_indices, dense, 512)
+        _assert_close(out, _dense_of(a).double() @ dense.double(), dtype)
+        a_op, bt_op = _randn(512, 300, dtype=dtype, seed=9), _randn(700, 300, dtype=dtype, seed=10)
+        got = sddmm(a.row_offsets, a.row_indices, a.col_indices, a_op, bt_op)
+        product = a_op.double() @ bt_op.double().t()
+        rows = torch.repeat_interleave(torch.arange(512, device=_cuda()),
+                                       (a.row_offsets[1:] - a.row_offsets[:-1]).long())
+        _assert_close(got, product[rows, a.col_indices.long()], dtype)
+        assert all(getattr(matmul, name) is True for name in names)
+    finally:
+        for name, value in saved.items():
+            setattr(matmul, name, value)
 
 
 @pytest.mark.parametrize("kernel", SPMM_KERNELS)
@@ -393,7 +424,12 @@ def _inputs(device, dtype=torch.bfloat16):
             _randn(72, 384, dtype=dtype, seed=32, device=device), _randn(256, 384, dtype=dtype, seed=33, device=device))
 
 
-def test_no_host_synchronization():
+@pytest.mark.parametrize("path", ["auto", "dense"])
+def test_no_host_synchronization(path, monkeypatch):
+    """No op synchronizes; "dense" forces the GEMM paths of spmm and sddmm."""
+    if path == "dense":
+        monkeypatch.setenv("ROSA_SPMM_KERNEL", "dense")
+        monkeypatch.setenv("ROSA_SDDMM_KERNEL", "dense")
     inputs = _inputs(_cuda())
     _all_ops(*inputs)  # warm up (first calls may query the device)
     torch.cuda.synchronize()

@@ -89,11 +89,19 @@ def _mask(m, n, density, seed, empty_row_fraction=0.0):
     return random_csr(m, n, density, seed=seed, empty_row_fraction=empty_row_fraction).to("cuda")
 
 
+@pytest.fixture(params=["sparse", "dense"])
+def path(request, monkeypatch):
+    """Both SDDMM paths: the sparse kernel, and one GEMM + gather (forced even where auto would
+    not pick it)."""
+    monkeypatch.setenv("ROSA_SDDMM_KERNEL", request.param)
+    return request.param
+
+
 @pytest.mark.sanitizer
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["rows", "tokens", "mixed", "mixed_other"])
 @pytest.mark.parametrize("m,n,k", [(1, 1, 1), (7, 5, 3), (33, 65, 17), (130, 70, 100), (64, 300, 1000)])
-def test_small_shapes(dtype, layout, m, n, k):
+def test_small_shapes(dtype, layout, m, n, k, path):
     csr = _mask(m, n, 0.3, seed=m * 7 + n + k, empty_row_fraction=0.3)
     a, bt = _operands(m, n, k, dtype, layout, seed=k)
     _check(csr, a, bt)
@@ -101,7 +109,7 @@ def test_small_shapes(dtype, layout, m, n, k):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["rows", "tokens", "mixed"])
-def test_many_blocks_and_token_splits(dtype, layout):
+def test_many_blocks_and_token_splits(dtype, layout, path):
     # More than one block of nonzeros and a token range long enough to be split, with a tail
     # chunk (k not a multiple of the slot width) and empty rows.
     m, n, k = 700, 500, 1203
@@ -109,12 +117,12 @@ def test_many_blocks_and_token_splits(dtype, layout):
     assert csr.col_indices.shape[0] > 2 * 8192
     a, bt = _operands(m, n, k, dtype, layout, seed=5)
     out = _check(csr, a, bt)
-    # Deterministic: the split sums are added in a fixed order.
+    # Deterministic: the split sums are added in a fixed order (and cuBLAS is deterministic).
     assert torch.equal(out, _call(csr, a, bt))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_strided_views(dtype):
+def test_strided_views(dtype, path):
     m, n, k = 45, 38, 77
     csr = _mask(m, n, 0.4, seed=11)
     base_a = _random((3 * m + 1, 2 * k + 3), dtype, 1).cuda()
@@ -134,7 +142,7 @@ def test_strided_views(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_degenerate_sizes(dtype):
+def test_degenerate_sizes(dtype, path):
     # m = 0
     empty = _mask(0, 4, 0.5, seed=0)
     out = _call(empty, _random((0, 6), dtype, 1).cuda(), _random((4, 6), dtype, 2).cuda())
@@ -186,6 +194,7 @@ def test_side_stream_and_public_op():
 @pytest.mark.parametrize("shape", [(4096, 4096), (11008, 4096), (4096, 11008)])
 @pytest.mark.parametrize("layout", ["tokens", "rows"])
 def test_llama_shapes(kind, shape, layout):
+    # At these sizes auto takes the dense path at d >= 0.5% (rosa, 1%) and the sparse kernel below.
     m, n = shape
     density = 0.003 if kind == "uniform" else 0.01
     maker = uniform_mask if kind == "uniform" else rosa_mask

@@ -30,6 +30,7 @@
 #include <cstdint>
 #include <cstdlib>
 
+#include "cuda/common.cuh"
 #include "cuda/sddmm.h"
 #include "cuda/sddmm_staging.cuh"
 
@@ -464,11 +465,55 @@ size_t sddmm_workspace_bytes(int64_t m, int64_t n, int64_t k, int64_t nnz) {
   return splits > 1 ? static_cast<size_t>(splits) * nnz * sizeof(AccT) : 0;
 }
 
+namespace {
+
+constexpr int kGatherThreads = 256;
+constexpr int kGatherWarps = kGatherThreads / 32;
+
+// One warp per row (grid-stride), lanes striding over the row's nonzeros: coalesced reads of
+// col_indices and writes of out, scattered 2-8 byte reads of `product`.
+template <typename T>
+__global__ void __launch_bounds__(kGatherThreads)
+    sddmm_gather_kernel(const T* __restrict__ product, int64_t product_row_stride,
+                        const int32_t* __restrict__ row_offsets,
+                        const int32_t* __restrict__ col_indices, T* __restrict__ out, int64_t m) {
+  const int lane = threadIdx.x % 32;
+  for (int64_t row = blockIdx.x * int64_t(kGatherWarps) + threadIdx.x / 32; row < m;
+       row += int64_t(gridDim.x) * kGatherWarps) {
+    const int64_t begin = row_offsets[row], end = row_offsets[row + 1];
+    const T* product_row = product + row * product_row_stride;
+    for (int64_t p = begin + lane; p < end; p += 32) out[p] = product_row[col_indices[p]];
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void sddmm_gather(const T* product, int64_t product_row_stride, const int32_t* row_offsets,
+                  const int32_t* col_indices, T* out, int64_t m, cudaStream_t stream) {
+  if (m == 0) return;
+  const int64_t blocks = std::min<int64_t>((m + kGatherWarps - 1) / kGatherWarps,
+                                           int64_t(multiprocessor_count()) * 16);
+  sddmm_gather_kernel<T><<<static_cast<unsigned>(blocks), kGatherThreads, 0, stream>>>(
+      product, product_row_stride, row_offsets, col_indices, out, m);
+}
+
+bool sddmm_dense_is_faster(int64_t m, int64_t n, int64_t k, int64_t nnz, int value_bytes) {
+  // Measured on H100 and H200 (docs/perf-notes-sddmm.md): at k = 4096 the sparse kernel costs
+  // ~25 us per 0.1% of density above 0.3% at 4096 x 4096 and crosses `mm + gather` at 0.45-0.5%
+  // on every LLaMA shape. Below ~2^32 multiply-adds cuBLAS runs far from its peak.
+  if (value_bytes != 2 || m <= 0 || n <= 0) return false;
+  const double work = double(m) * double(n) * double(k);
+  return work >= 4294967296.0 && double(nnz) >= kSddmmDenseDensity * double(m) * double(n);
+}
+
 #define ROSA_INSTANTIATE_SDDMM(T)                                                              \
   template void sddmm<T>(const int32_t*, const int32_t*, const int32_t*, const T*, int64_t,    \
                          int64_t, const T*, int64_t, int64_t, T*, int64_t, int64_t, int64_t,   \
                          int64_t, void*, size_t, cudaStream_t);                               \
-  template size_t sddmm_workspace_bytes<T>(int64_t, int64_t, int64_t, int64_t);
+  template size_t sddmm_workspace_bytes<T>(int64_t, int64_t, int64_t, int64_t);          \
+  template void sddmm_gather<T>(const T*, int64_t, const int32_t*, const int32_t*, T*, int64_t, \
+                                cudaStream_t);
 ROSA_INSTANTIATE_SDDMM(float)
 ROSA_INSTANTIATE_SDDMM(double)
 ROSA_INSTANTIATE_SDDMM(__half)

@@ -26,4 +26,18 @@ void sddmm(const int32_t* row_offsets, const int32_t* row_indices, const int32_t
 template <typename T>
 size_t sddmm_workspace_bytes(int64_t m, int64_t n, int64_t k, int64_t nnz);
 
+// out[p] = product[i, col_indices[p]] for the nonzeros p of rows i in [0, m) of a CSR whose
+// row_offsets may start anywhere (pass row_offsets + r0 for rows r0.. of a larger mask): the
+// gather of the dense path, after a GEMM has formed `product` (m x n, row stride
+// `product_row_stride`). Launches on `stream`; never synchronizes.
+template <typename T>
+void sddmm_gather(const T* product, int64_t product_row_stride, const int32_t* row_offsets,
+                  const int32_t* col_indices, T* out, int64_t m, cudaStream_t stream);
+
+// Whether the dense path (one GEMM a @ bt^T, then sddmm_gather) is expected to beat the sparse
+// kernel: 16-bit values (tensor cores) at density nnz / (m n) >= kSddmmDenseDensity and a GEMM
+// big enough for cuBLAS to run near peak. A host computation; no synchronization.
+inline constexpr double kSddmmDenseDensity = 0.005;
+bool sddmm_dense_is_faster(int64_t m, int64_t n, int64_t k, int64_t nnz, int value_bytes);
+
 }  // namespace rosa::cuda

@@ -485,6 +485,20 @@ SpmmKernel spmm_select(SpmmKernel requested, int64_t m, int64_t n, int64_t k, in
   return kernel;
 }
 
+bool spmm_dense_is_faster(int64_t m, int64_t n, int64_t k, int64_t nnz, int value_bytes) {
+  // Rates measured on H100 and H200 at LLaMA shapes (docs/perf-notes.md): the rows kernel streams
+  // ~7.9 TB/s of dense slices from L2; cuBLAS runs a bf16 GEMM at ~850 TFLOP/s; zeroing and
+  // filling the dense A runs at ~2.5 TB/s; the extra launches cost ~5 us. A 5% margin keeps the
+  // sparse kernel where the two are close (d ~ 1% at k = 4096).
+  constexpr double kRowsL2Rate = 7.9e12, kGemmRate = 8.5e14, kFillRate = 2.5e12, kLaunch = 5e-6;
+  if (value_bytes != 2 || m <= 0 || n <= 0 || k <= 0) return false;
+  const double mn = double(m) * double(n);
+  if (mn * double(k) < 4294967296.0) return false;
+  const double rows_seconds = double(nnz) * double(k) * value_bytes / kRowsL2Rate;
+  const double dense_seconds = 2.0 * mn * double(k) / kGemmRate + mn * value_bytes / kFillRate + kLaunch;
+  return dense_seconds < 0.95 * rows_seconds;
+}
+
 size_t spmm_workspace_bytes(SpmmKernel selected, int64_t m, int64_t nnz, int value_bytes) {
   if (m == 0 || (selected != SpmmKernel::kSlab32 && selected != SpmmKernel::kSlab16)) return 0;
   return sell_layout(slab_group(selected), m, nnz, value_bytes).total;

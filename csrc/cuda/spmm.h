@@ -35,6 +35,12 @@ SpmmKernel spmm_select(SpmmKernel requested, int64_t m, int64_t n, int64_t k, in
 // Device workspace the selected kernel needs (0 for kRows and kRows2).
 size_t spmm_workspace_bytes(SpmmKernel selected, int64_t m, int64_t nnz, int value_bytes);
 
+// Whether the dense path (write A densely with csr_add, then one GEMM) is expected to beat the
+// sparse kernels: 16-bit values (tensor cores), a GEMM big enough for cuBLAS to run near peak,
+// and a rows kernel whose L2 traffic (nnz * k * value_bytes) costs more than the GEMM plus
+// writing A. A host computation from sizes alone; no synchronization.
+bool spmm_dense_is_faster(int64_t m, int64_t n, int64_t k, int64_t nnz, int value_bytes);
+
 template <typename T>
 void spmm(const T* values, const int32_t* row_offsets, const int32_t* row_indices,
           const int32_t* col_indices, const T* dense, int64_t dense_row_stride, T* out, int64_t m,
