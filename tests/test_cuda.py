@@ -141,31 +141,41 @@ def test_spmm_is_deterministic(kernel, monkeypatch):
 
 @pytest.mark.parametrize("op", ["spmm", "sddmm"])
 def test_auto_takes_the_dense_path_only_where_it_is_faster(op, monkeypatch):
-    """At 4096 x 4096 x 512 tokens (bf16) auto gives the dense path's bits at high density and the
-    sparse kernel's at 0.1%; the two paths' results differ, so the test can tell them apart."""
+    """At 4096 x 4096 x 512 tokens (bf16) auto takes the dense path at high density and the sparse
+    kernel at 0.1%. The dense path is recognized by its m x n temporary in the peak memory (the
+    results of the two paths may agree bit for bit); the forced paths show the test can tell."""
     variable = "ROSA_SPMM_KERNEL" if op == "spmm" else "ROSA_SDDMM_KERNEL"
     forced = {"dense": "dense", "sparse": "rows" if op == "spmm" else "sparse"}
     m = n = 4096
     k = 512
+    temporary_bytes = m * n * 2
+    rows_operand = _randn(m, k, dtype=torch.bfloat16, seed=4)  # sddmm's a
+    columns_operand = _randn(n, k, dtype=torch.bfloat16, seed=5)  # spmm's dense, sddmm's bt
+
+    def peak_growth(a):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        if op == "spmm":
+            out = spmm(a.values, a.row_offsets, a.row_indices, a.col_indices, columns_operand, m)
+        else:
+            out = sddmm(a.row_offsets, a.row_indices, a.col_indices, rows_operand, columns_operand)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before - out.numel() * out.element_size()
+
     high = 0.03 if op == "spmm" else 0.01
     for density, expected in ((high, "dense"), (0.001, "sparse")):
         a = uniform_mask(m, n, density, seed=3, dtype=torch.bfloat16, device=_cuda())
-        rows_operand = _randn(m, k, dtype=torch.bfloat16, seed=4)  # sddmm's a
-        columns_operand = _randn(n, k, dtype=torch.bfloat16, seed=5)  # spmm's dense, sddmm's bt
-        results = {}
+        growth = {}
         for path in ("auto", "dense", "sparse"):
             if path == "auto":
                 monkeypatch.delenv(variable, raising=False)
             else:
                 monkeypatch.setenv(variable, forced[path])
-            if op == "spmm":
-                results[path] = spmm(a.values, a.row_offsets, a.row_indices, a.col_indices,
-                                     columns_operand, m)
-            else:
-                results[path] = sddmm(a.row_offsets, a.row_indices, a.col_indices, rows_operand,
-                                      columns_operand)
-        assert not torch.equal(results["dense"], results["sparse"])
-        assert torch.equal(results["auto"], results[expected]), (density, expected)
+            growth[path] = peak_growth(a)
+        assert growth["dense"] >= temporary_bytes > growth["sparse"], growth
+        took_dense = growth["auto"] >= temporary_bytes
+        assert took_dense == (expected == "dense"), (density, growth)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
