@@ -128,7 +128,6 @@ at::Tensor spmm_cuda(const at::Tensor& values, const at::Tensor& row_offsets,
   const Csr csr = check_spmm(values, row_offsets, row_indices, col_indices, dense, m);
   check_cuda(values, "values");
   const c10::cuda::CUDAGuard guard(values.device());
-  const auto dense_rows = rows_contiguous(dense);
   const auto &offsets = csr.row_offsets, &order = csr.row_indices, &cols = csr.col_indices;
   const auto vals = values.contiguous();
   auto out = at::empty({m, dense.size(1)}, dense.options());
@@ -138,9 +137,10 @@ at::Tensor spmm_cuda(const at::Tensor& values, const at::Tensor& row_offsets,
   if (env_is("ROSA_SPMM_KERNEL", "dense") ||
       (requested == cuda::SpmmKernel::kAuto &&
        cuda::spmm_dense_is_faster(m, n, k, nnz, static_cast<int>(values.element_size())))) {
-    spmm_dense_path(vals, csr, dense, out);
+    spmm_dense_path(vals, csr, dense, out);  // cuBLAS takes `dense` with any strides
     return out;
   }
+  const auto dense_rows = rows_contiguous(dense);
   const auto kernel = cuda::spmm_select(requested, m, n, k, nnz,
                                         static_cast<int>(values.element_size()));
   const size_t workspace_bytes =
@@ -190,7 +190,6 @@ at::Tensor sddmm_cuda(const at::Tensor& row_offsets, const at::Tensor& row_indic
   check_cuda(a, "a");
   const int64_t m = a.size(0);
   const c10::cuda::CUDAGuard guard(a.device());
-  const auto a_op = strided_operand(a), bt_op = strided_operand(bt);
   const auto &offsets = csr.row_offsets, &order = csr.row_indices, &cols = csr.col_indices;
   const int64_t nnz = cols.size(0);
   auto out = at::empty({nnz}, a.options());
@@ -202,9 +201,10 @@ at::Tensor sddmm_cuda(const at::Tensor& row_offsets, const at::Tensor& row_indic
       (!env_is("ROSA_SDDMM_KERNEL", "sparse") &&
        cuda::sddmm_dense_is_faster(m, n, k, nnz, static_cast<int>(a.element_size())));
   if (dense_path) {
-    sddmm_dense_path(csr, a, bt, out);
+    sddmm_dense_path(csr, a, bt, out);  // cuBLAS takes `a` and `bt` with any strides
     return out;
   }
+  const auto a_op = strided_operand(a), bt_op = strided_operand(bt);
   ROSA_DISPATCH_VALUES(a.scalar_type(), "rosa_kernels::sddmm", [&] {
     using cuda_t = typename CudaValue<scalar_t>::type;
     // The split-token partial sums come from torch's caching allocator (no cudaMalloc per call).
