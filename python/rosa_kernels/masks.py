@@ -1,16 +1,29 @@
 """Mask selection from gradients: the statistic RoSA ranks weights by, and its top-k as CSR.
 
-During the collection phase every :class:`~rosa_kernels.RosaLinear` adds the gradient of its frozen
-base weight, ``dW = dY^T X``, from its own backward passes into a float32 buffer; at the end of each
-optimizer step that step's ``dW`` goes into a float32 statistic on the layer's device:
+During the collection phase every :class:`~rosa_kernels.RosaLinear` hands the gradient of its
+frozen base weight, ``dW = dY^T X`` (computed in float32), from each of its backward passes to its
+:class:`GradientCollector`. A step's gradient is the sum over the backward passes between two
+optimizer steps; the statistic sums over steps
 
 - ``'fisher'`` (RoSA's ``mean_squared``): ``sum over steps of dW ∘ dW``
 - ``'mean'``: ``sum over steps of dW``
 
-The statistic is divided by the number of steps (and, under ``torch.distributed``, summed over the
-ranks and divided by the world size) before selection, which keeps the ``round(density * out * in)``
-entries of largest magnitude. Selection runs on the statistic's device: a ``topk``, a sort of the
-flat indices, and a device-side count + scan for the row offsets, so nothing goes to the host.
+and is divided by the number of steps (and, under ``torch.distributed``, summed over the ranks and
+divided by the world size) before selection, which keeps the ``round(density * out * in)``
+entries of largest magnitude. Where that statistic is kept is the collector's ``buffer``
+(``COLLECT_BUFFERS``): nothing is allocated before a layer's first collecting backward, and
+
+- ``'auto'`` (default): a bfloat16 accumulator (2 bytes per weight); the first backward also keeps
+  the exact top-k indices of its float32 ``dW``, which the mask uses when the whole collection was
+  that one backward (RoSA's recipe without gradient accumulation): exact then, else the top-k of
+  the 16-bit statistic;
+- ``'one_pass'``: no accumulator at all: the layer's top-k is taken from the float32 ``dW`` of its
+  one backward (exact); a second collecting backward raises;
+- ``'bfloat16'``: the 16-bit accumulator alone;
+- ``'float32'``: a float32 accumulator (4 bytes per weight, 8 with more than one collection step).
+
+Selection runs on the statistic's device: a ``topk``, a sort of the flat indices, and a device-side
+count + scan for the row offsets, so nothing goes to the host.
 
 Masks can be saved and loaded on their own (:func:`save_masks` / :func:`load_masks`) as
 safetensors files holding int32 CSR structures.
@@ -20,6 +33,7 @@ from __future__ import annotations
 
 import json
 import struct
+import warnings
 from pathlib import Path
 
 import torch
@@ -28,12 +42,14 @@ from .csr import CSR, row_order
 
 __all__ = [
     "RULES",
+    "COLLECT_BUFFERS",
+    "GradientCollector",
     "mask_count",
     "accumulate_gradient",
-    "fold_step",
     "accumulate_statistic",
     "reduce_statistic",
     "select_mask",
+    "mask_from_indices",
     "broadcast_mask",
     "save_masks",
     "load_masks",
@@ -42,6 +58,7 @@ __all__ = [
 ]
 
 RULES = ("fisher", "mean")
+COLLECT_BUFFERS = ("auto", "one_pass", "bfloat16", "float32")
 
 
 def mask_count(out_features: int, in_features: int, density: float) -> int:
@@ -55,21 +72,21 @@ def check_rule(rule) -> str:
     return rule
 
 
-def accumulate_gradient(pending: torch.Tensor, dY2d: torch.Tensor, X2d: torch.Tensor) -> None:
-    """``pending += dY^T X`` in float32: the base weight's gradient, summed over the backward passes
-    of one optimizer step (several forwards per step, as in gradient accumulation or siamese
-    encoders, add up before the statistic squares them). ``dY2d`` is (tokens, out), ``X2d``
-    (tokens, in)."""
-    pending.addmm_(dY2d.t().float(), X2d.float())
+def check_collect_buffer(buffer) -> str:
+    if buffer not in COLLECT_BUFFERS:
+        raise ValueError(f"collect_buffer must be one of {COLLECT_BUFFERS}, got {buffer!r}")
+    return buffer
 
 
-def fold_step(statistic: torch.Tensor, pending: torch.Tensor, rule: str) -> None:
-    """Ends a step: ``statistic += pending ∘ pending`` ('fisher') or ``+= pending`` ('mean'); zeroes ``pending``."""
-    if rule == "mean":
-        statistic.add_(pending)
+def accumulate_gradient(pending, dY2d: torch.Tensor, X2d: torch.Tensor) -> None:
+    """``pending += dY^T X``: the base weight's gradient, summed over the backward passes of one
+    optimizer step (several forwards per step, as in gradient accumulation or siamese encoders, add
+    up before the statistic squares them). ``pending`` is a float32 tensor or a
+    :class:`GradientCollector`. ``dY2d`` is (tokens, out), ``X2d`` (tokens, in)."""
+    if isinstance(pending, GradientCollector):
+        pending.add(dY2d, X2d)
     else:
-        statistic.addcmul_(pending, pending)
-    pending.zero_()
+        pending.addmm_(dY2d.t().float(), X2d.float())
 
 
 def accumulate_statistic(statistic: torch.Tensor, dY2d: torch.Tensor, X2d: torch.Tensor, rule: str) -> None:
@@ -89,7 +106,10 @@ def _distributed():
 
 def reduce_statistic(statistic: torch.Tensor, steps: int) -> torch.Tensor:
     """The mean statistic over steps and, under ``torch.distributed``, over ranks (a new tensor)."""
-    result = statistic.clone()
+    return _reduce_in_place(statistic.clone(), steps)
+
+
+def _reduce_in_place(result: torch.Tensor, steps: int) -> torch.Tensor:
     world = 1
     dist = _distributed()
     if dist is not None:
@@ -110,17 +130,151 @@ def select_mask(statistic: torch.Tensor, nnz: int, *, dtype=torch.float32) -> CS
     m, n = statistic.shape
     if not 0 <= nnz <= m * n:
         raise ValueError(f"nnz must lie in [0, {m * n}], got {nnz}")
-    flat = statistic.detach().abs().flatten()
-    chosen = torch.topk(flat, nnz, sorted=False).indices if nnz < m * n else torch.arange(m * n, device=flat.device)
-    chosen = torch.sort(chosen).values
+    return mask_from_indices(_top_k_indices(statistic.detach().abs().flatten(), nnz), m, n, dtype=dtype)
+
+
+def _top_k_indices(flat: torch.Tensor, nnz: int) -> torch.Tensor:
+    """The flat positions of the ``nnz`` largest entries of ``flat`` (unsorted)."""
+    if nnz < flat.numel():
+        return torch.topk(flat, nnz, sorted=False).indices
+    return torch.arange(flat.numel(), device=flat.device)
+
+
+def mask_from_indices(flat_indices: torch.Tensor, m: int, n: int, *, dtype=torch.float32) -> CSR:
+    """The row-sorted CSR (zero values) of an m x n mask from its distinct row-major flat indices
+    (any order), built on their device without host synchronization."""
+    nnz = flat_indices.numel()
+    device = flat_indices.device
+    chosen = torch.sort(flat_indices.long()).values
     rows = torch.div(chosen, n, rounding_mode="floor")
     cols = (chosen - rows * n).to(torch.int32)
-    counts = torch.zeros(m, dtype=torch.int64, device=flat.device)
+    counts = torch.zeros(m, dtype=torch.int64, device=device)
     counts.scatter_add_(0, rows, torch.ones_like(rows))
-    row_offsets = torch.zeros(m + 1, dtype=torch.int32, device=flat.device)
+    row_offsets = torch.zeros(m + 1, dtype=torch.int32, device=device)
     row_offsets[1:] = torch.cumsum(counts, 0).to(torch.int32)
-    values = torch.zeros(nnz, dtype=dtype, device=flat.device)
+    values = torch.zeros(nnz, dtype=dtype, device=device)
     return CSR(values, row_offsets, row_order(row_offsets), cols, (m, n))
+
+
+class GradientCollector:
+    """Collects one layer's gradient statistic during the ``"collect"`` phase (see the module docs).
+
+    State, all on the layer's device and ``None`` until first needed:
+
+    - ``pending``: the sum of ``dW`` over the backward passes of the current step (float32, or
+      bfloat16 rounded once per backward); once a step ends (:meth:`end_step`) it is that step's
+      gradient until the next step's first backward folds it into ``statistic``, so a collection of
+      one step needs no second buffer;
+    - ``statistic``: the sum over the folded steps (``steps - 1`` of them while ``pending`` holds
+      the last ended step; float32 for ``'float32'``, else bfloat16);
+    - ``top_indices``: the exact top-k flat indices (int64, unsorted) of the first backward's
+      float32 ``dW`` (``'auto'`` and ``'one_pass'`` outside ``torch.distributed``);
+    - ``steps`` (ended steps), ``backward_passes`` (all collecting backward passes) and
+      ``pending_ended`` (``pending`` belongs to an ended step).
+    """
+
+    def __init__(self, shape, device, rule: str = "fisher", buffer: str = "auto", nnz: int = 0):
+        self.shape, self.device = tuple(int(s) for s in shape), torch.device(device)
+        self.rule, self.buffer, self.nnz = check_rule(rule), check_collect_buffer(buffer), int(nnz)
+        self.pending = self.statistic = self.top_indices = None
+        self.steps = self.backward_passes = 0
+        self.pending_ended = False
+
+    @property
+    def _accumulator_dtype(self):
+        return torch.float32 if self.buffer == "float32" else torch.bfloat16
+
+    def memory_bytes(self) -> int:
+        """Bytes held now (``pending``, ``statistic``, ``top_indices``)."""
+        return sum(t.numel() * t.element_size() for t in (self.pending, self.statistic, self.top_indices)
+                   if t is not None)
+
+    def add(self, dY2d: torch.Tensor, X2d: torch.Tensor) -> None:
+        """Adds ``dW = dY^T X`` of one backward pass (called from the layer's backward)."""
+        self.backward_passes += 1
+        if self.pending_ended:
+            self._fold()
+        # One pass (exact): the top-k of the float32 dW under the 'fisher' and 'mean' rules alike,
+        # valid while this stays the collection's only backward. Under torch.distributed the
+        # statistic is a sum over ranks, which the per-rank dW cannot rank: the accumulator decides.
+        exact_pass = self.buffer in ("auto", "one_pass") and _distributed() is None
+        keep_accumulator = not (self.buffer == "one_pass" and exact_pass)
+        if not keep_accumulator and self.backward_passes > 1:
+            raise RuntimeError("collect_buffer='one_pass' takes exactly one collecting backward pass (one step, no "
+                               "gradient accumulation); use collect_buffer='auto' or 'bfloat16' for more")
+        if self.buffer == "float32":
+            if self.pending is None:
+                self.pending = torch.zeros(self.shape, dtype=torch.float32, device=self.device)
+            self.pending.addmm_(dY2d.t().float(), X2d.float())
+            return
+        dW = torch.mm(dY2d.t().float(), X2d.float())
+        if keep_accumulator:
+            if self.pending is None:
+                self.pending = torch.empty(self.shape, dtype=torch.bfloat16, device=self.device)
+            else:
+                dW.add_(self.pending)  # the sum in float32, rounded once into the 16-bit accumulator
+            self.pending.copy_(dW)
+        first = exact_pass and self.backward_passes == 1
+        self.top_indices = _top_k_indices(dW.abs_().view(-1), self.nnz) if first else None
+
+    def end_step(self) -> None:
+        """Ends an optimizer step (the step's gradient stays in ``pending`` until the next one's)."""
+        if self.pending_ended:
+            self._fold()
+        self.steps += 1
+        self.pending_ended = self.pending is not None
+
+    def _fold(self) -> None:
+        """``statistic += pending ∘ pending`` ('fisher') or ``+= pending`` ('mean'); empties ``pending``."""
+        if self.statistic is None:
+            self.statistic = self._step_term().to(self._accumulator_dtype)
+        elif self.statistic.dtype == torch.float32:
+            if self.rule == "fisher":
+                self.statistic.addcmul_(self.pending, self.pending)
+            else:
+                self.statistic.add_(self.pending)
+        else:
+            self.statistic.copy_(self._step_term().add_(self.statistic))  # in float32, rounded once
+        self.pending.zero_()
+        self.pending_ended = False
+
+    def _step_term(self) -> torch.Tensor:
+        """The last ended step's term of the statistic, a new float32 tensor."""
+        gradient = self.pending.to(torch.float32, copy=True)
+        return gradient.mul_(gradient) if self.rule == "fisher" else gradient
+
+    def exact_indices(self):
+        """The exact top-k flat indices when the whole collection was one backward pass, else None."""
+        if self.top_indices is not None and self.backward_passes == 1 and self.steps <= 1:
+            return self.top_indices
+        return None
+
+    def mean_statistic(self) -> torch.Tensor:
+        """The statistic averaged over steps (and ranks under ``torch.distributed``): a new float32
+        tensor. Gradients that arrived after the last ended step are not counted (unless no step
+        ended: then they are the one step)."""
+        if self.steps == 0:
+            if self.backward_passes == 0:
+                raise ValueError("no gradient statistic was collected: train a step in the collect phase first")
+            self.end_step()
+        if self.pending is None and self.statistic is None and self.backward_passes > 0:
+            raise ValueError("collect_buffer='one_pass' keeps only the top-k indices, not the statistic")
+        result = None
+        if self.pending_ended:
+            result = self._step_term()
+        if self.statistic is not None:
+            result = self.statistic.to(torch.float32, copy=True) if result is None else result.add_(self.statistic)
+        if result is None:  # every step ended without a backward
+            result = torch.zeros(self.shape, dtype=torch.float32, device=self.device)
+        return _reduce_in_place(result, self.steps)
+
+    def to(self, device) -> "GradientCollector":
+        self.device = torch.device(device)
+        for name in ("pending", "statistic", "top_indices"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, tensor.to(device))
+        return self
 
 
 def broadcast_mask(mask: CSR, src: int = 0) -> CSR:
