@@ -58,7 +58,7 @@ __all__ = [
 ]
 
 RULES = ("fisher", "mean")
-COLLECT_BUFFERS = ("auto", "one_pass", "bfloat16", "float32")
+COLLECT_BUFFERS = ("auto", "one_pass", "float16", "bfloat16", "float32")
 
 
 def mask_count(out_features: int, in_features: int, density: float) -> int:
@@ -159,16 +159,20 @@ def mask_from_indices(flat_indices: torch.Tensor, m: int, n: int, *, dtype=torch
 class GradientCollector:
     """Collects one layer's gradient statistic during the ``"collect"`` phase (see the module docs).
 
-    State, all on the layer's device and ``None`` until first needed:
+    State, all on the layer's device and ``None`` until first needed (a checkpoint needs all of it):
 
-    - ``pending``: the sum of ``dW`` over the backward passes of the current step (float32, or
-      bfloat16 rounded once per backward); once a step ends (:meth:`end_step`) it is that step's
-      gradient until the next step's first backward folds it into ``statistic``, so a collection of
-      one step needs no second buffer;
-    - ``statistic``: the sum over the folded steps (``steps - 1`` of them while ``pending`` holds
-      the last ended step; float32 for ``'float32'``, else bfloat16);
-    - ``top_indices``: the exact top-k flat indices (int64, unsorted) of the first backward's
-      float32 ``dW`` (``'auto'`` and ``'one_pass'`` outside ``torch.distributed``);
+    - ``pending``: the sum of ``dW`` over the backward passes of the current step; once a step ends
+      (:meth:`end_step`) it is that step's gradient until the next step's first backward folds it
+      into ``statistic``, so a collection of one step needs no second buffer;
+    - ``statistic``: the sum over the folded steps (``steps - 1`` of them while ``pending`` holds the
+      last ended step); in the 16-bit buffers the Fisher rule keeps its square root, whose range is
+      the gradient's;
+    - ``pending_scale``, ``statistic_scale``: with ``'float16'`` (and ``'auto'``), the buffers hold
+      ``value / scale`` per row, ``scale`` (out x 1, float32) a power of two chosen anew at each
+      write so that the row's largest entry lies in [2^14, 2^15): float16's 11-bit significand for
+      every entry within 2^-29 of its row's largest (bfloat16 has 8 bits);
+    - ``top_indices``: the exact top-k flat indices (int64, unsorted) of the first backward's float32
+      ``dW`` (``'auto'`` and ``'one_pass'`` outside ``torch.distributed``);
     - ``steps`` (ended steps), ``backward_passes`` (all collecting backward passes) and
       ``pending_ended`` (``pending`` belongs to an ended step).
     """
@@ -177,17 +181,39 @@ class GradientCollector:
         self.shape, self.device = tuple(int(s) for s in shape), torch.device(device)
         self.rule, self.buffer, self.nnz = check_rule(rule), check_collect_buffer(buffer), int(nnz)
         self.pending = self.statistic = self.top_indices = None
+        self.pending_scale = self.statistic_scale = None
         self.steps = self.backward_passes = 0
         self.pending_ended = False
+        if self.buffer == "one_pass" and _distributed() is not None:
+            warnings.warn("collect_buffer='one_pass' under torch.distributed: the statistic is summed over ranks, "
+                          "so the layer keeps the float16 accumulator instead", stacklevel=3)
 
     @property
-    def _accumulator_dtype(self):
-        return torch.float32 if self.buffer == "float32" else torch.bfloat16
+    def _dtype(self):
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(self.buffer, torch.float16)
 
     def memory_bytes(self) -> int:
-        """Bytes held now (``pending``, ``statistic``, ``top_indices``)."""
-        return sum(t.numel() * t.element_size() for t in (self.pending, self.statistic, self.top_indices)
-                   if t is not None)
+        """Bytes held now (the buffers, their scales and ``top_indices``)."""
+        tensors = (self.pending, self.statistic, self.pending_scale, self.statistic_scale, self.top_indices)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def _encode(self, total: torch.Tensor, tensor, scale):
+        """Stores the float32 ``total`` (consumed) into ``tensor`` (allocated when None): (tensor, scale)."""
+        if self._dtype == torch.float16:
+            # scale = 2^(e - 15) with 2^(e-1) <= row max < 2^e: exact to divide and multiply back.
+            exponent = torch.frexp(total.abs().amax(dim=1, keepdim=True)).exponent
+            scale = torch.ldexp(torch.ones_like(exponent, dtype=torch.float32), exponent - 15)
+            total = total.div_(scale)
+        if tensor is None:
+            tensor = torch.empty(self.shape, dtype=self._dtype, device=self.device)
+        tensor.copy_(total)
+        return tensor, scale
+
+    @staticmethod
+    def _decode(tensor, scale) -> torch.Tensor:
+        """A new float32 tensor of the stored values."""
+        result = tensor.to(torch.float32, copy=True)
+        return result.mul_(scale) if scale is not None else result
 
     def add(self, dY2d: torch.Tensor, X2d: torch.Tensor) -> None:
         """Adds ``dW = dY^T X`` of one backward pass (called from the layer's backward)."""
@@ -201,21 +227,20 @@ class GradientCollector:
         keep_accumulator = not (self.buffer == "one_pass" and exact_pass)
         if not keep_accumulator and self.backward_passes > 1:
             raise RuntimeError("collect_buffer='one_pass' takes exactly one collecting backward pass (one step, no "
-                               "gradient accumulation); use collect_buffer='auto' or 'bfloat16' for more")
+                               "gradient accumulation); use collect_buffer='auto' or 'float16' for more")
         if self.buffer == "float32":
             if self.pending is None:
                 self.pending = torch.zeros(self.shape, dtype=torch.float32, device=self.device)
             self.pending.addmm_(dY2d.t().float(), X2d.float())
             return
         dW = torch.mm(dY2d.t().float(), X2d.float())
-        if keep_accumulator:
-            if self.pending is None:
-                self.pending = torch.empty(self.shape, dtype=torch.bfloat16, device=self.device)
-            else:
-                dW.add_(self.pending)  # the sum in float32, rounded once into the 16-bit accumulator
-            self.pending.copy_(dW)
         first = exact_pass and self.backward_passes == 1
-        self.top_indices = _top_k_indices(dW.abs_().view(-1), self.nnz) if first else None
+        self.top_indices = _top_k_indices(dW.abs().view(-1), self.nnz) if first else None
+        if keep_accumulator:
+            if self.pending is not None:
+                # The sum in float32, rounded once into the 16-bit accumulator.
+                dW.add_(self._decode(self.pending, self.pending_scale))
+            self.pending, self.pending_scale = self._encode(dW, self.pending, self.pending_scale)
 
     def end_step(self) -> None:
         """Ends an optimizer step (the step's gradient stays in ``pending`` until the next one's)."""
@@ -226,21 +251,35 @@ class GradientCollector:
 
     def _fold(self) -> None:
         """``statistic += pending ∘ pending`` ('fisher') or ``+= pending`` ('mean'); empties ``pending``."""
-        if self.statistic is None:
-            self.statistic = self._step_term().to(self._accumulator_dtype)
-        elif self.statistic.dtype == torch.float32:
-            if self.rule == "fisher":
+        fisher = self.rule == "fisher"
+        if self.buffer == "float32":
+            if self.statistic is None:
+                self.statistic = self.pending.mul(self.pending) if fisher else self.pending.clone()
+            elif fisher:
                 self.statistic.addcmul_(self.pending, self.pending)
             else:
                 self.statistic.add_(self.pending)
+            self.pending.zero_()
         else:
-            self.statistic.copy_(self._step_term().add_(self.statistic))  # in float32, rounded once
-        self.pending.zero_()
+            total = self._step_term()
+            if self.statistic is not None:
+                total.add_(self._stored_statistic())
+            if fisher:
+                total.sqrt_()  # kept as the root: the range of a gradient, not of its square
+            self.statistic, self.statistic_scale = self._encode(total, self.statistic, self.statistic_scale)
+            self.pending.zero_()
+            if self.pending_scale is not None:
+                self.pending_scale.fill_(1.0)
         self.pending_ended = False
+
+    def _stored_statistic(self) -> torch.Tensor:
+        """The folded steps' sum, a new float32 tensor."""
+        result = self._decode(self.statistic, self.statistic_scale)
+        return result.mul_(result) if self.rule == "fisher" and self.buffer != "float32" else result
 
     def _step_term(self) -> torch.Tensor:
         """The last ended step's term of the statistic, a new float32 tensor."""
-        gradient = self.pending.to(torch.float32, copy=True)
+        gradient = self._decode(self.pending, self.pending_scale)
         return gradient.mul_(gradient) if self.rule == "fisher" else gradient
 
     def exact_indices(self):
@@ -263,14 +302,14 @@ class GradientCollector:
         if self.pending_ended:
             result = self._step_term()
         if self.statistic is not None:
-            result = self.statistic.to(torch.float32, copy=True) if result is None else result.add_(self.statistic)
+            result = self._stored_statistic() if result is None else result.add_(self._stored_statistic())
         if result is None:  # every step ended without a backward
             result = torch.zeros(self.shape, dtype=torch.float32, device=self.device)
         return _reduce_in_place(result, self.steps)
 
     def to(self, device) -> "GradientCollector":
         self.device = torch.device(device)
-        for name in ("pending", "statistic", "top_indices"):
+        for name in ("pending", "statistic", "pending_scale", "statistic_scale", "top_indices"):
             tensor = getattr(self, name)
             if tensor is not None:
                 setattr(self, name, tensor.to(device))
