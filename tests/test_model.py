@@ -190,6 +190,29 @@ def test_masks_alone_and_merge_and_unload(tmp_path):
     torch.testing.assert_close(merge_and_unload(other.base_model)(x), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("collect_buffer", ["auto", "float32"])
+def test_scheduler_passes_collect_buffer_and_warmup_allocates_nothing(collect_buffer):
+    model = get_rosa_model(Net(), RosaConfig(rank=2, density=0.1, warmup_steps=1, collect_steps=1, dropout=0.0,
+                                             collect_buffer=collect_buffer))
+    scheduler = model.scheduler(show_progress=False)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x, y = data(3, n=8)
+    (model(x) - y).square().mean().backward()
+    optimizer.step()
+    scheduler.step()  # the warm-up's last step starts the collection
+    layers = model.rosa_layers().values()
+    assert all(layer.phase == "collect" and layer._collector.buffer == collect_buffer for layer in layers)
+    assert sum(layer._collector.memory_bytes() for layer in layers) == 0
+    optimizer.zero_grad()
+    (model(x) - y).square().mean().backward()
+    assert all(layer._collector.memory_bytes() > 0 for layer in layers)
+    optimizer.step()
+    scheduler.step()
+    assert scheduler.phase == "sparse"
+    with pytest.raises(ValueError, match="collect_buffer"):
+        RosaConfig(collect_buffer="float8").validate()
+
+
 # ----------------------------------------------------------------------------------------------
 # DistributedDataParallel with 2 CPU processes (gloo) matches a single-process run
 # ----------------------------------------------------------------------------------------------
