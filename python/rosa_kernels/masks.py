@@ -201,7 +201,8 @@ class GradientCollector:
         """Stores the float32 ``total`` (consumed) into ``tensor`` (allocated when None): (tensor, scale)."""
         if self._dtype == torch.float16:
             # scale = 2^(e - 15) with 2^(e-1) <= row max < 2^e: exact to divide and multiply back.
-            exponent = torch.frexp(total.abs().amax(dim=1, keepdim=True)).exponent
+            lowest, highest = torch.aminmax(total, dim=1, keepdim=True)
+            exponent = torch.frexp(torch.maximum(highest, lowest.neg_())).exponent
             scale = torch.ldexp(torch.ones_like(exponent, dtype=torch.float32), exponent - 15)
             total = total.div_(scale)
         if tensor is None:
@@ -234,13 +235,18 @@ class GradientCollector:
             self.pending.addmm_(dY2d.t().float(), X2d.float())
             return
         dW = torch.mm(dY2d.t().float(), X2d.float())
-        first = exact_pass and self.backward_passes == 1
-        self.top_indices = _top_k_indices(dW.abs().view(-1), self.nnz) if first else None
         if keep_accumulator:
             if self.pending is not None:
                 # The sum in float32, rounded once into the 16-bit accumulator.
-                dW.add_(self._decode(self.pending, self.pending_scale))
+                if self.pending_scale is None:
+                    dW.add_(self.pending)
+                else:
+                    dW.addcmul_(self.pending, self.pending_scale)
             self.pending, self.pending_scale = self._encode(dW, self.pending, self.pending_scale)
+            if self.pending_scale is not None:
+                dW.mul_(self.pending_scale)  # undoes the encoding's division by powers of two, exactly
+        first = exact_pass and self.backward_passes == 1
+        self.top_indices = _top_k_indices(dW.abs_().view(-1), self.nnz) if first else None
 
     def end_step(self) -> None:
         """Ends an optimizer step (the step's gradient stays in ``pending`` until the next one's)."""
