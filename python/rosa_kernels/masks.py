@@ -46,6 +46,7 @@ __all__ = [
     "GradientCollector",
     "mask_count",
     "accumulate_gradient",
+    "weight_gradient",
     "accumulate_statistic",
     "reduce_statistic",
     "select_mask",
@@ -87,6 +88,21 @@ def accumulate_gradient(pending, dY2d: torch.Tensor, X2d: torch.Tensor) -> None:
         pending.add(dY2d, X2d)
     else:
         pending.addmm_(dY2d.t().float(), X2d.float())
+
+
+_MM_OUT_DTYPE = [True]  # whether torch.mm(..., out_dtype=) works here (CUDA, 16-bit inputs)
+
+
+def weight_gradient(dY2d: torch.Tensor, X2d: torch.Tensor) -> torch.Tensor:
+    """``dW = dY^T X`` as a new float32 tensor. For 16-bit CUDA inputs a tensor-core GEMM accumulates
+    and writes float32 (the products of 16-bit values are exact in float32: the same float32 sum up
+    to its order), without float32 copies of dY and X or a float32 GEMM's time."""
+    if _MM_OUT_DTYPE[0] and dY2d.is_cuda and dY2d.dtype in (torch.bfloat16, torch.float16) and X2d.dtype == dY2d.dtype:
+        try:
+            return torch.mm(dY2d.t(), X2d, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):
+            _MM_OUT_DTYPE[0] = False
+    return torch.mm(dY2d.t().float(), X2d.float())
 
 
 def accumulate_statistic(statistic: torch.Tensor, dY2d: torch.Tensor, X2d: torch.Tensor, rule: str) -> None:
@@ -234,7 +250,7 @@ class GradientCollector:
                 self.pending = torch.zeros(self.shape, dtype=torch.float32, device=self.device)
             self.pending.addmm_(dY2d.t().float(), X2d.float())
             return
-        dW = torch.mm(dY2d.t().float(), X2d.float())
+        dW = weight_gradient(dY2d, X2d)
         if keep_accumulator:
             if self.pending is not None:
                 # The sum in float32, rounded once into the 16-bit accumulator.
