@@ -95,7 +95,7 @@ class _RosaFunction(torch.autograd.Function):
         # h = (X ∘ keep) A^T without the dropout's 1 / (1 - p): that factor rides on the LoRA scale,
         # kept_scale = scale / (1 - p), which every LoRA term carries (Y, dX, dA, dB).
         if dropout > 0.0:
-            seed = draw_seed()
+            seed = draw_seed(x2d.device)
             x_kept = _ops.lora_dropout_apply(x2d, seed, dropout)
         else:
             seed = x_kept = None
