@@ -257,6 +257,32 @@ class RosaScheduler:
             self.masks = select_masks(self.model, show_progress=self.show_progress,
                                       reset_adapters=c.reset_adapters_after_mask)
 
+    def state_dict(self) -> dict:
+        """The scheduler's position (as a PyTorch scheduler's ``state_dict``): the steps taken, and
+        the phase lengths they count against."""
+        return {"steps": self.steps, "warmup_steps": self.config.warmup_steps,
+                "collect_steps": self.config.collect_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores the position only: the layers' phases, masks and collection state come back with
+        the model (:meth:`RosaModel.load_checkpoint`). Phase lengths must match this scheduler's."""
+        self._check_state(state)
+        self.steps = state["steps"]
+        c = self.config
+        done = self.steps >= c.warmup_steps + c.collect_steps
+        self.masks = {n: layer.mask() for n, layer in rosa_layers(self.model).items()} if done else None
+
+    def _check_state(self, state) -> None:
+        if not isinstance(state, dict) or set(state) != {"steps", "warmup_steps", "collect_steps"}:
+            raise ValueError(f"a RosaScheduler state has the keys steps, warmup_steps, collect_steps; got {state!r}")
+        steps = state["steps"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"scheduler steps must be an int >= 0, got {steps!r}")
+        for key in ("warmup_steps", "collect_steps"):
+            if state[key] != getattr(self.config, key):
+                raise ValueError(f"the saved scheduler ran with {key}={state[key]}, this one has "
+                                 f"{getattr(self.config, key)}")
+
     def trainer_callback(self):
         """A ``transformers.TrainerCallback`` calling :meth:`step` at each step end."""
         from transformers import TrainerCallback
@@ -346,6 +372,123 @@ class RosaModel(nn.Module):
         self.layer_names = []
         return self.base_model
 
+    # -- checkpoint and resume --------------------------------------------------------------------
+    def checkpoint_state(self, optimizer: torch.optim.Optimizer | None = None,
+                         scheduler: RosaScheduler | None = None, *, rng: bool = True) -> dict:
+        """Everything a run needs to resume where it stands, as a dict for ``torch.save``.
+
+        The adapters and masks (as :meth:`save_pretrained` writes them), each collecting layer's
+        collection state, any other trainable parameter, ``optimizer.state_dict()``,
+        ``scheduler.state_dict()`` and (``rng=True``) torch's CPU and CUDA generator states, which
+        drive the LoRA dropout. The frozen base weights are not included: rebuild the base model as
+        the run did. Like ``state_dict()``, tensors on the CPU may be the live ones: serialize the
+        result (:meth:`save_checkpoint` does) before training on.
+        """
+        layers = self.rosa_layers()
+        rosa_parameters = {id(p) for layer in layers.values() for p in layer.parameters()}
+        collection = {}
+        for name, layer in layers.items():
+            state = layer.collection_state_dict()
+            if state:
+                collection[name] = {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": self.config.to_dict(),
+            "layers": {name: [layer.out_features, layer.in_features, layer.nnz] for name, layer in layers.items()},
+            "phases": {name: layer.phase for name, layer in layers.items()},
+            "adapter": {k: v.detach().cpu() for k, v in self.adapter_state().items()},
+            "collection": collection,
+            "trainable": {name: p.detach().cpu() for name, p in self.named_parameters()
+                          if p.requires_grad and id(p) not in rosa_parameters},
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "rng": _rng_state() if rng else None,
+        }
+
+    def load_checkpoint_state(self, state: dict, optimizer: torch.optim.Optimizer | None = None,
+                              scheduler: RosaScheduler | None = None, *, rng: bool = True) -> None:
+        """Resumes from :meth:`checkpoint_state` into this model (built as the run built it, before any
+        training), ``optimizer`` and ``scheduler`` (built as the run built them).
+
+        Everything is checked before anything changes: a checkpoint of another model, config,
+        optimizer or schedule raises ``ValueError`` and leaves model, optimizer and scheduler as they were.
+        """
+        source = "the checkpoint"
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"not a rosa_kernels checkpoint (format {state.get('format') if isinstance(state, dict) else None!r})")
+        try:
+            saved_config = RosaConfig.from_dict(state["config"]).validate()
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"the checkpoint holds an invalid RosaConfig: {error}") from error
+        ours = self.config.to_dict()
+        differ = sorted(k for k, v in saved_config.to_dict().items() if k != "sparse_mode" and ours[k] != v)
+        if differ:
+            raise ValueError(f"the checkpoint's config differs from this model's in {differ}")
+        layers = self.rosa_layers()
+        checked = _check_adapter({n: tuple(v) for n, v in state["layers"].items()}, layers, saved_config,
+                                 state["adapter"], source)
+        phases = state["phases"]
+        for name, (_, _, mask) in checked.items():
+            collecting = name in state["collection"]
+            expected = "sparse" if mask is not None else "collect" if collecting else "warmup"
+            if phases.get(name) != expected:
+                raise ValueError(f"the checkpoint is inconsistent: layer {name} is in phase {phases.get(name)!r} "
+                                 f"with{'' if mask is not None else 'out'} a mask and with"
+                                 f"{'' if collecting else 'out'} a collection state")
+        trainable = dict(state["trainable"])
+        params = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        for name, value in trainable.items():
+            if name not in params or params[name].shape != value.shape:
+                raise ValueError(f"the checkpoint's trainable parameter {name} ({tuple(value.shape)}) has no match here")
+        if optimizer is not None:
+            _check_optimizer_state(optimizer, state["optimizer"])
+        if scheduler is not None:
+            if state["scheduler"] is None:
+                raise ValueError("the checkpoint holds no scheduler state")
+            scheduler._check_state(state["scheduler"])
+        # Collection states are checked by the layers themselves: undo them all if one is refused.
+        previous = {name: layer.collection_state_dict() for name, layer in layers.items()}
+        try:
+            for name, layer in layers.items():
+                layer.load_collection_state_dict(state["collection"].get(name, {}))
+        except (TypeError, ValueError):
+            for name, layer in layers.items():
+                layer.load_collection_state_dict(previous[name])
+            raise
+        self._apply_adapter(checked)
+        with torch.no_grad():
+            for name, value in trainable.items():
+                params[name].copy_(value)
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        if rng and state.get("rng") is not None:
+            _set_rng_state(state["rng"])
+
+    def save_checkpoint(self, path, optimizer: torch.optim.Optimizer | None = None,
+                        scheduler: RosaScheduler | None = None, *, rng: bool = True) -> None:
+        """Writes :meth:`checkpoint_state` to ``path`` with ``torch.save``, atomically: the file is
+        written next to ``path`` and renamed into place when complete, so a failure mid-save leaves
+        the previous checkpoint intact."""
+        state = self.checkpoint_state(optimizer, scheduler, rng=rng)
+        _masks.atomic_write({Path(path): lambda temporary: torch.save(state, temporary)})
+
+    def load_checkpoint(self, path, optimizer: torch.optim.Optimizer | None = None,
+                        scheduler: RosaScheduler | None = None, *, rng: bool = True) -> None:
+        """Resumes from a file of :meth:`save_checkpoint` (see :meth:`load_checkpoint_state`)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch.load raises many kinds on a damaged file
+            raise ValueError(f"{path} is not a readable checkpoint (truncated or corrupt?): {error}") from error
+        try:
+            self.load_checkpoint_state(state, optimizer, scheduler, rng=rng)
+        except (KeyError, TypeError, AttributeError) as error:
+            raise ValueError(f"{path} is not a complete rosa_kernels checkpoint: {error!r}") from error
+
     # -- saving and loading -------------------------------------------------------------------------
     def adapter_state(self) -> dict[str, torch.Tensor]:
         tensors = {}
@@ -413,6 +556,38 @@ class RosaModel(nn.Module):
             with torch.no_grad():
                 layer.lora_A.copy_(lora_A.to(device))
                 layer.lora_B.copy_(lora_B.to(device))
+
+
+CHECKPOINT_FORMAT = "rosa_kernels.checkpoint.v1"
+
+
+def _rng_state() -> dict:
+    """torch's generator states: the LoRA dropout draws its seeds from the CPU one
+    (:func:`rosa_kernels.dropout.draw_seed`); CUDA's are kept for the user's own random ops."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return {"cpu": torch.get_rng_state(), "cuda": cuda}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if state.get("cuda") is not None and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _check_optimizer_state(optimizer: torch.optim.Optimizer, state) -> None:
+    """What ``optimizer.load_state_dict`` checks, and the per-parameter tensor shapes it does not."""
+    if not isinstance(state, dict) or "param_groups" not in state or "state" not in state:
+        raise ValueError("the checkpoint holds no optimizer state")
+    groups, saved_groups = optimizer.param_groups, state["param_groups"]
+    if len(groups) != len(saved_groups) or any(len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved_groups)):
+        raise ValueError(f"the checkpoint's optimizer has parameter groups of sizes "
+                         f"{[len(s['params']) for s in saved_groups]}, this one {[len(g['params']) for g in groups]}")
+    params = {saved: p for g, s in zip(groups, saved_groups) for saved, p in zip(s["params"], g["params"])}
+    for index, entry in state["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != params[index].shape:
+                raise ValueError(f"the checkpoint's optimizer state {key} of parameter {index} has shape "
+                                 f"{tuple(value.shape)}, the parameter {tuple(params[index].shape)}")
 
 
 _ADAPTER_FIELDS = ("lora_A", "lora_B", "sparse_values", "row_offsets", "row_indices", "col_indices")
