@@ -194,3 +194,18 @@ def test_resume_in_a_new_process(tmp_path):
     assert result.returncode == 0, result.stderr
     resumed = torch.load(out)
     assert_same_run(first + resumed["losses"], resumed["state"], expected_losses, expected_state)
+
+
+@pytest.mark.parametrize("overrides", [{"reset_adapters_after_mask": True}, {"sparse_mode": "spmm", "rule": "mean"}],
+                         ids=["restart-after-mask", "spmm-mean"])
+def test_resume_mid_collection_with_other_options(tmp_path, overrides):
+    config = RosaConfig(**{**CONFIG.to_dict(), **overrides})
+    expected_losses, expected_state = uninterrupted(config)
+    model, optimizer, scheduler = build(config)
+    torch.manual_seed(123)
+    first = train(model, optimizer, scheduler, 0, STOPS["collect"])
+    model.save_checkpoint(tmp_path / "checkpoint.pt", optimizer, scheduler)
+    model, optimizer, scheduler = build(config)
+    model.load_checkpoint(tmp_path / "checkpoint.pt", optimizer, scheduler)
+    rest = train(model, optimizer, scheduler, STOPS["collect"], TOTAL_STEPS)
+    assert_same_run(first + rest, final_state(model), expected_losses, expected_state)

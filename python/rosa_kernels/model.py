@@ -428,6 +428,9 @@ class RosaModel(nn.Module):
         checked = _check_adapter({n: tuple(v) for n, v in state["layers"].items()}, layers, saved_config,
                                  state["adapter"], source)
         phases = state["phases"]
+        unknown = sorted(set(state["collection"]) - set(layers))
+        if unknown:
+            raise ValueError(f"the checkpoint holds collection states of layers this model does not adapt: {unknown}")
         for name, (_, _, mask) in checked.items():
             collecting = name in state["collection"]
             expected = "sparse" if mask is not None else "collect" if collecting else "warmup"
@@ -584,6 +587,8 @@ def _check_optimizer_state(optimizer: torch.optim.Optimizer, state) -> None:
                          f"{[len(s['params']) for s in saved_groups]}, this one {[len(g['params']) for g in groups]}")
     params = {saved: p for g, s in zip(groups, saved_groups) for saved, p in zip(s["params"], g["params"])}
     for index, entry in state["state"].items():
+        if index not in params:
+            raise ValueError(f"the checkpoint's optimizer has state for parameter {index!r}, which its groups lack")
         for key, value in entry.items():
             if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != params[index].shape:
                 raise ValueError(f"the checkpoint's optimizer state {key} of parameter {index} has shape "
