@@ -31,6 +31,17 @@ export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
 if ! step build 300 env ROSA_CUDA=ON "$PYTHON" -m pip install --no-build-isolation --no-deps -q .; then
   printf '%s\n' "--- summary" "${SUMMARY[@]}"; exit 1
 fi
+# Which GPU code the build holds (SASS per arch, PTX); ARCH_CHECK=1 also builds a wheel with
+# TORCH_CUDA_ARCH_LIST="8.0;9.0" and lists it.
+if command -v cuobjdump >/dev/null; then
+  step archs 60 bash scripts/list_cuda_archs.sh "$("$PYTHON" -c "import rosa_kernels._C as c; print(c.__file__)")"
+  if [ -n "${ARCH_CHECK:-}" ]; then
+    wheels=$(mktemp -d)
+    step archs-8.0-9.0 300 bash -c "TORCH_CUDA_ARCH_LIST='8.0;9.0' ROSA_CUDA=ON $PYTHON -m pip wheel -q \
+      --no-build-isolation --no-deps . -w $wheels && cd $wheels && $PYTHON -m zipfile -e *.whl x && \
+      bash $PWD/scripts/list_cuda_archs.sh x/rosa_kernels/_C*.so"
+  fi
+fi
 step cuda-visible 60 "$PYTHON" -c "import torch, rosa_kernels as r; assert r.cuda_available(), 'CUDA kernels not available'; print(torch.cuda.get_device_name(), torch.__version__, 'cuda_built', r.cuda_built())"
 # shellcheck disable=SC2086
 step tests 360 "$PYTHON" -m pytest tests -q --maxfail=30 -p no:cacheprovider ${PYTEST_ARGS:-}

@@ -95,7 +95,7 @@ class _RosaFunction(torch.autograd.Function):
         # h = (X ∘ keep) A^T without the dropout's 1 / (1 - p): that factor rides on the LoRA scale,
         # kept_scale = scale / (1 - p), which every LoRA term carries (Y, dX, dA, dB).
         if dropout > 0.0:
-            seed = draw_seed()
+            seed = draw_seed(x2d.device)
             x_kept = _ops.lora_dropout_apply(x2d, seed, dropout)
         else:
             seed = x_kept = None
@@ -488,6 +488,35 @@ class RosaLinear(nn.Module):
         """
         if self.phase == "collect" and self._collector is not None:
             self._collector.end_step()
+
+    def collection_state_dict(self) -> dict:
+        """What the layer holds for gradient collection, for checkpoints; ``{}`` when not collecting.
+
+        Like ``state_dict()``, the tensors are the layer's own (not copies); see
+        ``rosa_kernels.masks.GradientCollector`` for the keys. Everything a resumed run needs to
+        select the same mask goes through this method and :meth:`load_collection_state_dict`.
+        """
+        if self.phase != "collect" or self._collector is None:
+            return {}
+        return self._collector.state_dict()
+
+    def load_collection_state_dict(self, state: dict) -> None:
+        """Restores :meth:`collection_state_dict`: a non-empty state puts the layer into ``"collect"``
+        with those buffers (copied to the layer's device); ``{}`` ends a collection in progress (back
+        to ``"warmup"``). Checked first: a bad state raises ``ValueError`` and leaves the layer unchanged."""
+        if not state:
+            if self.phase == "collect":
+                self._end_collection()
+                self.phase = "warmup"
+            return
+        if self.phase == "sparse":
+            raise ValueError("the mask is already set; a collection state loads into a layer without one")
+        collector = _masks.GradientCollector.from_state_dict(state, (self.out_features, self.in_features),
+                                                              self.weight.device, self.nnz)
+        self.rule = collector.rule
+        self._collector = collector
+        self.phase = "collect"
+        _COLLECTING_LAYERS.add(self)
 
     def statistic(self) -> torch.Tensor:
         """The collected statistic averaged over steps (and over ranks under torch.distributed), in
