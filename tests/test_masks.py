@@ -224,3 +224,46 @@ def test_statistic_over_steps_with_one_buffer_per_step_and_rule(buffer):
         scale = float(expected.abs().max())
         torch.testing.assert_close(collector.mean_statistic().double(), expected / 3, rtol=tolerance,
                                    atol=tolerance * scale)
+
+
+@pytest.mark.parametrize("buffer", BUFFERS)
+def test_collector_state_round_trips_mid_collection(buffer):
+    """A collector rebuilt from its state_dict after one step goes on to the same statistic and mask."""
+    from rosa_kernels.masks import GradientCollector
+
+    m, n, nnz = 20, 36, 12
+    gradients = outlier_gradients(m, n, 8, 3, seed=5)
+    collector = GradientCollector((m, n), "cpu", "fisher", buffer, nnz)
+    collector.add(*gradients[0])
+    collector.end_step()
+    state = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in collector.state_dict().items()}
+    resumed = GradientCollector.from_state_dict(state, (m, n), "cpu", nnz)
+    assert resumed.memory_bytes() == collector.memory_bytes()
+    if buffer == "one_pass":
+        assert torch.equal(collector_mask(resumed), collector_mask(collector))
+        return
+    for c in (collector, resumed):
+        for dy, x in gradients[1:]:
+            c.add(dy, x)
+        c.end_step()
+    assert torch.equal(resumed.mean_statistic(), collector.mean_statistic())
+    with pytest.raises(ValueError, match="pending"):
+        GradientCollector.from_state_dict({**state, "pending": torch.zeros(m, n, dtype=torch.float64)}, (m, n),
+                                          "cpu", nnz)
+
+
+def test_float16_scales_are_powers_of_two_and_rows_fill_the_range():
+    from rosa_kernels.masks import GradientCollector
+
+    m, n = 6, 50
+    rows = torch.tensor([1e-30, 1e-3, 1.0, 3.0e4, 1e30, 0.0])[:, None]
+    dW = torch.randn(m, n, generator=torch.Generator().manual_seed(0)) * rows
+    collector = GradientCollector((m, n), "cpu", "fisher", "float16", nnz=5)
+    collector.add(dW.t().contiguous(), torch.eye(n))
+    scale = collector.pending_scale.flatten()
+    mantissa, _ = torch.frexp(scale)
+    assert torch.equal(mantissa, torch.full_like(mantissa, 0.5))  # powers of two
+    largest = collector.pending.float().abs().amax(dim=1)
+    assert bool(((largest[:5] >= 2 ** 14) & (largest[:5] < 2 ** 15 + 1)).all()) and largest[5] == 0
+    assert torch.isfinite(collector.pending).all()
+    torch.testing.assert_close(collector.pending.float() * collector.pending_scale, dW, rtol=2 ** -11, atol=0)

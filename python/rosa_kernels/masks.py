@@ -223,7 +223,9 @@ class GradientCollector:
             # scale = 2^(e - 15) with 2^(e-1) <= row max < 2^e: exact to divide and multiply back.
             lowest, highest = torch.aminmax(total, dim=1, keepdim=True)
             exponent = torch.frexp(torch.maximum(highest, lowest.neg_())).exponent
-            scale = torch.ldexp(torch.ones_like(exponent, dtype=torch.float32), exponent - 15)
+            # 2^(e - 15) from its bits (exact on every device; normal float32 exponents only).
+            biased = (exponent.to(torch.int32) + (127 - 15)).clamp_(1, 254)
+            scale = torch.bitwise_left_shift(biased, 23).view(torch.float32)
             total = total.div_(scale)
         if tensor is None:
             tensor = torch.empty(self.shape, dtype=self._dtype, device=self.device)
