@@ -464,9 +464,10 @@ class RosaLinear(nn.Module):
         """Enters the ``"collect"`` phase: backward passes add the statistic of dW = dY^T X.
 
         ``collect_buffer`` (``rosa_kernels.masks.COLLECT_BUFFERS``) says where: ``"auto"`` (default;
-        a bfloat16 accumulator, 2 bytes per weight, and the exact top-k when the collection is one
-        backward pass), ``"one_pass"`` (exact, nothing kept but the top-k indices; one backward
-        pass only), ``"bfloat16"``, or ``"float32"`` (4 bytes per weight, 8 over several steps).
+        a row-scaled float16 accumulator, 2 bytes per weight, and the exact top-k when the collection
+        is one backward pass), ``"one_pass"`` (exact, nothing kept but the top-k indices; one
+        backward pass only), ``"float16"``, ``"bfloat16"`` (2 bytes per weight, 4 over several
+        steps), or ``"float32"`` (4 bytes per weight, 8 over several steps).
         Nothing is allocated here: the layer's first collecting backward allocates what it keeps.
         """
         if self.phase == "sparse":
@@ -520,7 +521,7 @@ class RosaLinear(nn.Module):
 
     def statistic(self) -> torch.Tensor:
         """The collected statistic averaged over steps (and over ranks under torch.distributed), in
-        float32 (from the 16-bit accumulator with the bfloat16 buffers)."""
+        float32 (decoded from the 16-bit buffers where the layer keeps those)."""
         if self._collector is None:
             raise ValueError("no gradient statistic was collected: call start_collection() and train a step first")
         return self._collector.mean_statistic()
