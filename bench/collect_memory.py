@@ -193,7 +193,7 @@ def main(argv=None):
                     held.append(collector.memory_bytes())
                     indices = collector.exact_indices()
                     if indices is None:
-                        indices = _top_k_indices(collector.mean_statistic().view(-1), layer.nnz)
+                        indices = _top_k_indices(collector.mean_statistic().abs_().view(-1), layer.nnz)
                     chosen[name] = indices
                     # Back to warm-up for the next option (a bench-only shortcut: no mask is installed).
                     layer._end_collection()
