@@ -305,7 +305,8 @@ def main(argv=None):
                 keep[masks[("float32", k)][name]] = True
                 fractions.append(float(keep[masks[(buffer, k)][name]].sum()) / max(1, layer.nnz))
             overlap = (min(fractions), sum(fractions) / len(fractions))
-            rows.append((f"collection {buffer!r}, {k} micro ({sum(held) / adapted:.2f} B/weight held)",
+            where = "host" if buffer == "host" else "device"
+            rows.append((f"collection {buffer!r}, {k} micro ({sum(held) / adapted:.2f} B/weight on the {where})",
                          seconds, memory, overlap))
             print(rows[-1], flush=True)
 

@@ -82,7 +82,7 @@ def test_safetensors_files_round_trip_every_dtype(tmp_path):
 # GradientCollector: where the collection keeps its statistic (collect_buffer)
 # ----------------------------------------------------------------------------------------------
 
-BUFFERS = ["auto", "one_pass", "float16", "bfloat16", "float32"]
+BUFFERS = ["auto", "one_pass", "float16", "bfloat16", "float32", "host"]
 
 
 def selected(indices, numel):
@@ -172,7 +172,7 @@ def test_micro_batches_are_summed_before_the_square(buffer, rule):
     assert not torch.equal(collector_mask(collector), squares_first)
 
 
-@pytest.mark.parametrize("buffer,minimum", [("auto", 0.995), ("float16", 0.995), ("bfloat16", 0.99)])
+@pytest.mark.parametrize("buffer,minimum", [("auto", 0.995), ("float16", 0.995), ("bfloat16", 0.99), ("host", 1.0)])
 @pytest.mark.parametrize("micro_batches,steps", [(1, 1), (8, 1), (2, 3)])
 def test_16_bit_buffers_keep_99_percent_of_the_float32_mask(buffer, minimum, micro_batches, steps):
     from rosa_kernels.masks import GradientCollector
@@ -199,16 +199,16 @@ def test_16_bit_buffers_keep_99_percent_of_the_float32_mask(buffer, minimum, mic
         assert overlap == 1.0
 
 
-@pytest.mark.parametrize("buffer", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("buffer", ["float16", "bfloat16", "float32", "host"])
 def test_statistic_over_steps_with_one_buffer_per_step_and_rule(buffer):
     """A collection of one step keeps one buffer (the step's gradient, squared at selection); more
     steps add the statistic's buffer. The mean statistic matches float64 to the buffer's rounding."""
     from rosa_kernels.masks import GradientCollector
 
     m, n = 24, 40
-    size = {"float16": 2, "bfloat16": 2, "float32": 4}[buffer]
+    size = {"float16": 2, "bfloat16": 2, "float32": 4, "host": 4}[buffer]
     scale_bytes = 4 * m if buffer == "float16" else 0
-    tolerance = {"float16": 2e-3, "bfloat16": 2e-2, "float32": 1e-5}[buffer]
+    tolerance = {"float16": 2e-3, "bfloat16": 2e-2, "float32": 1e-5, "host": 1e-5}[buffer]
     for rule in ("fisher", "mean"):
         collector = GradientCollector((m, n), "cpu", rule, buffer, nnz=5)
         expected = torch.zeros(m, n, dtype=torch.float64)
@@ -316,3 +316,26 @@ def test_cuda_collection_and_selection_never_synchronize_and_match_the_cpu(buffe
     layer.start_collection(collect_buffer=buffer)
     layer(gradients[0][1].cuda()).float().square().sum().backward()
     assert layer.select_mask().nnz == nnz and layer.phase == "sparse"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_host_buffer_keeps_nothing_on_the_device_and_matches_float32():
+    from rosa_kernels.masks import GradientCollector
+
+    m, n = 256, 384
+    nnz = mask_count(m, n, 0.01)
+    gradients = [(dy.cuda(), x.cuda()) for dy, x in outlier_gradients(m, n, 64, 4, seed=9)]
+    host = GradientCollector((m, n), "cuda", "fisher", "host", nnz)
+    device = GradientCollector((m, n), "cuda", "fisher", "float32", nnz)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    for dy, x in gradients:
+        host.add(dy, x)
+    host.end_step()
+    assert torch.cuda.memory_allocated() == before and host.pending.device.type == "cpu" and host.pending.is_pinned()
+    for dy, x in gradients:
+        device.add(dy, x)
+    device.end_step()
+    statistic = host.mean_statistic()
+    assert statistic.device.type == "cuda"
+    torch.testing.assert_close(statistic, device.mean_statistic(), rtol=1e-4, atol=1e-6 * float(statistic.max()))

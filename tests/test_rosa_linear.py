@@ -376,7 +376,7 @@ def test_torch_compile_fullgraph(mode, phase):
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("collect_buffer", ["float32", "auto", "bfloat16"])
+@pytest.mark.parametrize("collect_buffer", ["float32", "host", "auto", "bfloat16"])
 @pytest.mark.parametrize("rule", ["fisher", "mean"])
 def test_selected_mask_is_the_top_k_of_the_collected_statistic(rule, collect_buffer):
     torch.manual_seed(0)
@@ -398,7 +398,7 @@ def test_selected_mask_is_the_top_k_of_the_collected_statistic(rule, collect_buf
         g = linear.weight.grad.double()
         statistic += g * g if rule == "fisher" else g
     statistic /= 3
-    if collect_buffer != "float32":
+    if collect_buffer not in ("float32", "host"):
         # The 16-bit accumulator: each step's gradient and the statistic rounded to bfloat16 (2^-8
         # relative), so the mask is the top-k up to entries within that rounding of the threshold.
         # (the mean rule sums signed gradients: the rounding is relative to the summands)
@@ -459,7 +459,7 @@ def test_one_collecting_backward_selects_the_exact_top_k(collect_buffer):
     assert torch.equal(chosen, expected)
 
 
-@pytest.mark.parametrize("collect_buffer", ["auto", "one_pass", "float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("collect_buffer", ["auto", "one_pass", "float16", "bfloat16", "float32", "host"])
 def test_start_collection_allocates_nothing_until_a_backward(collect_buffer):
     layer = RosaLinear(32, 24, rank=2, density=0.05, dropout=0.0)
     optimizer = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=0.0)
@@ -468,7 +468,7 @@ def test_start_collection_allocates_nothing_until_a_backward(collect_buffer):
     layer.start_collection(collect_buffer=collect_buffer)
     assert layer._collector.memory_bytes() == 0
     layer(torch.randn(4, 32)).sum().backward()
-    per_weight = {"one_pass": 0, "float32": 4}.get(collect_buffer, 2)
+    per_weight = {"one_pass": 0, "float32": 4, "host": 4}.get(collect_buffer, 2)  # host: in host memory
     top_k = 8 * layer.nnz if collect_buffer in ("auto", "one_pass") else 0
     scales = 4 * 24 if collect_buffer in ("auto", "float16") else 0
     assert layer._collector.memory_bytes() == per_weight * 24 * 32 + top_k + scales

@@ -467,7 +467,8 @@ class RosaLinear(nn.Module):
         a row-scaled float16 accumulator, 2 bytes per weight, and the exact top-k when the collection
         is one backward pass), ``"one_pass"`` (exact, nothing kept but the top-k indices; one
         backward pass only), ``"float16"``, ``"bfloat16"`` (2 bytes per weight, 4 over several
-        steps), or ``"float32"`` (4 bytes per weight, 8 over several steps).
+        steps), ``"float32"`` (4 bytes per weight, 8 over several steps) or ``"host"`` (float32 in
+        pinned host memory, nothing on the device; a host synchronization per layer and backward).
         Nothing is allocated here: the layer's first collecting backward allocates what it keeps.
         """
         if self.phase == "sparse":

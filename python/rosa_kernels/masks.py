@@ -20,7 +20,9 @@ entries of largest magnitude. Where that statistic is kept is the collector's ``
 - ``'one_pass'``: no accumulator at all: the layer's top-k is taken from the float32 ``dW`` of its
   one backward (exact); a second collecting backward raises;
 - ``'bfloat16'``: the 16-bit accumulator alone;
-- ``'float32'``: a float32 accumulator (4 bytes per weight, 8 with more than one collection step).
+- ``'float32'``: a float32 accumulator (4 bytes per weight, 8 with more than one collection step);
+- ``'host'``: the same float32 accumulator in (pinned) host memory: nothing kept on the device, but
+  each backward copies the layer's ``dW`` to the host and adds it there (synchronously).
 
 Selection runs on the statistic's device: a ``topk``, a sort of the flat indices, and a device-side
 count + scan for the row offsets, so nothing goes to the host.
@@ -63,7 +65,7 @@ __all__ = [
 ]
 
 RULES = ("fisher", "mean")
-COLLECT_BUFFERS = ("auto", "one_pass", "float16", "bfloat16", "float32")
+COLLECT_BUFFERS = ("auto", "one_pass", "float16", "bfloat16", "float32", "host")
 
 
 def mask_count(out_features: int, in_features: int, density: float) -> int:
@@ -210,7 +212,13 @@ class GradientCollector:
 
     @property
     def _dtype(self):
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(self.buffer, torch.float16)
+        return {"float32": torch.float32, "host": torch.float32, "bfloat16": torch.bfloat16}.get(self.buffer,
+                                                                                                 torch.float16)
+
+    @property
+    def _storage_device(self):
+        """Where ``pending`` and ``statistic`` live: the host for ``'host'``, else the layer's device."""
+        return torch.device("cpu") if self.buffer == "host" else self.device
 
     def memory_bytes(self) -> int:
         """Bytes held now (the buffers, their scales and ``top_indices``)."""
@@ -256,6 +264,15 @@ class GradientCollector:
                 self.pending = torch.zeros(self.shape, dtype=torch.float32, device=self.device)
             self.pending.addmm_(dY2d.t().float(), X2d.float())
             return
+        if self.buffer == "host":
+            dW = weight_gradient(dY2d, X2d)
+            if self.pending is None:
+                pinned = self.device.type == "cuda"
+                self.pending = torch.empty(self.shape, dtype=torch.float32, device="cpu", pin_memory=pinned)
+                self.pending.copy_(dW)
+            else:
+                self.pending.add_(dW.cpu())
+            return
         dW = weight_gradient(dY2d, X2d)
         if keep_accumulator:
             if self.pending is not None:
@@ -280,7 +297,7 @@ class GradientCollector:
     def _fold(self) -> None:
         """``statistic += pending ∘ pending`` ('fisher') or ``+= pending`` ('mean'); empties ``pending``."""
         fisher = self.rule == "fisher"
-        if self.buffer == "float32":
+        if self._dtype == torch.float32:
             if self.statistic is None:
                 self.statistic = self.pending.mul(self.pending) if fisher else self.pending.clone()
             elif fisher:
@@ -303,7 +320,7 @@ class GradientCollector:
     def _stored_statistic(self) -> torch.Tensor:
         """The folded steps' sum, a new float32 tensor."""
         result = self._decode(self.statistic, self.statistic_scale)
-        return result.mul_(result) if self.rule == "fisher" and self.buffer != "float32" else result
+        return result.mul_(result) if self.rule == "fisher" and self._dtype != torch.float32 else result
 
     def _step_term(self) -> torch.Tensor:
         """The last ended step's term of the statistic, a new float32 tensor."""
@@ -333,7 +350,7 @@ class GradientCollector:
             result = self._stored_statistic() if result is None else result.add_(self._stored_statistic())
         if result is None:  # every step ended without a backward
             result = torch.zeros(self.shape, dtype=torch.float32, device=self.device)
-        return _reduce_in_place(result, self.steps)
+        return _reduce_in_place(result.to(self.device), self.steps)
 
     _TENSORS = ("pending", "pending_scale", "statistic", "statistic_scale", "top_indices")
     _KEYS = ("rule", "collect_buffer", "steps", "backward_passes", "pending_ended") + _TENSORS
@@ -382,12 +399,15 @@ class GradientCollector:
         collector.pending_ended = state["pending_ended"]
         for name in cls._TENSORS:
             if state[name] is not None:
-                setattr(collector, name, state[name].to(device=collector.device, copy=True))
+                device = collector._storage_device if name in ("pending", "statistic") else collector.device
+                setattr(collector, name, state[name].to(device=device, copy=True))
         return collector
 
     def to(self, device) -> "GradientCollector":
         self.device = torch.device(device)
         for name in ("pending", "statistic", "pending_scale", "statistic_scale", "top_indices"):
+            if self.buffer == "host" and name in ("pending", "statistic"):
+                continue
             tensor = getattr(self, name)
             if tensor is not None:
                 setattr(self, name, tensor.to(device))

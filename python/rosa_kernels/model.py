@@ -59,8 +59,8 @@ class RosaConfig:
     collect_steps: int = 1
     rule: str = "fisher"
     # Where collection keeps the gradient statistic (rosa_kernels.masks.COLLECT_BUFFERS): "auto"
-    # (2 bytes per weight, exact with one backward pass), "one_pass", "float16", "bfloat16" or
-    # "float32" (docs/rosa_linear.md). The number of micro-batches need not be declared.
+    # (2 bytes per weight, exact with one backward pass), "one_pass", "float16", "bfloat16",
+    # "float32" or "host" (docs/rosa_linear.md). The number of micro-batches need not be declared.
     collect_buffer: str = "auto"
     use_rslora: bool = False
     sparse_mode: str = "merged"
