@@ -454,28 +454,32 @@ def run_case(case: ModelCase, methods=ALL_METHODS, options: Options | None = Non
     def rosa_life_cycle():
         # warm-up: `warmup` untimed + `phase_timed` timed LoRA-only steps, then the last warm-up step
         # (its scheduler.step() starts the collection), the collection step (its scheduler.step()
-        # selects the masks), the first sparse steps, and the steady sparse phase.
-        warmup_steps = options.warmup + options.phase_timed + 1
+        # selects the masks), the first sparse steps, and the steady sparse phase. Only the compiled
+        # row wanted: the shortest way into the sparse phase (one warm-up and one collection step).
+        phases = any(m in methods for m in (*PHASES, "rosa"))
+        warmup_steps = options.warmup + options.phase_timed + 1 if phases else 1
         model, scheduler = wrap(build_model(case), "rosa", warmup_steps=warmup_steps, collect_steps=1)
         weights = weights_bytes(model, device)
         trainer = Trainer(model, case, scheduler)
-        measure_steps(trainer, options.warmup)
-        records = measure_steps(trainer, options.phase_timed, track_memory_on_cpu=cpu_memory)
-        if "rosa-warmup" in methods:
-            rows.append(summarize(case, "rosa-warmup", records, weights, phase=scheduler.phase))
+        if phases:
+            measure_steps(trainer, options.warmup)
+            records = measure_steps(trainer, options.phase_timed, track_memory_on_cpu=cpu_memory)
+            if "rosa-warmup" in methods:
+                rows.append(summarize(case, "rosa-warmup", records, weights, phase=scheduler.phase))
         one_shot = "a single step (once per run)" + ("; CPU: its time includes the memory tracker" if cpu_memory else "")
-        records = measure_steps(trainer, 1, track_memory_on_cpu=cpu_memory)
+        records = measure_steps(trainer, 1, track_memory_on_cpu=cpu_memory and phases)
         if "rosa-warmup-end" in methods:
             rows.append(summarize(case, "rosa-warmup-end", records, weights, phase=scheduler.phase, note=one_shot))
-        records = measure_steps(trainer, 1, track_memory_on_cpu=cpu_memory)
+        records = measure_steps(trainer, 1, track_memory_on_cpu=cpu_memory and phases)
         if "rosa-collect" in methods:
             rows.append(summarize(case, "rosa-collect", records, weights, phase=scheduler.phase, note=one_shot))
         if scheduler.phase != "sparse":
             raise RuntimeError(f"RoSA is in phase {scheduler.phase!r} after its collection step, not 'sparse'")
-        records = measure_steps(trainer, options.phase_timed, track_memory_on_cpu=cpu_memory)
-        if "rosa-first-sparse" in methods:
-            rows.append(summarize(case, "rosa-first-sparse", records, weights, phase=scheduler.phase,
-                                  note=f"steps right after mask selection: {options.phase_timed}"))
+        if phases:
+            records = measure_steps(trainer, options.phase_timed, track_memory_on_cpu=cpu_memory)
+            if "rosa-first-sparse" in methods:
+                rows.append(summarize(case, "rosa-first-sparse", records, weights, phase=scheduler.phase,
+                                      note=f"steps right after mask selection: {options.phase_timed}"))
         if "rosa" in methods:
             rows.append(_steady(trainer, case, "rosa", weights, options, cpu_memory, phase=scheduler.phase))
         if "rosa+compile" in methods:

@@ -447,7 +447,8 @@ def model_summary(results: dict) -> str:
              "full/LoRA/RoSA ms"]
     for (model, tokens), methods in _model_cells(results["rows"]).items():
         t = {m: _value(methods.get(m), "gpu_ms") for m in model_step.ALL_METHODS}
-        compiled = " / ".join("fail" if methods.get(f"{m}+compile") is not None and t[f"{m}+compile"] is None
+        compiled = " / ".join(("skip" if methods[f"{m}+compile"]["status"].startswith("skipped") else "fail")
+                              if methods.get(f"{m}+compile") is not None and t[f"{m}+compile"] is None
                               else _ms(None if t[f"{m}+compile"] is None else t[f"{m}+compile"] / 1e3)
                               for m in model_step.METHODS)
         lines.append(" | ".join([f"{model}, {tokens}", *(_ms(None if t[m] is None else t[m] / 1e3)
@@ -486,24 +487,33 @@ def run_model(args) -> dict:
         warmup, timed, *phase = (int(x) for x in args.model_steps.split(","))
         options = model_step.Options(warmup=warmup, timed=timed, phase_timed=phase[0] if phase else timed)
     compile_cases = args.compile_cases.split(",") if args.compile_cases else None
-    results = None
-    for case in cases:
-        case_methods = methods
-        if compile_cases is not None and f"{case.shape}:{case.tokens}" not in compile_cases:
-            case_methods = tuple(m for m in methods if m not in model_step.COMPILED)
-        part = model_step.run_sweep([case], case_methods, options, log=log, time_limit=None)
-        if results is None:
-            results = part
-        else:
-            results["rows"] += part["rows"]
-            results["elapsed_s"] += part["elapsed_s"]
-        if args.time_limit and results["elapsed_s"] > args.time_limit and case is not cases[-1]:
-            for left in cases[cases.index(case) + 1:]:
-                results["rows"] += [model_step.failure_row(left, m, f"skipped: --time-limit {args.time_limit:.0f} s "
-                                                           "was reached") for m in methods]
-            break
+    eager = tuple(m for m in methods if m not in model_step.COMPILED)
+    compiled = tuple(m for m in methods if m in model_step.COMPILED)
+    # Eager rows of every case first, then the compiled rows (minutes of compiling each): when time
+    # runs short, the main table is complete and the compiled rows are what is left out.
+    passes = [(case, eager) for case in cases] + [
+        (case, compiled) for case in cases
+        if compiled and (compile_cases is None or f"{case.shape}:{case.tokens}" in compile_cases)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    results = model_step.run_sweep([], methods, options)
+    for case, case_methods in passes:
+        if not case_methods:
+            continue
+        if args.time_limit and time.perf_counter() - started > args.time_limit:
+            results["rows"] += [model_step.failure_row(case, m, f"skipped: --time-limit {args.time_limit:.0f} s "
+                                                       "was reached") for m in case_methods]
+            continue
+        part = model_step.run_sweep([case], case_methods, options, log=log)
+        results["environment"], results["rows"] = part["environment"], results["rows"] + part["rows"]
+        results["elapsed_s"] = time.perf_counter() - started
+        # Written after each case: a run cut short still leaves what it measured.
+        (out / "model_step.json").write_text(json.dumps(results, indent=1, default=str))
+    order = {m: i for i, m in enumerate(model_step.ALL_METHODS)}
+    index = {(c.shape, c.tokens): i for i, c in enumerate(cases)}
+    results["rows"].sort(key=lambda r: (index.get((r["shape"], r["tokens"]), 0), order[r["method"]]))
+    results["elapsed_s"] = time.perf_counter() - started
     (out / "model_step.json").write_text(json.dumps(results, indent=1, default=str))
     table = model_tables(results)
     (out / "model_step.md").write_text(table)
