@@ -16,8 +16,12 @@
 #                   compiled rows; "all": every case). Compiled rows run after every eager row.
 #   MODEL_STEPS     WARMUP,TIMED,PHASE_TIMED steps per row (default 3,5,3: few steps to fit the budget)
 #   MODEL_KV_HEADS  key/value heads (default: as many as heads, LlamaConfig's default)
-#   MODEL_TIME_LIMIT seconds after which the cases not yet started are skipped (default 330)
+#   MODEL_TIME_LIMIT seconds after which the cases not yet started are skipped (default: what the
+#                   script's budget leaves after the build, less 150 s for a compile pass in progress)
+#   SCRIPT_BUDGET   seconds for the whole script (default 560: a device call may run 10 minutes); the
+#                   sweep is stopped when it would overrun it, keeping the rows measured so far
 #   SKIP_BUILD=1    use the rosa_kernels already installed;  PYTHON (default python3)
+#   MODEL_DEVICE=cpu a dry run of this script without a GPU (with MODEL_SHAPES=tiny SKIP_BUILD=1)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -57,9 +61,9 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 step versions 60 "$PYTHON" -c "
 import torch, transformers, peft, rosa_kernels as r
-print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'transformers', transformers.__version__,
+print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU', 'torch', torch.__version__, 'transformers', transformers.__version__,
       'peft', peft.__version__, 'rosa_kernels', r.__file__, 'cuda kernels', r.cuda_available())
-assert r.cuda_available(), 'rosa_kernels was built without its CUDA kernels'" || { printf '%s\n' "--- summary" "${SUMMARY[@]}"; exit 1; }
+assert '${MODEL_DEVICE:-cuda}' != 'cuda' or r.cuda_available(), 'rosa_kernels was built without its CUDA kernels'" || { printf '%s\n' "--- summary" "${SUMMARY[@]}"; exit 1; }
 
 # 3. the sweep
 compile_args=()
@@ -70,9 +74,13 @@ case "${MODEL_COMPILE:-7b-slice:2048}" in
 esac
 method_args=(); [ -n "${MODEL_METHODS:-}" ] && method_args=(--model-methods "$MODEL_METHODS")
 kv_args=(); [ -n "${MODEL_KV_HEADS:-}" ] && kv_args=(--model-kv-heads "$MODEL_KV_HEADS")
-step model-bench 540 "$PYTHON" bench/report.py --model --device cuda --out "$LOGS/model" \
+sweep_limit=$(( ${SCRIPT_BUDGET:-560} - (SECONDS - started) - 15 ))
+[ "$sweep_limit" -gt 60 ] || sweep_limit=60
+time_limit=${MODEL_TIME_LIMIT:-$(( sweep_limit > 270 ? sweep_limit - 150 : sweep_limit / 2 ))}
+echo "sweep: at most $sweep_limit s; no new case after $time_limit s"
+step model-bench "$sweep_limit" "$PYTHON" bench/report.py --model --device "${MODEL_DEVICE:-cuda}" --out "$LOGS/model" \
   --model-shapes "${MODEL_SHAPES:-7b-slice,tinyllama}" --model-batches "${MODEL_BATCHES:-1,4}" \
-  --model-steps "${MODEL_STEPS:-3,5,3}" --time-limit "${MODEL_TIME_LIMIT:-330}" \
+  --model-steps "${MODEL_STEPS:-3,5,3}" --time-limit "$time_limit" \
   "${compile_args[@]}" "${method_args[@]}" "${kv_args[@]}"
 
 # 4. summary, last (from the JSON, which is written after each case: a run cut short still shows)
