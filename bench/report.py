@@ -3,6 +3,7 @@
 
     python bench/report.py [--device cpu|cuda] [--quick] [--out DIR]
     python bench/report.py --model [--device cpu|cuda] [--out DIR]    # the model training step
+    python bench/report.py --host-overhead | --profile-layer | --profile-spmm [ARGS]  # see TOOLS
 
 
 Measures the machine's ceilings first (copy bandwidth counting read + write bytes, dense matmul
@@ -15,6 +16,8 @@ Progress goes to stderr; stdout gets the ceilings and then the Markdown tables, 
 against density per op and shape; only when matplotlib is importable). ``--model`` runs the model
 training-step sweep of bench/model_step.py instead (full FT / PEFT LoRA / RoSA on HF Llama models,
 RoSA's phases, compiled rows) and writes ``DIR/model_step.json`` and ``DIR/model_step.md``.
+``--host-overhead``, ``--profile-layer`` and ``--profile-spmm`` (first argument) run the in-depth
+tools of ``TOOLS`` with the arguments that follow (``--help`` after one lists them).
 See docs/benchmarks.md.
 """
 
@@ -579,7 +582,20 @@ def plot(results: dict, path: Path) -> bool:
     return True
 
 
+# Tools that measure one thing in depth; ``report.py --NAME ARGS`` hands ARGS to the module's main.
+TOOLS = {
+    "--host-overhead": "bench.host_overhead",   # host cost of the public ops and of a layer step
+    "--profile-layer": "bench.profile_layer",   # step / host / kernel time and kernel count of a layer step
+    "--profile-spmm": "bench.profile_spmm",     # one SpMM per kernel variant, for ncu
+}
+
+
 def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in TOOLS:
+        import importlib
+
+        return importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="default: cuda when a GPU and the CUDA kernels are present, else cpu")
