@@ -153,3 +153,17 @@ def test_model_step_report_runs_every_method_on_cpu(tmp_path, capsys):
     assert "| tiny (CPU), 32 |" in table and (tmp_path / "model_step.md").read_text() in table
     for method in (*model_step.PHASES, "rosa"):
         assert f"| {model_step.METHOD_NAMES[method]} |" in table
+
+
+def test_report_runs_the_in_depth_tools(capsys):
+    # The former scripts/profile_layer_step.py and scripts/time_host_overhead.py, now options of the report.
+    threads = torch.get_num_threads()
+    try:
+        report.main(["--profile-layer", "--shape", "48x40x16", "--density", "0.05", "--device", "cpu",
+                     "--reps", "2"])
+        report.main(["--host-overhead", "--skip-ops", "--shape", "32,8,0.05", "--budget", "0.02"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "48x40x16" in out and "lora" in out and "full" in out
+    assert "| RosaLinear merged |" in out and "| nn.Linear (full) |" in out
