@@ -152,10 +152,11 @@ class Options:
     compile_warmup: int = 3    # steps that compile and record the CUDA graphs before the timed ones
 
 
-def missing_requirements() -> str | None:
-    """Why the model benchmark cannot run here (None: it can)."""
+def missing_requirements(methods=ALL_METHODS) -> str | None:
+    """Why ``methods`` cannot run here (None: they can): every one needs transformers, LoRA's peft."""
+    needed = ["transformers"] + (["peft"] if any(m.startswith("lora") for m in methods) else [])
     missing = []
-    for module in ("transformers", "peft"):
+    for module in needed:
         try:
             __import__(module)
         except ImportError:
@@ -414,9 +415,11 @@ def run_case(case: ModelCase, methods=ALL_METHODS, options: Options | None = Non
     unknown = sorted(set(methods) - set(ALL_METHODS))
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {ALL_METHODS}")
-    reason = missing_requirements()
-    if reason:
-        return [failure_row(case, m, f"skipped: {reason}") for m in ALL_METHODS if m in methods]
+    skipped = {m: f"skipped: {reason}" for m in methods if (reason := missing_requirements([m]))}
+    if skipped:  # without peft, full FT and RoSA still run
+        methods = tuple(m for m in methods if m not in skipped)
+        if not methods:
+            return [failure_row(case, m, reason) for m, reason in skipped.items()]
     device = torch.device(case.device)
     cpu_memory = device.type == "cpu"
     rows: list[dict] = []
@@ -502,6 +505,7 @@ def run_case(case: ModelCase, methods=ALL_METHODS, options: Options | None = Non
             raise RuntimeError(f"RoSA is in phase {scheduler.phase!r} after its collection step, not 'sparse'")
 
     guarded(["rosa-collect-8"], rosa_collect_accumulated)
+    rows += [failure_row(case, m, reason) for m, reason in skipped.items()]
     order = {m: i for i, m in enumerate(ALL_METHODS)}
     return sorted(rows, key=lambda r: order[r["method"]])
 

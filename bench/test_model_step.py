@@ -47,7 +47,7 @@ def _trainer(case, method):
 
 
 def test_model_step(benchmark, bench_device, model_case, method):
-    reason = model_step.missing_requirements()
+    reason = model_step.missing_requirements([method])
     if reason:
         pytest.skip(reason)
     if torch.device(model_case.device).type != bench_device.type:

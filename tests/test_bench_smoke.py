@@ -122,10 +122,20 @@ def test_model_tables_have_every_row():
 
 
 def test_model_step_skips_without_the_bench_extra(monkeypatch):
-    monkeypatch.setattr(model_step, "missing_requirements", lambda: "needs peft: " + model_step.BENCH_EXTRA)
+    monkeypatch.setattr(model_step, "missing_requirements", lambda methods: "needs peft: " + model_step.BENCH_EXTRA)
     rows = model_step.run_case(model_step.cpu_cases()[0], ("full", "lora"))
     assert [r["method"] for r in rows] == ["full", "lora"]
     assert all(r["status"].startswith("skipped") and "rosa_kernels[bench]" in r["status"] for r in rows)
+
+
+def test_model_step_without_peft_still_runs_full_and_rosa(monkeypatch):
+    pytest.importorskip("transformers", reason=f"the model benchmark needs transformers: {model_step.BENCH_EXTRA}")
+    real = model_step.missing_requirements
+    monkeypatch.setattr(model_step, "missing_requirements",
+                        lambda methods: "no peft" if any(m.startswith("lora") for m in methods) else real(methods))
+    options = model_step.Options(warmup=1, timed=1, phase_timed=1)
+    rows = model_step.run_case(model_step.cpu_cases()[0], ("full", "lora", "rosa"), options)
+    assert {r["method"]: r["status"] for r in rows} == {"full": "ok", "lora": "skipped: no peft", "rosa": "ok"}
 
 
 def test_model_step_report_runs_every_method_on_cpu(tmp_path, capsys):
