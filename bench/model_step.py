@@ -362,10 +362,18 @@ def _row_head(case: ModelCase, method: str) -> dict:
 
 
 def failure_row(case: ModelCase, method: str, error: BaseException | str) -> dict:
+    """A row whose status is the error's first line (the JSON keeps more: ``error_detail``)."""
+    detail = None
     if isinstance(error, BaseException):
-        text = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
-        error = f"{type(error).__name__}: {text}"
-    return {**_row_head(case, method), "status": error}
+        message = str(error).strip()
+        detail = f"{type(error).__name__}: {message[:2000]}"
+        if error.__cause__ is not None:
+            detail += f"\ncaused by {type(error.__cause__).__name__}: {str(error.__cause__).strip()[:1000]}"
+        error = f"{type(error).__name__}: {message.splitlines()[0][:200] if message else ''}"
+    row = {**_row_head(case, method), "status": error}
+    if detail:
+        row["error_detail"] = detail
+    return row
 
 
 def _free(device: torch.device) -> None:
