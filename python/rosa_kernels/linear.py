@@ -95,7 +95,7 @@ class _RosaFunction(torch.autograd.Function):
         # h = (X ∘ keep) A^T without the dropout's 1 / (1 - p): that factor rides on the LoRA scale,
         # kept_scale = scale / (1 - p), which every LoRA term carries (Y, dX, dA, dB).
         if dropout > 0.0:
-            seed = draw_seed()
+            seed = draw_seed(x2d.device)
             x_kept = _ops.lora_dropout_apply(x2d, seed, dropout)
         else:
             seed = x_kept = None
@@ -485,6 +485,48 @@ class RosaLinear(nn.Module):
         if self.phase == "collect" and self._pending is not None:
             _masks.fold_step(self._statistic, self._pending, self.rule)
             self._collected += 1
+
+    def collection_state_dict(self) -> dict:
+        """What the layer holds for gradient collection, for checkpoints; ``{}`` when not collecting.
+
+        Like ``state_dict()``, the tensors are the layer's own (not copies). Everything a resumed run
+        needs to select the same mask goes through this method and :meth:`load_collection_state_dict`.
+        """
+        if self.phase != "collect":
+            return {}
+        return {"rule": self.rule, "statistic": self._statistic, "pending": self._pending,
+                "collected": self._collected}
+
+    def load_collection_state_dict(self, state: dict) -> None:
+        """Restores :meth:`collection_state_dict`: a non-empty state puts the layer into ``"collect"``
+        with those buffers (copied to the layer's device); ``{}`` ends a collection in progress (back
+        to ``"warmup"``). Checked first: a bad state raises ``ValueError`` and leaves the layer unchanged."""
+        if not state:
+            if self.phase == "collect":
+                self._end_collection()
+                self.phase = "warmup"
+            return
+        if self.phase == "sparse":
+            raise ValueError("the mask is already set; a collection state loads into a layer without one")
+        shape = (self.out_features, self.in_features)
+        if set(state) != {"rule", "statistic", "pending", "collected"}:
+            raise ValueError(f"collection state must have the keys rule, statistic, pending, collected; got {sorted(state)}")
+        _masks.check_rule(state["rule"])
+        for key in ("statistic", "pending"):
+            t = state[key]
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or not t.is_floating_point():
+                raise ValueError(f"collection state {key} must be a floating tensor of shape {shape}, got "
+                                 f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        collected = state["collected"]
+        if isinstance(collected, bool) or not isinstance(collected, numbers.Integral) or collected < 0:
+            raise ValueError(f"collection state collected must be an int >= 0, got {collected!r}")
+        device = self.weight.device
+        self.rule = state["rule"]
+        self._statistic = state["statistic"].to(device=device, dtype=torch.float32, copy=True)
+        self._pending = state["pending"].to(device=device, dtype=torch.float32, copy=True)
+        self._collected = int(collected)
+        self.phase = "collect"
+        _COLLECTING_LAYERS.add(self)
 
     def statistic(self) -> torch.Tensor:
         """The collected statistic averaged over steps (and over ranks under torch.distributed)."""

@@ -13,18 +13,20 @@ entries of largest magnitude. Selection runs on the statistic's device: a ``topk
 flat indices, and a device-side count + scan for the row offsets, so nothing goes to the host.
 
 Masks can be saved and loaded on their own (:func:`save_masks` / :func:`load_masks`) as
-safetensors files holding int32 CSR structures.
+safetensors files holding int32 CSR structures. Saves are atomic (:func:`atomic_write`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import struct
+import os
+import secrets
 from pathlib import Path
 
 import torch
 
-from .csr import CSR, row_order
+from .csr import CSR, row_order, validate_csr
 
 __all__ = [
     "RULES",
@@ -38,7 +40,9 @@ __all__ = [
     "save_masks",
     "load_masks",
     "save_safetensors",
+    "write_safetensors",
     "load_safetensors",
+    "atomic_write",
 ]
 
 RULES = ("fisher", "mean")
@@ -134,61 +138,80 @@ def broadcast_mask(mask: CSR, src: int = 0) -> CSR:
 
 
 # ----------------------------------------------------------------------------------------------
-# safetensors without the dependency: the format is an 8-byte little-endian header length, a JSON
-# header {name: {dtype, shape, data_offsets}} and the raw little-endian bytes. The official package
-# reads what this writes (tested); using the format directly keeps the base package torch-only.
+# Files: the ``safetensors`` package reads and writes them; every write goes to a temporary file in
+# the target's directory that replaces the target only once it is complete (``os.replace`` is
+# atomic), so an interrupted save leaves the previous file as it was.
 # ----------------------------------------------------------------------------------------------
 
-_ST_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+def _safetensors():
+    try:
+        import safetensors.torch
+    except ImportError as error:  # a core dependency; imported on first use to keep imports light
+        raise ImportError("saving and loading adapters needs the safetensors package: pip install safetensors") from error
+    return safetensors
 
 
-def save_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> None:
-    """Writes ``tensors`` (dense, any device) to a ``.safetensors`` file."""
-    header: dict = {}
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    blobs = []
-    offset = 0
+def atomic_write(files: dict) -> None:
+    """Writes files so that an error cannot leave a half-written one: ``{path: write}``.
+
+    Each ``write(temporary_path)`` writes a temporary file next to its ``path`` (same directory, so
+    the final ``os.replace`` is an atomic rename), which is flushed to disk; only when every file is
+    complete are they renamed into place, in order. On an error before that every temporary file is
+    removed and every ``path`` keeps its previous content.
+    """
+    staged = []
+    try:
+        for path, write in files.items():
+            path = Path(path)
+            temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+            staged.append((temporary, path))
+            write(temporary)
+            with open(temporary, "rb+") as f:
+                os.fsync(f.fileno())
+        for temporary, path in staged:
+            os.replace(temporary, path)
+    except BaseException:
+        for temporary, _ in staged:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+        raise
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> None:
+    """Writes ``tensors`` (dense, any device) to a ``.safetensors`` file at ``path`` (not atomic:
+    :func:`save_safetensors` is)."""
     for name, tensor in tensors.items():
         if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided:
             raise TypeError(f"{name} must be a dense torch.Tensor")
-        if tensor.dtype not in _ST_DTYPES:
-            raise TypeError(f"{name} has dtype {tensor.dtype}, which safetensors does not store")
-        t = tensor.detach().to("cpu").contiguous()
-        data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)  # the data start stays 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(encoded)))
-        f.write(encoded)
-        for data in blobs:
-            f.write(data)
+    cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
+    _safetensors().torch.save_file(cpu, str(path), metadata=metadata)
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> None:
+    """Writes ``tensors`` (dense, any device) to a ``.safetensors`` file, atomically: on an error the
+    previous file at ``path`` stays as it was (:func:`atomic_write`)."""
+    atomic_write({path: lambda temporary: write_safetensors(tensors, temporary, metadata)})
 
 
 def load_safetensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Reads a ``.safetensors`` file: ``(tensors on the CPU, metadata)``."""
-    raw = Path(path).read_bytes()
-    if len(raw) < 8:
-        raise ValueError(f"{path} is not a safetensors file (too short)")
-    (length,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8 : 8 + length])
-    metadata = header.pop("__metadata__", {}) or {}
-    start = 8 + length
-    tensors = {}
-    for name, entry in header.items():
-        dtype = _ST_NAMES[entry["dtype"]]
-        begin, end = entry["data_offsets"]
-        buffer = bytearray(raw[start + begin : start + end])
-        flat = torch.frombuffer(buffer, dtype=torch.uint8) if buffer else torch.empty(0, dtype=torch.uint8)
-        tensors[name] = flat.view(dtype).reshape(entry["shape"]).clone()
+    """Reads a ``.safetensors`` file: ``(tensors on the CPU, metadata)``.
+
+    A missing file raises ``FileNotFoundError``; a truncated, corrupt or foreign one ``ValueError``
+    naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    safetensors = _safetensors()
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            # The file is memory-mapped: copy, so the tensors outlive it (and a later save over it).
+            tensors = {name: f.get_tensor(name).clone() for name in f.keys()}
+    except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from error
     return tensors, metadata
 
 
@@ -206,13 +229,34 @@ def save_masks(path, masks: dict[str, CSR]) -> None:
 
 
 def load_masks(path, *, device=None) -> dict[str, CSR]:
-    """Loads masks saved by :func:`save_masks` as ``{name: CSR}`` with zero float32 values."""
+    """Loads masks saved by :func:`save_masks` as ``{name: CSR}`` with zero float32 values.
+
+    Every structure is validated; a file that is not a complete, valid mask file raises
+    ``ValueError`` (a missing one ``FileNotFoundError``).
+    """
     tensors, metadata = load_safetensors(path)
     if metadata.get("format") != "rosa_kernels.masks":
         raise ValueError(f"{path} does not hold rosa_kernels masks (metadata format = {metadata.get('format')!r})")
+    try:
+        shapes = json.loads(metadata["shapes"])
+        if not isinstance(shapes, dict):
+            raise ValueError("not a JSON object")
+    except (KeyError, ValueError) as error:
+        raise ValueError(f"{path}: the masks' shapes in the metadata are missing or unreadable ({error})") from error
     masks = {}
-    for name, shape in json.loads(metadata["shapes"]).items():
-        cols = tensors[f"{name}.col_indices"]
-        mask = CSR(torch.zeros(cols.shape[0]), tensors[f"{name}.row_offsets"], tensors[f"{name}.row_indices"], cols, tuple(shape))
+    for name, shape in shapes.items():
+        fields = [f"{name}.{field}" for field in ("row_offsets", "col_indices", "row_indices")]
+        missing = [key for key in fields if key not in tensors]
+        if missing:
+            raise ValueError(f"{path}: mask {name!r} lacks the tensors {missing}")
+        if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(s, int) and s >= 0 for s in shape)):
+            raise ValueError(f"{path}: mask {name!r} has an invalid shape {shape!r}")
+        row_offsets, col_indices, row_indices = (tensors[key] for key in fields)
+        try:
+            row_offsets, col_indices, row_indices = validate_csr(row_offsets, col_indices, shape[0], shape[1],
+                                                                 row_indices=row_indices)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{path}: mask {name!r} is not a valid CSR structure: {error}") from error
+        mask = CSR(torch.zeros(col_indices.shape[0]), row_offsets, row_indices, col_indices, tuple(shape))
         masks[name] = mask.to(device) if device is not None else mask
     return masks
