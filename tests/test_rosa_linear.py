@@ -178,7 +178,7 @@ def test_gradcheck_float64(mode, grad_path):
 @pytest.mark.parametrize("mode,dropout,most", [("merged", 0.1, 13), ("merged", 0.0, 9), ("csr_add", 0.1, 15),
                                                ("spmm", 0.1, 18)])
 def test_a_training_step_dispatches_few_ops_and_no_casts_or_copies(mode, dropout, most):
-    """A GPU step is launch-bound at moderate sizes: every op counts (docs/perf-notes.md, host overhead).
+    """A GPU step is launch-bound at moderate sizes: every op counts (docs/benchmarks.md, host overhead).
     With dropout one of them is the seed draw on the CPU (randint), which launches nothing."""
     from torch.utils._python_dispatch import TorchDispatchMode
 

@@ -1,6 +1,7 @@
 """Host-side cost of the public ops and of one RosaLinear training step (issue 6).
 
-Usage: python scripts/time_host_overhead.py [--device cpu|cuda] [--threads 1] [--json FILE]
+Usage: python bench/report.py --host-overhead [--device cpu|cuda] [--threads 1] [--json FILE]
+   (or python -m bench.host_overhead ...)
 
 On the CPU with tiny inputs (64 x 64, 16 tokens) the kernels take ~1 us, so the median wall time
 per call is the host-side cost: Python argument checks, the dispatcher, the autograd kernel, the
@@ -217,7 +218,7 @@ def layer_lines(device, size, tokens, density, dtype=torch.float32, compare_line
     return results
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
@@ -228,7 +229,7 @@ def main():
     parser.add_argument("--show-ops", action="store_true", help="list the compute ops of each step")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--compare-linear", help="also time the RosaLinear of this linear.py (e.g. an older commit's)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     out = {"torch": torch.__version__, "device": str(device), "threads": args.threads}
