@@ -177,3 +177,24 @@ def test_report_runs_the_in_depth_tools(capsys):
     out = capsys.readouterr().out
     assert "48x40x16" in out and "lora" in out and "full" in out
     assert "| RosaLinear merged |" in out and "| nn.Linear (full) |" in out
+
+
+def test_collect_memory_runs_on_a_tiny_configuration(capsys):
+    from bench import collect_memory
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        rows = collect_memory.main(["--tiny", "--device", "cpu", "--model", "stack", "--micro-batches", "1", "2",
+                                    "--buffers", "auto", "one_pass", "float32"])
+    finally:
+        torch.set_num_threads(threads)
+    labels = [row[0] for row in rows]
+    assert any(label.startswith("collection 'one_pass', 1 micro") for label in labels)
+    assert not any(label.startswith("collection 'one_pass', 2 micro") for label in labels)
+    # One backward pass: auto and one_pass take the same exact top-k, the float32 path's mask up to
+    # ties of its float32 squares (these layers keep ~25 entries: one swap is 4%).
+    one_pass = {row[0].split(",")[0]: row[3] for row in rows if row[0].startswith("collection") and "1 micro" in row[0]}
+    assert one_pass["collection 'auto'"] == one_pass["collection 'one_pass'"]
+    assert min(one_pass["collection 'auto'"]) >= 0.95
+    assert "| sparse step, 2 micro |" in capsys.readouterr().out

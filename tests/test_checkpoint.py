@@ -95,13 +95,16 @@ def test_collection_state_round_trips_through_the_layer():
     layer(torch.randn(3, 6)).sum().backward()
     layer.finish_collection_step()
     state = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in layer.collection_state_dict().items()}
-    assert state["collected"] == 1 and state["rule"] == "mean" and state["statistic"].abs().sum() > 0
+    # One ended step: its gradient stays in pending (the statistic buffer waits for a second step).
+    assert state["steps"] == 1 and state["rule"] == "mean" and state["pending"].abs().sum() > 0
+    assert state["collect_buffer"] == "auto" and state["statistic"] is None
     fresh = RosaLinear(6, 4, rank=2, density=0.25)
     fresh.load_collection_state_dict(state)
     assert fresh.phase == "collect" and fresh.rule == "mean"
     assert torch.equal(fresh.statistic(), layer.statistic())
-    for bad in ({**state, "statistic": torch.zeros(3, 3)}, {**state, "collected": -1}, {**state, "rule": "x"},
-                {"statistic": state["statistic"]}):
+    for bad in ({**state, "statistic": torch.zeros(3, 3)}, {**state, "steps": -1}, {**state, "rule": "x"},
+                {**state, "pending": state["pending"].float()}, {**state, "collect_buffer": "int8"},
+                {**state, "pending_scale": None}, {"pending": state["pending"]}):
         other = RosaLinear(6, 4, rank=2, density=0.25)
         with pytest.raises(ValueError):
             other.load_collection_state_dict(bad)

@@ -286,12 +286,11 @@ class RosaLinear(nn.Module):
         self._sparse_mode = sparse_mode
         self._merged = False
         self._merged_version = -1
-        # The statistic and its step count are plain attributes, not buffers: DDP re-broadcasts
-        # buffers from rank 0 every forward, which would overwrite each rank's own accumulation.
-        self._statistic = None
-        self._pending = None
-        self._collected = 0
-        self._pending_steps = 0
+        # The collection state (rosa_kernels.masks.GradientCollector: the accumulator, the
+        # statistic, the step count) is a plain attribute, not buffers: DDP re-broadcasts buffers
+        # from rank 0 every forward, which would overwrite each rank's own accumulation. None
+        # outside the "collect" phase.
+        self._collector = None
         self.reset_parameters(init_base=_init_base)
 
     # ------------------------------------------------------------------------------------------
@@ -345,7 +344,7 @@ class RosaLinear(nn.Module):
         # Before a mask exists the sparse values still take part (their gradient is zero), so DDP
         # sees every trainable parameter used in every step.
         mode = ("merged" if self._merged else self._sparse_mode) if self.phase == "sparse" else "nomask"
-        collecting = self.phase == "collect" and self._statistic is not None and torch.is_grad_enabled()
+        collecting = self.phase == "collect" and self._collector is not None and torch.is_grad_enabled()
         weight, bias, lora_A, lora_B, values = self.weight, self.bias, self.lora_A, self.lora_B, self.sparse_values
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):
@@ -366,7 +365,7 @@ class RosaLinear(nn.Module):
             buffers["row_offsets"], buffers["row_indices"], buffers["col_indices"],
             buffers["row_offsets_t"], buffers["row_indices_t"], buffers["col_indices_t"], buffers["permutation"],
             buffers["flat_indices"], *self._plan_parts(x, mode),
-            self._pending if collecting else None,
+            self._collector if collecting else None,
             self.scale, self.dropout if self.training else 0.0, mode, self.sparse_grad == "dense",
         )
 
@@ -450,9 +449,8 @@ class RosaLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        if self._statistic is not None:
-            self._statistic = self._statistic.to(self.weight.device)
-            self._pending = self._pending.to(self.weight.device)
+        if self._collector is not None:
+            self._collector.to(self.weight.device)
         if self._merged:
             self._scatter()
         if self._grad_plan_key is not None and self._grad_plan_key != (self.weight.device, self.weight.dtype):
@@ -462,40 +460,46 @@ class RosaLinear(nn.Module):
     # ------------------------------------------------------------------------------------------
     # Mask life cycle
     # ------------------------------------------------------------------------------------------
-    def start_collection(self, rule=None):
-        """Enters the ``"collect"`` phase: backward passes add the statistic of dW = dY^T X."""
+    def start_collection(self, rule=None, collect_buffer="auto"):
+        """Enters the ``"collect"`` phase: backward passes add the statistic of dW = dY^T X.
+
+        ``collect_buffer`` (``rosa_kernels.masks.COLLECT_BUFFERS``) says where: ``"auto"`` (default;
+        a row-scaled float16 accumulator, 2 bytes per weight, and the exact top-k when the collection
+        is one backward pass), ``"one_pass"`` (exact, nothing kept but the top-k indices; one
+        backward pass only), ``"float16"``, ``"bfloat16"`` (2 bytes per weight, 4 over several
+        steps), or ``"float32"`` (4 bytes per weight, 8 over several steps).
+        Nothing is allocated here: the layer's first collecting backward allocates what it keeps.
+        """
         if self.phase == "sparse":
             raise ValueError("the mask is already set; gradient collection happens before it")
+        _masks.check_collect_buffer(collect_buffer)
         if rule is not None:
             self.rule = _masks.check_rule(rule)
-        shape = (self.out_features, self.in_features)
-        self._statistic = torch.zeros(shape, dtype=torch.float32, device=self.weight.device)
-        self._pending = torch.zeros(shape, dtype=torch.float32, device=self.weight.device)
-        self._collected = 0
+        self._collector = _masks.GradientCollector((self.out_features, self.in_features), self.weight.device,
+                                                   self.rule, collect_buffer, self.nnz)
         self.phase = "collect"
         _COLLECTING_LAYERS.add(self)
 
     def finish_collection_step(self) -> None:
-        """Adds this step's base-weight gradient to the statistic (called after each optimizer step).
+        """Ends this step's gradient for the statistic (called after each optimizer step).
 
         The gradient of a step is the sum over all backward passes since the previous step, so
         gradient accumulation and several forwards per step (siamese encoders) square the true
         per-step gradient. Eager only: do not ``torch.compile`` the collection steps.
         """
-        if self.phase == "collect" and self._pending is not None:
-            _masks.fold_step(self._statistic, self._pending, self.rule)
-            self._collected += 1
+        if self.phase == "collect" and self._collector is not None:
+            self._collector.end_step()
 
     def collection_state_dict(self) -> dict:
         """What the layer holds for gradient collection, for checkpoints; ``{}`` when not collecting.
 
-        Like ``state_dict()``, the tensors are the layer's own (not copies). Everything a resumed run
-        needs to select the same mask goes through this method and :meth:`load_collection_state_dict`.
+        Like ``state_dict()``, the tensors are the layer's own (not copies); see
+        ``rosa_kernels.masks.GradientCollector`` for the keys. Everything a resumed run needs to
+        select the same mask goes through this method and :meth:`load_collection_state_dict`.
         """
-        if self.phase != "collect":
+        if self.phase != "collect" or self._collector is None:
             return {}
-        return {"rule": self.rule, "statistic": self._statistic, "pending": self._pending,
-                "collected": self._collected}
+        return self._collector.state_dict()
 
     def load_collection_state_dict(self, state: dict) -> None:
         """Restores :meth:`collection_state_dict`: a non-empty state puts the layer into ``"collect"``
@@ -508,38 +512,31 @@ class RosaLinear(nn.Module):
             return
         if self.phase == "sparse":
             raise ValueError("the mask is already set; a collection state loads into a layer without one")
-        shape = (self.out_features, self.in_features)
-        if set(state) != {"rule", "statistic", "pending", "collected"}:
-            raise ValueError(f"collection state must have the keys rule, statistic, pending, collected; got {sorted(state)}")
-        _masks.check_rule(state["rule"])
-        for key in ("statistic", "pending"):
-            t = state[key]
-            if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or not t.is_floating_point():
-                raise ValueError(f"collection state {key} must be a floating tensor of shape {shape}, got "
-                                 f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-        collected = state["collected"]
-        if isinstance(collected, bool) or not isinstance(collected, numbers.Integral) or collected < 0:
-            raise ValueError(f"collection state collected must be an int >= 0, got {collected!r}")
-        device = self.weight.device
-        self.rule = state["rule"]
-        self._statistic = state["statistic"].to(device=device, dtype=torch.float32, copy=True)
-        self._pending = state["pending"].to(device=device, dtype=torch.float32, copy=True)
-        self._collected = int(collected)
+        collector = _masks.GradientCollector.from_state_dict(state, (self.out_features, self.in_features),
+                                                              self.weight.device, self.nnz)
+        self.rule = collector.rule
+        self._collector = collector
         self.phase = "collect"
         _COLLECTING_LAYERS.add(self)
 
     def statistic(self) -> torch.Tensor:
-        """The collected statistic averaged over steps (and over ranks under torch.distributed)."""
-        if self._statistic is None:
+        """The collected statistic averaged over steps (and over ranks under torch.distributed), in
+        float32 (decoded from the 16-bit buffers where the layer keeps those)."""
+        if self._collector is None:
             raise ValueError("no gradient statistic was collected: call start_collection() and train a step first")
-        if self._collected == 0:  # gradients arrived but no optimizer step ended them yet
-            self.finish_collection_step()
-        return _masks.reduce_statistic(self._statistic, self._collected)
+        return self._collector.mean_statistic()
 
     def select_mask(self) -> CSR:
-        """Top-k of the collected statistic -> the mask (broadcast from rank 0); switches to ``"sparse"``."""
-        mask = _masks.broadcast_mask(_masks.select_mask(self.statistic(), self.nnz, dtype=self.weight.dtype))
-        self.set_mask(mask)
+        """Top-k of the collected statistic -> the mask (broadcast from rank 0); switches to ``"sparse"``.
+
+        When the whole collection was one backward pass (``collect_buffer`` ``"auto"`` or
+        ``"one_pass"``), the exact top-k of that pass's float32 gradient, kept since then."""
+        indices = self._collector.exact_indices() if self._collector is not None else None
+        if indices is not None:
+            mask = _masks.mask_from_indices(indices, self.out_features, self.in_features, dtype=self.weight.dtype)
+        else:
+            mask = _masks.select_mask(self.statistic(), self.nnz, dtype=self.weight.dtype)
+        self.set_mask(_masks.broadcast_mask(mask))
         return self.mask()
 
     def set_mask(self, mask):
@@ -585,8 +582,7 @@ class RosaLinear(nn.Module):
             self._merge()
 
     def _end_collection(self):
-        self._statistic = self._pending = None
-        self._collected = 0
+        self._collector = None
         _COLLECTING_LAYERS.discard(self)
 
     @torch.no_grad()

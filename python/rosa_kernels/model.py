@@ -58,6 +58,10 @@ class RosaConfig:
     warmup_steps: int = 64
     collect_steps: int = 1
     rule: str = "fisher"
+    # Where collection keeps the gradient statistic (rosa_kernels.masks.COLLECT_BUFFERS): "auto"
+    # (2 bytes per weight, exact with one backward pass), "one_pass", "float16", "bfloat16" or
+    # "float32" (docs/rosa_linear.md). The number of micro-batches need not be declared.
+    collect_buffer: str = "auto"
     use_rslora: bool = False
     sparse_mode: str = "merged"
     # RoSA restarts training from step 0 once the mask is known: re-initialize LoRA (and S = 0).
@@ -66,6 +70,7 @@ class RosaConfig:
     def validate(self) -> "RosaConfig":
         check_hyperparameters(self.rank, self.density, self.alpha, self.dropout)
         _masks.check_rule(self.rule)
+        _masks.check_collect_buffer(self.collect_buffer)
         if self.sparse_mode not in SPARSE_MODES:
             raise ValueError(f"sparse_mode must be one of {SPARSE_MODES}, got {self.sparse_mode!r}")
         for name in ("warmup_steps", "collect_steps"):
@@ -206,10 +211,12 @@ def progress(iterable, total: int | None = None, desc: str = "", enabled: bool |
     sys.stderr.write("\n")
 
 
-def start_collection(model: nn.Module, rule: str | None = None) -> None:
-    """Puts every RosaLinear of ``model`` into the gradient-collection phase."""
+def start_collection(model: nn.Module, rule: str | None = None, collect_buffer: str = "auto") -> None:
+    """Puts every RosaLinear of ``model`` into the gradient-collection phase (nothing is allocated
+    until each layer's first collecting backward; see ``RosaLinear.start_collection``)."""
+    _masks.check_collect_buffer(collect_buffer)
     for layer in rosa_layers(model).values():
-        layer.start_collection(rule)
+        layer.start_collection(rule, collect_buffer)
 
 
 def select_masks(model: nn.Module, *, show_progress: bool | None = None, reset_adapters: bool = False) -> dict[str, CSR]:
@@ -241,7 +248,7 @@ class RosaScheduler:
         if not rosa_layers(model):
             raise ValueError("model contains no RosaLinear module: apply_rosa first")
         if config.warmup_steps == 0:
-            start_collection(model, config.rule)
+            start_collection(model, config.rule, config.collect_buffer)
 
     @property
     def phase(self) -> str:
@@ -252,7 +259,7 @@ class RosaScheduler:
         self.steps += 1
         c = self.config
         if self.steps == c.warmup_steps:
-            start_collection(self.model, c.rule)
+            start_collection(self.model, c.rule, c.collect_buffer)
         if self.steps == c.warmup_steps + c.collect_steps:
             self.masks = select_masks(self.model, show_progress=self.show_progress,
                                       reset_adapters=c.reset_adapters_after_mask)
@@ -334,7 +341,7 @@ class RosaModel(nn.Module):
         return RosaScheduler(self, self.config, **kwargs)
 
     def start_collection(self) -> None:
-        start_collection(self, self.config.rule)
+        start_collection(self, self.config.rule, self.config.collect_buffer)
 
     def select_masks(self, *, show_progress: bool | None = None) -> dict[str, CSR]:
         return select_masks(self, show_progress=show_progress, reset_adapters=self.config.reset_adapters_after_mask)
