@@ -98,12 +98,14 @@ def restart_optimizer(optimizer: torch.optim.Optimizer, lr_scheduler=None) -> No
     if not isinstance(lr_scheduler, torch.optim.lr_scheduler.LRScheduler):
         raise TypeError(f"lr_scheduler must be a torch.optim.lr_scheduler.LRScheduler, got "
                         f"{type(lr_scheduler).__name__}")
-    # Replays what the scheduler's constructor did: learning rates at their initial values, then the
-    # first step (last_epoch -1 -> 0), which sets each group's lr from the schedule.
+    # Replays what the scheduler's constructor did: learning rates at their initial values, then its
+    # initial step (last_epoch -1 -> 0; torch's _initial_step also marks the step as the first, which
+    # recursive schedules such as CosineAnnealingLR need to start from the initial values).
     for group, base_lr in zip(lr_scheduler.optimizer.param_groups, lr_scheduler.base_lrs):
         group["lr"] = group.get("initial_lr", base_lr)
     lr_scheduler.last_epoch = -1
-    lr_scheduler.step()
+    initial_step = getattr(lr_scheduler, "_initial_step", None)
+    initial_step() if callable(initial_step) else lr_scheduler.step()
 
 
 def random_masks(model: nn.Module, seed: int = 0, *, apply: bool = True) -> dict[str, CSR]:
