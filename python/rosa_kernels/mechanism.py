@@ -80,7 +80,7 @@ def _plant(teacher: nn.Module, planted_rank, lowrank_rms, planted_entries, spars
         if not isinstance(linear, nn.Linear):
             continue
         m, n = linear.weight.shape
-        U = torch.randn(m, planted_rank, generator=generator)
+        U = torch.randn(m, planted_rank, generator=generator)  # drawn on the CPU: the same update on any device
         V = torch.randn(planted_rank, n, generator=generator)
         L = U @ V
         L *= lowrank_rms / L.pow(2).mean().sqrt()
@@ -91,7 +91,7 @@ def _plant(teacher: nn.Module, planted_rank, lowrank_rms, planted_entries, spars
         S = torch.zeros(m * n)
         S[support] = signs * magnitudes
         with torch.no_grad():
-            linear.weight += (L + S.view(m, n)).to(linear.weight.dtype)
+            linear.weight += (L + S.view(m, n)).to(linear.weight)
         supports[name] = support.view(m, n)
     return supports
 
@@ -100,8 +100,8 @@ def _recall(model, supports) -> tuple[float, float]:
     """(share of S*'s entries inside the masks, density of the masks), over all layers."""
     found = total = nnz = size = 0
     for name, layer in model.rosa_layers().items():
-        mask = layer.sparse_delta().new_zeros(layer.out_features * layer.in_features, dtype=torch.bool)
-        mask[layer.flat_indices] = True
+        mask = torch.zeros(layer.out_features * layer.in_features, dtype=torch.bool)
+        mask[layer.flat_indices.cpu()] = True
         found += int((mask.view(layer.out_features, layer.in_features) & supports[name]).sum())
         total += int(supports[name].sum())
         nnz, size = nnz + layer.nnz, size + layer.out_features * layer.in_features
@@ -135,7 +135,7 @@ def _train_arm(arm, base, teacher, supports, train_x, test_x, *, lora_rank, step
         untrained = F.mse_loss(student(test_x), test_y).item()
     generator = torch.Generator().manual_seed(seed + 1)
     for _ in range(total_steps):
-        index = torch.randint(0, train_x.shape[0], (batch,), generator=generator)
+        index = torch.randint(0, train_x.shape[0], (batch,), generator=generator).to(train_x.device)
         loss = F.mse_loss(student(train_x[index]), train_y[index])
         loss.backward()
         optimizer.step()
@@ -156,13 +156,14 @@ def planted_update_experiment(*, seeds=(0, 1, 2), arms=ARMS, base_model: nn.Modu
                               blocks: int = 1, channel_sigma: float = 0.75, tokens: int = 2048, lora_rank: int = 4,
                               planted_rank: int = 2, lowrank_rms: float = 0.01, planted_entries: int = 200,
                               sparse_magnitude: float = 0.1, steps: int = 200, warmup_steps: int = 32,
-                              batch: int = 256, lrs: dict | None = None) -> dict:
+                              batch: int = 256, lrs: dict | None = None, device=None) -> dict:
     """Runs every arm on every seed; returns ``{arm: {"loss": [...], "recall": [...], "density": [...],
     "trainable": int}}`` (one entry per seed; ``recall``/``density`` for the mask arms only).
 
     ``loss`` is the held-out distillation MSE relative to the untrained student's. Each seed draws
     its own base model (unless ``base_model``), inputs (unless ``inputs``: then split in halves for
     training and evaluation) and planted update. ``lrs[arm] = (lora_lr, sparse_lr)`` for Adam.
+    Everything runs on ``device`` (default: the CPU, or ``base_model``'s device).
     """
     unknown = sorted(set(arms) - set(ARMS))
     if unknown:
@@ -174,12 +175,15 @@ def planted_update_experiment(*, seeds=(0, 1, 2), arms=ARMS, base_model: nn.Modu
     for seed in seeds:
         generator = torch.Generator().manual_seed(1000 + seed)
         base = base_model if base_model is not None else residual_mlp(d_model, hidden, blocks, seed)
+        base = base.to(device) if device is not None else base
         if inputs is not None:
             half = inputs.shape[0] // 2
             train_x, test_x = inputs[:half], inputs[half:]
         else:
             train_x, scales = llm_like_inputs(tokens, d_model, channel_sigma, generator)
             test_x, _ = llm_like_inputs(tokens // 2, d_model, channel_sigma, generator, scales)
+        target_device = next(base.parameters()).device
+        train_x, test_x = train_x.to(target_device), test_x.to(target_device)
         teacher = copy.deepcopy(base)
         supports = _plant(teacher, planted_rank, lowrank_rms, planted_entries, sparse_magnitude, generator)
         for arm in arms:
