@@ -6,8 +6,8 @@ The layer computes, for X (tokens x in),
 
 with the frozen base weight ``W`` (out x in) and bias ``b``, the trainable LoRA factors ``lora_A``
 (rank x in) and ``lora_B`` (out x rank), ``scale = alpha / rank`` (``alpha / sqrt(rank)`` with
-``use_rslora``; 0 at rank 0, a sparse-only adapter: SpA), and the trainable sparse adapter ``S`` whose ``nnz = round(density * out * in)``
-values live in the 1-D parameter ``sparse_values`` (fixed size from construction on, so optimizers,
+``use_rslora``; 0 at rank 0, a sparse-only adapter: SpA), and the trainable sparse adapter ``S``
+whose ``nnz = round(density * out * in)`` values live in the 1-D parameter ``sparse_values`` (fixed size from construction on, so optimizers,
 DDP and FSDP see one parameter that never changes shape) at the positions of a row-sorted CSR mask
 kept in int32 buffers.
 
@@ -232,7 +232,8 @@ class RosaLinear(nn.Module):
 
     Args:
         in_features, out_features, bias: as ``nn.Linear`` (weight and bias are frozen).
-        rank: LoRA rank (>= 0; 0 is sparse-only adaptation, SpA). density: fraction of weights in the sparse adapter, in (0, 1].
+        rank: LoRA rank (>= 0; 0 is sparse-only adaptation, SpA).
+        density: fraction of weights in the sparse adapter, in (0, 1].
         alpha: LoRA scale numerator. dropout: dropout on the LoRA input.
         use_rslora: scale by ``alpha / sqrt(rank)`` instead of ``alpha / rank``.
         rule: gradient statistic for mask selection, ``'fisher'`` (mean of squares) or ``'mean'``.
