@@ -491,7 +491,7 @@ def test_collect_buffer_is_checked():
 
 @pytest.mark.parametrize("kwargs,error", [
     ({"density": 0.0}, ValueError), ({"density": 1.5}, ValueError), ({"density": -0.1}, ValueError),
-    ({"rank": 0}, ValueError), ({"rank": -2}, ValueError), ({"rank": 2.5}, TypeError),
+    ({"rank": -1}, ValueError), ({"rank": -2}, ValueError), ({"rank": 2.5}, TypeError),
     ({"density": "0.1"}, TypeError), ({"dropout": 1.0}, ValueError), ({"sparse_mode": "dense"}, ValueError),
     ({"rule": "max"}, ValueError), ({"sparse_grad": "spmm"}, ValueError),
 ])

@@ -6,8 +6,8 @@ The layer computes, for X (tokens x in),
 
 with the frozen base weight ``W`` (out x in) and bias ``b``, the trainable LoRA factors ``lora_A``
 (rank x in) and ``lora_B`` (out x rank), ``scale = alpha / rank`` (``alpha / sqrt(rank)`` with
-``use_rslora``), and the trainable sparse adapter ``S`` whose ``nnz = round(density * out * in)``
-values live in the 1-D parameter ``sparse_values`` (fixed size from construction on, so optimizers,
+``use_rslora``; 0 at rank 0, a sparse-only adapter: SpA), and the trainable sparse adapter ``S``
+whose ``nnz = round(density * out * in)`` values live in the 1-D parameter ``sparse_values`` (fixed size from construction on, so optimizers,
 DDP and FSDP see one parameter that never changes shape) at the positions of a row-sorted CSR mask
 kept in int32 buffers.
 
@@ -213,8 +213,8 @@ def _check_features(value, name):
 
 
 def check_hyperparameters(rank, density, alpha, dropout):
-    """Validates the adapter hyper-parameters (shared with the model-level API)."""
-    _check_positive_int(rank, "rank")
+    """Validates the adapter hyper-parameters (shared with the model-level API). Rank 0 is SpA."""
+    _check_features(rank, "rank")
     if isinstance(density, bool) or not isinstance(density, numbers.Real):
         raise TypeError(f"density must be a float, got {type(density).__name__}")
     if not 0.0 < float(density) <= 1.0:
@@ -232,7 +232,8 @@ class RosaLinear(nn.Module):
 
     Args:
         in_features, out_features, bias: as ``nn.Linear`` (weight and bias are frozen).
-        rank: LoRA rank (> 0). density: fraction of weights in the sparse adapter, in (0, 1].
+        rank: LoRA rank (>= 0; 0 is sparse-only adaptation, SpA).
+        density: fraction of weights in the sparse adapter, in (0, 1].
         alpha: LoRA scale numerator. dropout: dropout on the LoRA input.
         use_rslora: scale by ``alpha / sqrt(rank)`` instead of ``alpha / rank``.
         rule: gradient statistic for mask selection, ``'fisher'`` (mean of squares) or ``'mean'``.
@@ -260,7 +261,8 @@ class RosaLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.rank, self.density, self.alpha = int(rank), float(density), float(alpha)
         self.dropout, self.use_rslora, self.rule = float(dropout), bool(use_rslora), rule
-        self.scale = self.alpha / (math.sqrt(self.rank) if use_rslora else self.rank)
+        # Rank 0 (SpA): the LoRA factors are empty and their product zero; the scale is defined as 0.
+        self.scale = self.alpha / (math.sqrt(self.rank) if use_rslora else self.rank) if self.rank else 0.0
         self.nnz = _masks.mask_count(out_features, in_features, self.density)
 
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
@@ -307,7 +309,8 @@ class RosaLinear(nn.Module):
     def reset_adapters(self):
         """Re-initializes LoRA (A kaiming-uniform, B zero) and zeroes the sparse values."""
         with torch.no_grad():
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            if self.rank:  # torch warns on initializing an empty tensor
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             self.lora_B.zero_()
             self.sparse_values.zero_()
         if self._merged:
