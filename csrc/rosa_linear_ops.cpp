@@ -6,7 +6,7 @@
 //
 // with W the dense weight (in merged mode W + S: the sparse adapter is inside it), keep the LoRA
 // dropout's mask regenerated from `seed` (lora_dropout_ops.cpp; no mask is saved; `seed` is
-// undefined when p = 0). `values` (S's nonzeros) takes no part in the forward math: it only
+// undefined when p = 0; when p > 0 and no seed is given, the op draws it, see draw_seed). `values` (S's nonzeros) takes no part in the forward math: it only
 // receives dS = (dY^T X)[mask], computed as `grad_path` says from the index tensors in
 // `grad_index`:
 //
@@ -32,11 +32,14 @@
 // W, never accumulated. For weights, base values and values of one dtype the sum runs as one
 // `_foreach_add` (its float opmath rounds exactly as the float32 sum does), then one index_copy_ per
 // layer: the Python loop over merged layers after every optimizer step costs one call.
+#include <limits>
+#include <mutex>
 #include <optional>
 #include <string_view>
 #include <vector>
 
 #include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -124,8 +127,7 @@ c10::SymDimVector sizes_with_last(const at::Tensor& like, const c10::SymInt& las
 int64_t int_size(const at::Tensor& t, int64_t dim) { return t.sym_size(dim).guard_int(__FILE__, __LINE__); }
 
 void check_operands(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                    const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& values,
-                    const Config& config) {
+                    const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& values) {
   ROSA_CHECK_VALUE(x.dim() >= 1, "x must have at least one dimension");
   ROSA_CHECK_VALUE(weight.dim() == 2 && lora_A.dim() == 2 && lora_B.dim() == 2 && values.dim() == 1,
                    "weight, lora_A and lora_B must be 2-D and values 1-D");
@@ -137,9 +139,6 @@ void check_operands(const at::Tensor& x, const at::Tensor& weight, const std::op
                    " and ", lora_B.sizes(), " for a weight of shape ", weight.sizes());
   ROSA_CHECK_VALUE(!bias.has_value() || !bias->defined() || (bias->dim() == 1 && bias->sym_size(0) == weight.sym_size(0)),
                    "bias must have out_features = ", int_size(weight, 0), " elements");
-  ROSA_CHECK_VALUE(config.dropout >= 0.0 && config.dropout < 1.0, "dropout must lie in [0, 1)");
-  ROSA_CHECK_VALUE(config.dropout == 0.0 || (config.seed.has_value() && config.seed->defined()),
-                   "dropout > 0 needs a seed");
 }
 
 // Forward: (Y, h) with h = (X ∘ keep) A^T (T x rank), which backward reads for dB.
@@ -275,11 +274,35 @@ class RosaLinearFunction : public torch::autograd::Function<RosaLinearFunction> 
   }
 };
 
-Config config_of(const std::vector<at::Tensor>& grad_index, const std::optional<at::Tensor>& seed, double scale,
+// A fresh dropout seed from torch's default CPU generator, the very value that
+// rosa_kernels.dropout.draw_seed() (torch.randint(-2**63, 2**63 - 1, (1,))) would draw: randint over
+// that range takes one random64() and returns low + (r mod (high - low)). Drawing it here saves a
+// Python op call per layer and step; a traced graph cannot draw at run time, so under torch.compile
+// RosaLinear passes draw_seed()'s tensor instead (refused here and in the fake kernel: the seed of
+// a traced call would be a constant of the graph).
+at::Tensor draw_seed(const at::Tensor& x) {
+  ROSA_CHECK_VALUE(!x.key_set().has_any(c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::Functionalize})),
+                   "rosa_linear with dropout > 0 draws its seed at run time in eager mode only: pass "
+                   "seed=rosa_kernels.dropout.draw_seed() in a traced or compiled graph");
+  auto generator = at::detail::getDefaultCPUGenerator();
+  uint64_t random;
+  {
+    std::lock_guard<std::mutex> lock(generator.mutex());
+    random = generator.get<at::CPUGeneratorImpl>()->random64();
+  }
+  const uint64_t range = std::numeric_limits<uint64_t>::max();  // (2^63 - 1) - (-2^63)
+  const auto low = static_cast<uint64_t>(std::numeric_limits<int64_t>::min());
+  auto seed = at::empty({1}, at::TensorOptions().dtype(at::kLong));
+  seed.data_ptr<int64_t>()[0] = static_cast<int64_t>(random % range + low);
+  return seed;
+}
+
+Config config_of(const at::Tensor& x, const std::vector<at::Tensor>& grad_index, const std::optional<at::Tensor>& seed, double scale,
                  double dropout, std::string_view grad_path, int64_t plan_width, int64_t plan_rest_nnz) {
   Config config;
   config.path = grad_path_of(grad_path, grad_index.size());
-  config.seed = dropout > 0.0 ? seed : std::nullopt;
+  ROSA_CHECK_VALUE(dropout >= 0.0 && dropout < 1.0, "dropout must lie in [0, 1), got ", std::to_string(dropout));
+  if (dropout > 0.0) config.seed = seed.has_value() && seed->defined() ? *seed : draw_seed(x);
   config.grad_index = grad_index;
   config.scale = scale;
   config.dropout = dropout;
@@ -294,8 +317,8 @@ at::Tensor rosa_linear_impl(const at::Tensor& x, const at::Tensor& weight, const
                             const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& values,
                             at::TensorList grad_index, const std::optional<at::Tensor>& seed, double scale,
                             double dropout, c10::string_view grad_path, int64_t plan_width, int64_t plan_rest_nnz) {
-  const Config config = config_of(grad_index.vec(), seed, scale, dropout, grad_path, plan_width, plan_rest_nnz);
-  check_operands(x, weight, bias, lora_A, lora_B, values, config);
+  const Config config = config_of(x, grad_index.vec(), seed, scale, dropout, grad_path, plan_width, plan_rest_nnz);
+  check_operands(x, weight, bias, lora_A, lora_B, values);
   return std::get<0>(forward_math(x, weight, bias, lora_A, lora_B, config));
 }
 
@@ -306,8 +329,8 @@ at::Tensor rosa_linear_autograd(const at::Tensor& x, const at::Tensor& weight, c
                                 at::TensorList grad_index, const std::optional<at::Tensor>& seed, double scale,
                                 double dropout, c10::string_view grad_path, int64_t plan_width,
                                 int64_t plan_rest_nnz) {
-  const Config config = config_of(grad_index.vec(), seed, scale, dropout, grad_path, plan_width, plan_rest_nnz);
-  check_operands(x, weight, bias, lora_A, lora_B, values, config);
+  const Config config = config_of(x, grad_index.vec(), seed, scale, dropout, grad_path, plan_width, plan_rest_nnz);
+  check_operands(x, weight, bias, lora_A, lora_B, values);
   const bool track = at::GradMode::is_enabled() &&
                      (requires_grad(x) || requires_grad(lora_A) || requires_grad(lora_B) || requires_grad(values) ||
                       requires_grad(weight) || (bias.has_value() && requires_grad(*bias)));

@@ -205,7 +205,7 @@ def test_a_training_step_dispatches_few_ops_and_no_casts_or_copies(mode, dropout
 @pytest.mark.parametrize("dropout", [0.1, 0.0])
 def test_a_merged_or_warmup_forward_is_one_op_call_from_python(phase, dropout):
     """The host cost of a layer step is mostly per call from Python: in the common case forward
-    issues the layer op (and the dropout seed's draw), backward runs in C++."""
+    issues the layer op (which draws the dropout seed itself), backward runs in C++."""
     from torch.overrides import TorchFunctionMode
 
     class Calls(TorchFunctionMode):
@@ -224,8 +224,25 @@ def test_a_merged_or_warmup_forward_is_one_op_call_from_python(phase, dropout):
     with calls:
         y = layer(x)
     y.sum().backward()
-    expected = [torch.ops.rosa_kernels.rosa_linear.default] + ([torch.randint] if dropout else [])
-    assert sorted(map(str, calls.calls)) == sorted(map(str, expected)), calls.calls
+    assert calls.calls == [torch.ops.rosa_kernels.rosa_linear.default], calls.calls
+
+
+def test_rosa_linear_op_draws_the_seed_draw_seed_would():
+    """Without a seed the op draws what rosa_kernels.dropout.draw_seed() would from the same state
+    of torch's CPU generator, so torch.manual_seed fixes the dropout mask (and the reference tests
+    can rebuild it with keep_mask(draw_seed(), ...))."""
+    layer, f, (x, lora_A, lora_B, values), index, *_ = rosa_linear_op_case("sddmm", dropout=0.3)
+    args = (layer.weight, layer.bias, lora_A, lora_B, values, index)
+    for state in range(3):
+        torch.manual_seed(state)
+        drawn = torch.ops.rosa_kernels.rosa_linear(x, *args, None, layer.scale, 0.3, "sddmm")
+        after = torch.randn(3)
+        torch.manual_seed(state)
+        given = torch.ops.rosa_kernels.rosa_linear(x, *args, draw_seed(), layer.scale, 0.3, "sddmm")
+        assert torch.equal(drawn, given) and torch.equal(after, torch.randn(3))
+    with pytest.raises(Exception, match="seed"):  # a compiled graph must take the seed as an input
+        torch.compile(lambda x: torch.ops.rosa_kernels.rosa_linear(x, *args, None, layer.scale, 0.3, "sddmm"),
+                      backend="aot_eager", fullgraph=True)(x)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,8 +338,10 @@ def test_rosa_linear_op_checks_its_operands():
         op(x, layer.weight, layer.bias, lora_A, lora_B, values, index, None, 1.0, 0.0, "spmm")
     with pytest.raises(ValueError, match="index tensors"):
         op(x, layer.weight, layer.bias, lora_A, lora_B, values, index[:2], None, 1.0, 0.0, "sddmm")
-    with pytest.raises(ValueError, match="seed"):
-        op(x, layer.weight, layer.bias, lora_A, lora_B, values, index, None, 1.0, 0.1, "sddmm")
+    with pytest.raises(ValueError, match="dropout"):
+        op(x, layer.weight, layer.bias, lora_A, lora_B, values, index, None, 1.0, 1.0, "sddmm")
+    with pytest.raises(TypeError, match="seed"):
+        op(x, layer.weight, layer.bias, lora_A, lora_B, values, index, torch.zeros(1), 1.0, 0.1, "sddmm")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])

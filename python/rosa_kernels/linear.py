@@ -80,6 +80,9 @@ def _register_fake_kernels() -> None:
         if x.shape[-1] != weight.shape[1]:
             raise ValueError(f"x must have {weight.shape[1]} features in its last dimension, got shape "
                              f"{tuple(x.shape)}")
+        if dropout > 0 and seed is None:
+            raise ValueError("rosa_linear with dropout > 0 draws its seed at run time in eager mode only: "
+                             "pass seed=rosa_kernels.dropout.draw_seed() in a traced or compiled graph")
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
     @torch.library.register_fake("rosa_kernels::merged_scatter_")
@@ -233,7 +236,7 @@ def _scatter_layers(layers) -> None:
     _merged_scatter([p["weight"] for p in parameters], [b["flat_indices"] for b in buffers],
                     [b["base_values"] for b in buffers], values)
     for layer, v in zip(layers, values):
-        layer._merged_version = v._version
+        layer.__dict__["_merged_version"] = v._version  # nn.Module.__setattr__ cost ~2 us a layer
 
 
 def _check_positive_int(value, name):
@@ -395,10 +398,13 @@ class RosaLinear(nn.Module):
         else:
             grad_index, grad_path, plan_width, plan_rest_nnz = _NO_MASK_GRAD
         p = self.dropout if self.training else 0.0
+        # Eager, the op draws the dropout seed itself (the value draw_seed() would); a compiled graph
+        # takes it as an input.
+        seed = draw_seed() if p and torch.compiler.is_compiling() else None
         parameters = self._parameters
         return _rosa_linear(x, parameters["weight"], parameters.get("bias"), parameters["lora_A"], parameters["lora_B"],
-                            parameters["sparse_values"], grad_index, draw_seed() if p else None, self.scale, p,
-                            grad_path, plan_width, plan_rest_nnz)
+                            parameters["sparse_values"], grad_index, seed, self.scale, p, grad_path, plan_width,
+                            plan_rest_nnz)
 
     def _forward_function(self, x):
         """The Python autograd function's path: csr_add, spmm and the collection phase."""
