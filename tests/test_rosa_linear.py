@@ -256,7 +256,7 @@ def rosa_linear_op_case(grad_path, *, dropout, bias=True, seed=0, dtype=torch.fl
     as the layer's re-scatter does: finite differences in the values then see S in the weight."""
     from rosa_kernels import MaskPlan
 
-    layer = make_layer(7, 5, dtype=dtype, density=0.4, seed=seed, bias=bias).to(device)
+    layer = make_layer(7, 5, dtype=dtype, density=0.4, seed=seed, bias=bias, device=device)
     if grad_path == "none":
         index, width, rest_nnz = [], 0, 0
     elif grad_path == "dense":
@@ -288,19 +288,21 @@ def rosa_linear_op_case(grad_path, *, dropout, bias=True, seed=0, dtype=torch.fl
 GRAD_PATHS = ["none", "dense", "sddmm", "plan", "plan_all_columns"]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("grad_path", GRAD_PATHS)
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("bias", [True, False])
-def test_rosa_linear_op_gradcheck_float64(grad_path, dropout, bias):
-    _, f, inputs, *_ = rosa_linear_op_case(grad_path, dropout=dropout, bias=bias)
+def test_rosa_linear_op_gradcheck_float64(device, grad_path, dropout, bias):
+    _, f, inputs, *_ = rosa_linear_op_case(grad_path, dropout=dropout, bias=bias, device=device)
     assert torch.autograd.gradcheck(f, inputs)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("grad_path", GRAD_PATHS)
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_rosa_linear_op_opcheck(grad_path, dropout):
+def test_rosa_linear_op_opcheck(device, grad_path, dropout):
     layer, f, (x, lora_A, lora_B, values), index, seed, width, rest_nnz = rosa_linear_op_case(
-        grad_path, dropout=dropout)
+        grad_path, dropout=dropout, device=device)
     path = "plan" if grad_path.startswith("plan") else grad_path
     args = (x, layer.weight.detach(), layer.bias.detach(), lora_A, lora_B, values, index, seed, layer.scale, dropout,
             path, width, rest_nnz)
@@ -344,8 +346,9 @@ def test_rosa_linear_op_checks_its_operands():
         op(x, layer.weight, layer.bias, lora_A, lora_B, values, index, torch.zeros(1), 1.0, 0.1, "sddmm")
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-def test_merged_scatter_is_the_float32_sum_rounded_once(dtype):
+def test_merged_scatter_is_the_float32_sum_rounded_once(device, dtype):
     """W_eff[mask] = round(float32(base) + float32(S)) for every layer of one call, whatever the
     mix of dtypes (16-bit sums run as one _foreach_add in float opmath: the same rounding)."""
     gen = torch.Generator().manual_seed(0)
@@ -356,6 +359,7 @@ def test_merged_scatter_is_the_float32_sum_rounded_once(dtype):
         base.append(torch.randn(nnz, generator=gen).mul(100).to(dtype))
         # the third layer keeps its values in float32 (mixed dtypes take the cast path)
         values.append(torch.randn(nnz, generator=gen).mul(1e-3).to(torch.float32 if i == 2 else dtype))
+    weights, flat, base, values = ([t.to(device) for t in ts] for ts in (weights, flat, base, values))
     expected = [w.clone() for w in weights]
     wide = torch.promote_types(dtype, torch.float32)
     for w, f, b, v in zip(expected, flat, base, values):

@@ -393,7 +393,7 @@ class RosaLinear(nn.Module):
                     and self._parameters["sparse_values"]._version != self._merged_version):
                 self._scatter()
             grad_index, grad_path, plan_width, plan_rest_nnz = self._grad_args
-        elif phase == "collect" and self._statistic is not None and torch.is_grad_enabled():
+        elif phase == "collect":  # one step of the life cycle: the Python function adds the statistic
             return self._forward_function(x)
         else:
             grad_index, grad_path, plan_width, plan_rest_nnz = _NO_MASK_GRAD
