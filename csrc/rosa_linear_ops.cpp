@@ -164,7 +164,7 @@ at::Tensor planned_sddmm(const at::Tensor& a, const at::Tensor& bt, const std::v
     // bt[J], gathered along bt's contiguous dimension: for bt = X^T a gather of X's columns, whose
     // result is again a transposed view (plan.py: _select_rows).
     const auto& gather = index[4];
-    bt_hot = bt.dim() == 2 && bt.stride(0) == 1 && bt.stride(1) != 1 && int_size(bt, 1) > 1
+    bt_hot = bt.dim() == 2 && bt.sym_stride(0) == 1 && bt.sym_stride(1) != 1 && bt.sym_size(1) > 1
                  ? bt.t().index_select(1, gather).t()
                  : bt.index_select(0, gather);
   }
