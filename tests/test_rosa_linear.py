@@ -559,6 +559,25 @@ def test_torch_compile_fullgraph_with_a_planned_sparse_grad():
         torch.testing.assert_close(layer.sparse_values.grad, expected)
 
 
+@pytest.mark.parametrize("phase", ["warmup", "sparse"])
+def test_torch_compile_fullgraph_training_step_with_dropout_matches_eager(phase):
+    """In training mode the compiled graph takes the dropout seed as an input (draw_seed's randint)
+    where eager lets the op draw it: from the same generator state both draw the same seed, so the
+    outputs and gradients agree."""
+    model = two_layer_model("merged", "merged", with_masks=phase == "sparse").train()
+    x = torch.randn(2, 3, 16)
+    results = []
+    for run in (torch.compile(model, fullgraph=True, backend="aot_eager"), model):
+        model.zero_grad()
+        torch.manual_seed(11)
+        y = run(x)
+        y.square().mean().backward()
+        results.append([y.detach()] + [p.grad.clone() for p in model.parameters() if p.requires_grad])
+    torch._dynamo.reset()
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("mode", ["merged", "spmm"])
 @pytest.mark.parametrize("phase", ["warmup", "sparse"])
 def test_torch_compile_fullgraph(mode, phase):
