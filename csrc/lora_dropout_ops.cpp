@@ -26,7 +26,8 @@ DropoutKey check_dropout_key(const at::Tensor& seed, double p) {
                   seed.numel(), " elements");
   ROSA_CHECK_VALUE(seed.device().is_cpu(), "seed must be a CPU tensor (read on the host), got ", seed.device());
   ROSA_CHECK_VALUE(p >= 0.0 && p < 1.0, "p must lie in [0, 1)");
-  return dropout_key(seed.item<int64_t>(), p);
+  // Read in place (a CPU tensor): item() would be one more dispatcher call, three per layer step.
+  return dropout_key(*seed.const_data_ptr<int64_t>(), p);
 }
 
 void check_dropout_add(const at::Tensor& dx, const at::Tensor& g) {
