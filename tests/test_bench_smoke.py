@@ -171,12 +171,12 @@ def test_report_runs_the_in_depth_tools(capsys):
     try:
         report.main(["--profile-layer", "--shape", "48x40x16", "--density", "0.05", "--device", "cpu",
                      "--reps", "2"])
-        report.main(["--host-overhead", "--skip-ops", "--shape", "32,8,0.05", "--budget", "0.02"])
+        report.main(["--host-overhead", "--shape", "16,4", "--rounds", "3", "--layers", "2"])
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert "48x40x16" in out and "lora" in out and "full" in out
-    assert "| RosaLinear merged |" in out and "| nn.Linear (full) |" in out
+    assert "| RosaLinear merged, dropout 0.05 |" in out and "| nn.Linear (full FT) |" in out
 
 
 def test_collect_memory_runs_on_a_tiny_configuration(capsys):
