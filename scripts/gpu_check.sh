@@ -3,7 +3,7 @@
 #   1. builds rosa_kernels with its CUDA kernels (pip install --no-build-isolation --no-deps .),
 #   2. runs the whole test suite on the GPU,
 #   3. runs compute-sanitizer --tool memcheck over the tests marked `sanitizer`,
-#   4. prints the GPU benchmark table (bench/report.py, when present; else scripts/time_cuda_ops.py --quick),
+#   4. prints the GPU benchmark table (bench/report.py),
 #   5. prints a short summary last.
 # Logs go to $OUT (or ./gpu_check_logs). Environment: PYTHON (default python3), SKIP_BENCH=1,
 # SKIP_SANITIZER=1, PYTEST_ARGS (extra arguments for step 2).
@@ -56,11 +56,7 @@ if [ -z "${SKIP_SANITIZER:-}" ]; then
   fi
 fi
 if [ -z "${SKIP_BENCH:-}" ]; then
-  if [ -f bench/report.py ]; then
-    step bench 300 "$PYTHON" bench/report.py --device cuda --out "$LOGS/bench"
-  else
-    step bench 300 "$PYTHON" scripts/time_cuda_ops.py --quick --out "$LOGS/time_cuda_ops.json"
-  fi
+  step bench 300 "$PYTHON" bench/report.py --device cuda --out "$LOGS/bench"
 fi
 echo "--- summary"
 printf '%s\n' "${SUMMARY[@]}"

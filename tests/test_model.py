@@ -54,7 +54,7 @@ def test_exclude_and_errors_leave_the_model_unchanged():
     model = Net()
     assert find_target_modules(model, RosaConfig(exclude_modules=["value"])) == ["encoder.query", "mlp.0", "mlp.2"]
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    for kwargs, error in [({"density": 0.0}, ValueError), ({"density": 2.0}, ValueError), ({"rank": 0}, ValueError),
+    for kwargs, error in [({"density": 0.0}, ValueError), ({"density": 2.0}, ValueError), ({"rank": -1}, ValueError),
                           ({"target_modules": ["nothing"]}, ValueError), ({"rule": "x"}, ValueError),
                           ({"target_modules": 3}, TypeError)]:
         with pytest.raises(error):

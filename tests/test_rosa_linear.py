@@ -178,7 +178,7 @@ def test_gradcheck_float64(mode, grad_path):
 @pytest.mark.parametrize("mode,dropout,most", [("merged", 0.1, 13), ("merged", 0.0, 9), ("csr_add", 0.1, 15),
                                                ("spmm", 0.1, 18)])
 def test_a_training_step_dispatches_few_ops_and_no_casts_or_copies(mode, dropout, most):
-    """A GPU step is launch-bound at moderate sizes: every op counts (docs/perf-notes.md, host overhead).
+    """A GPU step is launch-bound at moderate sizes: every op counts (docs/benchmarks.md, host overhead).
     With dropout one of them is the seed draw on the CPU (randint), which launches nothing."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -199,6 +199,201 @@ def test_a_training_step_dispatches_few_ops_and_no_casts_or_copies(mode, dropout
         layer(x).backward(dy)
     assert len(counter.ops) <= most, counter.ops
     assert not {"_to_copy", "copy_", "clone", "contiguous"} & set(counter.ops), counter.ops
+
+
+@pytest.mark.parametrize("phase", ["warmup", "sparse"])
+@pytest.mark.parametrize("dropout", [0.1, 0.0])
+def test_a_merged_or_warmup_forward_is_one_op_call_from_python(phase, dropout):
+    """The host cost of a layer step is mostly per call from Python: in the common case forward
+    issues the layer op (which draws the dropout seed itself), backward runs in C++."""
+    from torch.overrides import TorchFunctionMode
+
+    class Calls(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") != "__get__":  # attribute reads (tensor._version)
+                self.calls.append(func)
+            return func(*args, **(kwargs or {}))
+
+    layer = make_layer(16, 12, dropout=dropout, bias=True, with_mask=phase == "sparse")
+    x = torch.randn(5, 16, requires_grad=True)
+    calls = Calls()
+    with calls:
+        y = layer(x)
+    y.sum().backward()
+    assert calls.calls == [torch.ops.rosa_kernels.rosa_linear.default], calls.calls
+
+
+def test_rosa_linear_op_draws_the_seed_draw_seed_would():
+    """Without a seed the op draws what rosa_kernels.dropout.draw_seed() would from the same state
+    of torch's CPU generator, so torch.manual_seed fixes the dropout mask (and the reference tests
+    can rebuild it with keep_mask(draw_seed(), ...))."""
+    layer, f, (x, lora_A, lora_B, values), index, *_ = rosa_linear_op_case("sddmm", dropout=0.3)
+    args = (layer.weight, layer.bias, lora_A, lora_B, values, index)
+    for state in range(3):
+        torch.manual_seed(state)
+        drawn = torch.ops.rosa_kernels.rosa_linear(x, *args, None, layer.scale, 0.3, "sddmm")
+        after = torch.randn(3)
+        torch.manual_seed(state)
+        given = torch.ops.rosa_kernels.rosa_linear(x, *args, draw_seed(), layer.scale, 0.3, "sddmm")
+        assert torch.equal(drawn, given) and torch.equal(after, torch.randn(3))
+    with pytest.raises(Exception, match="seed"):  # a compiled graph must take the seed as an input
+        torch.compile(lambda x: torch.ops.rosa_kernels.rosa_linear(x, *args, None, layer.scale, 0.3, "sddmm"),
+                      backend="aot_eager", fullgraph=True)(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# The registered layer op (merged mode and the warm-up: csrc/rosa_linear_ops.cpp)
+# ----------------------------------------------------------------------------------------------
+
+
+def rosa_linear_op_case(grad_path, *, dropout, bias=True, seed=0, dtype=torch.float64, device="cpu"):
+    """A merged layer's operands for torch.ops.rosa_kernels.rosa_linear and a function of the
+    differentiable ones (x, lora_A, lora_B, values) that rebuilds W + S from the values it is given,
+    as the layer's re-scatter does: finite differences in the values then see S in the weight."""
+    from rosa_kernels import MaskPlan
+
+    layer = make_layer(7, 5, dtype=dtype, density=0.4, seed=seed, bias=bias, device=device)
+    if grad_path == "none":
+        index, width, rest_nnz = [], 0, 0
+    elif grad_path == "dense":
+        index, width, rest_nnz = [layer.flat_indices], 0, 0
+    elif grad_path == "sddmm":
+        index, width, rest_nnz = [layer.row_offsets, layer.row_indices, layer.col_indices], 0, 0
+    else:  # "plan": with a gather of hot columns (0.3) or all columns hot (0.0, no gather)
+        hot_fill = 0.3 if grad_path == "plan" else 0.0
+        gather, target, *rest, width, rest_nnz = MaskPlan(layer.row_offsets, layer.col_indices, 5, 7,
+                                                          hot_fill=hot_fill).sddmm_parts()
+        index = [target, *rest] + ([] if gather is None else [gather])
+        grad_path = "plan"
+    base = layer.base_weight()
+    seed_tensor = torch.tensor([1234567891011], dtype=torch.int64) if dropout else None
+
+    def f(x, lora_A, lora_B, values):
+        weight = base.clone()
+        if grad_path != "none":
+            weight.view(-1).index_add_(0, layer.flat_indices, values.detach())
+        return torch.ops.rosa_kernels.rosa_linear(x, weight, layer.bias, lora_A, lora_B, values, index, seed_tensor,
+                                                  layer.scale, dropout, grad_path, width, rest_nnz)
+
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, 7, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype).requires_grad_()
+    params = [p.detach().clone().requires_grad_() for p in (layer.lora_A, layer.lora_B, layer.sparse_values)]
+    return layer, f, (x, *params), index, seed_tensor, width, rest_nnz
+
+
+GRAD_PATHS = ["none", "dense", "sddmm", "plan", "plan_all_columns"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("grad_path", GRAD_PATHS)
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("bias", [True, False])
+def test_rosa_linear_op_gradcheck_float64(device, grad_path, dropout, bias):
+    _, f, inputs, *_ = rosa_linear_op_case(grad_path, dropout=dropout, bias=bias, device=device)
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("grad_path", GRAD_PATHS)
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_rosa_linear_op_opcheck(device, grad_path, dropout):
+    layer, f, (x, lora_A, lora_B, values), index, seed, width, rest_nnz = rosa_linear_op_case(
+        grad_path, dropout=dropout, device=device)
+    path = "plan" if grad_path.startswith("plan") else grad_path
+    args = (x, layer.weight.detach(), layer.bias.detach(), lora_A, lora_B, values, index, seed, layer.scale, dropout,
+            path, width, rest_nnz)
+    torch.library.opcheck(torch.ops.rosa_kernels.rosa_linear.default, args)
+    no_grad = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    torch.library.opcheck(torch.ops.rosa_kernels.rosa_linear.default, no_grad)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_rosa_linear_op_matches_the_python_function(dropout):
+    """Merged mode through the op and csr_add through the Python autograd function give the same
+    output and gradients (the same seed: each forward's first random draw)."""
+    layer = make_layer(12, 9, dtype=torch.float64, dropout=dropout, seed=4)
+    x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(2, 5, 9, dtype=torch.float64)
+    results = []
+    for mode in ("merged", "csr_add"):
+        layer.sparse_mode = mode
+        layer.zero_grad()
+        x.grad = None
+        torch.manual_seed(5)
+        y = layer(x)
+        y.backward(dy)
+        results.append([y, x.grad, layer.lora_A.grad, layer.lora_B.grad, layer.sparse_values.grad])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want)
+
+
+def test_rosa_linear_op_checks_its_operands():
+    layer, f, (x, lora_A, lora_B, values), index, *_ = rosa_linear_op_case("sddmm", dropout=0.0)
+    op = torch.ops.rosa_kernels.rosa_linear
+    with pytest.raises(ValueError, match="features"):
+        op(x[..., :6], layer.weight, layer.bias, lora_A, lora_B, values, index, None, 1.0, 0.0, "sddmm")
+    with pytest.raises(ValueError, match="grad_path"):
+        op(x, layer.weight, layer.bias, lora_A, lora_B, values, index, None, 1.0, 0.0, "spmm")
+    with pytest.raises(ValueError, match="index tensors"):
+        op(x, layer.weight, layer.bias, lora_A, lora_B, values, index[:2], None, 1.0, 0.0, "sddmm")
+    with pytest.raises(ValueError, match="dropout"):
+        op(x, layer.weight, layer.bias, lora_A, lora_B, values, index, None, 1.0, 1.0, "sddmm")
+    with pytest.raises(TypeError, match="seed"):
+        op(x, layer.weight, layer.bias, lora_A, lora_B, values, index, torch.zeros(1), 1.0, 0.1, "sddmm")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_merged_scatter_is_the_float32_sum_rounded_once(device, dtype):
+    """W_eff[mask] = round(float32(base) + float32(S)) for every layer of one call, whatever the
+    mix of dtypes (16-bit sums run as one _foreach_add in float opmath: the same rounding)."""
+    gen = torch.Generator().manual_seed(0)
+    weights, flat, base, values = [], [], [], []
+    for i, (m, n, nnz) in enumerate([(7, 9, 20), (16, 3, 48), (5, 5, 1), (4, 6, 0)]):
+        weights.append(torch.randn(m, n, generator=gen).to(dtype))
+        flat.append(torch.randperm(m * n, generator=gen)[:nnz])
+        base.append(torch.randn(nnz, generator=gen).mul(100).to(dtype))
+        # the third layer keeps its values in float32 (mixed dtypes take the cast path)
+        values.append(torch.randn(nnz, generator=gen).mul(1e-3).to(torch.float32 if i == 2 else dtype))
+    weights, flat, base, values = ([t.to(device) for t in ts] for ts in (weights, flat, base, values))
+    expected = [w.clone() for w in weights]
+    wide = torch.promote_types(dtype, torch.float32)
+    for w, f, b, v in zip(expected, flat, base, values):
+        w.view(-1)[f] = (b.to(wide) + v.to(wide)).to(dtype)
+    torch.ops.rosa_kernels.merged_scatter_(weights, flat, base, values)
+    for got, want in zip(weights, expected):
+        assert torch.equal(got, want)
+    torch.library.opcheck(torch.ops.rosa_kernels.merged_scatter_.default, (weights, flat, base, values))
+
+
+def test_one_scatter_call_for_all_merged_layers_after_an_optimizer_step():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    layers = [make_layer(8, 6, seed=i) for i in range(5)]
+    optimizer = torch.optim.SGD([layer.sparse_values for layer in layers[:3]], lr=0.1)
+    x = torch.randn(4, 8)
+    sum(layer(x).sum() for layer in layers).backward()
+    counter = Count()
+    with counter:
+        optimizer.step()
+    assert counter.ops.count("merged_scatter_") == 1
+    for layer in layers:
+        assert torch.equal(layer.weight.view(-1)[layer.flat_indices],
+                           layer.base_values + layer.sparse_values.detach())
+        assert layer._merged_version == layer.sparse_values._version
 
 
 def test_gradcheck_float64_merged_through_the_layer():
@@ -364,6 +559,25 @@ def test_torch_compile_fullgraph_with_a_planned_sparse_grad():
         torch.testing.assert_close(layer.sparse_values.grad, expected)
 
 
+@pytest.mark.parametrize("phase", ["warmup", "sparse"])
+def test_torch_compile_fullgraph_training_step_with_dropout_matches_eager(phase):
+    """In training mode the compiled graph takes the dropout seed as an input (draw_seed's randint)
+    where eager lets the op draw it: from the same generator state both draw the same seed, so the
+    outputs and gradients agree."""
+    model = two_layer_model("merged", "merged", with_masks=phase == "sparse").train()
+    x = torch.randn(2, 3, 16)
+    results = []
+    for run in (torch.compile(model, fullgraph=True, backend="aot_eager"), model):
+        model.zero_grad()
+        torch.manual_seed(11)
+        y = run(x)
+        y.square().mean().backward()
+        results.append([y.detach()] + [p.grad.clone() for p in model.parameters() if p.requires_grad])
+    torch._dynamo.reset()
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("mode", ["merged", "spmm"])
 @pytest.mark.parametrize("phase", ["warmup", "sparse"])
 def test_torch_compile_fullgraph(mode, phase):
@@ -491,7 +705,7 @@ def test_collect_buffer_is_checked():
 
 @pytest.mark.parametrize("kwargs,error", [
     ({"density": 0.0}, ValueError), ({"density": 1.5}, ValueError), ({"density": -0.1}, ValueError),
-    ({"rank": 0}, ValueError), ({"rank": -2}, ValueError), ({"rank": 2.5}, TypeError),
+    ({"rank": -1}, ValueError), ({"rank": -2}, ValueError), ({"rank": 2.5}, TypeError),
     ({"density": "0.1"}, TypeError), ({"dropout": 1.0}, ValueError), ({"sparse_mode": "dense"}, ValueError),
     ({"rule": "max"}, ValueError), ({"sparse_grad": "spmm"}, ValueError),
 ])

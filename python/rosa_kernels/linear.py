@@ -6,8 +6,8 @@ The layer computes, for X (tokens x in),
 
 with the frozen base weight ``W`` (out x in) and bias ``b``, the trainable LoRA factors ``lora_A``
 (rank x in) and ``lora_B`` (out x rank), ``scale = alpha / rank`` (``alpha / sqrt(rank)`` with
-``use_rslora``), and the trainable sparse adapter ``S`` whose ``nnz = round(density * out * in)``
-values live in the 1-D parameter ``sparse_values`` (fixed size from construction on, so optimizers,
+``use_rslora``; 0 at rank 0, a sparse-only adapter: SpA), and the trainable sparse adapter ``S``
+whose ``nnz = round(density * out * in)`` values live in the 1-D parameter ``sparse_values`` (fixed size from construction on, so optimizers,
 DDP and FSDP see one parameter that never changes shape) at the positions of a row-sorted CSR mask
 kept in int32 buffers.
 
@@ -30,6 +30,12 @@ How the sparse adapter enters the math (``sparse_mode``):
 
 All three give the same result to rounding. Nothing in a training step synchronizes with the host;
 a mask is validated once, when it is set.
+
+Host cost: in the common case (merged mode, and the LoRA-only warm-up) a layer's forward is one
+call of the registered op ``torch.ops.rosa_kernels.rosa_linear`` (``csrc/rosa_linear_ops.cpp``:
+forward, autograd and autocast in C++), and the re-scatter after an optimizer step is one call of
+``torch.ops.rosa_kernels.merged_scatter_`` for all merged layers. ``csr_add``, ``spmm`` and the
+collection phase take the Python autograd function below.
 """
 
 from __future__ import annotations
@@ -61,6 +67,30 @@ SPARSE_MODES = ("merged", "csr_add", "spmm")
 # through one skinny tensor-core GEMM and the rest through the SDDMM; on the CPU it is the SDDMM.
 SPARSE_GRADS = ("auto", "sddmm", "dense")
 _NO_PLAN = (None, None, None, None, None, 0, 0)
+# rosa_linear's (grad_index, grad_path, plan_width, plan_rest_nnz) before a mask exists: dS = 0.
+_NO_MASK_GRAD = ([], "none", 0, 0)
+_rosa_linear = _ops.rosa_linear.default
+_merged_scatter = _ops.merged_scatter_.default
+
+
+def _register_fake_kernels() -> None:
+    @torch.library.register_fake("rosa_kernels::rosa_linear")
+    def _(x, weight, bias, lora_A, lora_B, values, grad_index, seed, scale, dropout, grad_path, plan_width=0,
+          plan_rest_nnz=0):
+        if x.shape[-1] != weight.shape[1]:
+            raise ValueError(f"x must have {weight.shape[1]} features in its last dimension, got shape "
+                             f"{tuple(x.shape)}")
+        if dropout > 0 and seed is None:
+            raise ValueError("rosa_linear with dropout > 0 draws its seed at run time in eager mode only: "
+                             "pass seed=rosa_kernels.dropout.draw_seed() in a traced or compiled graph")
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+    @torch.library.register_fake("rosa_kernels::merged_scatter_")
+    def _(weights, flat_indices, base_values, values):
+        return None
+
+
+_register_fake_kernels()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,14 +216,27 @@ _COLLECTING_LAYERS: "weakref.WeakSet[RosaLinear]" = weakref.WeakSet()
 
 
 def _after_optimizer_step(optimizer, args, kwargs):
-    for layer in list(_MERGED_LAYERS):
-        if layer._merged and layer.sparse_values._version != layer._merged_version:
-            layer._scatter()
+    _scatter_layers([layer for layer in _MERGED_LAYERS
+                     if layer._merged and layer._parameters["sparse_values"]._version != layer._merged_version])
     for layer in list(_COLLECTING_LAYERS):
         layer.finish_collection_step()
 
 
 _optimizer.register_optimizer_step_post_hook(_after_optimizer_step)
+
+
+@torch.no_grad()
+def _scatter_layers(layers) -> None:
+    """W_eff[mask] = base_values + S for every layer, in (at least) float32 from the saved W (no
+    drift), as one call for all of them."""
+    if not layers:
+        return
+    parameters, buffers = [layer._parameters for layer in layers], [layer._buffers for layer in layers]
+    values = [p["sparse_values"] for p in parameters]
+    _merged_scatter([p["weight"] for p in parameters], [b["flat_indices"] for b in buffers],
+                    [b["base_values"] for b in buffers], values)
+    for layer, v in zip(layers, values):
+        layer.__dict__["_merged_version"] = v._version  # nn.Module.__setattr__ cost ~2 us a layer
 
 
 def _check_positive_int(value, name):
@@ -213,8 +256,8 @@ def _check_features(value, name):
 
 
 def check_hyperparameters(rank, density, alpha, dropout):
-    """Validates the adapter hyper-parameters (shared with the model-level API)."""
-    _check_positive_int(rank, "rank")
+    """Validates the adapter hyper-parameters (shared with the model-level API). Rank 0 is SpA."""
+    _check_features(rank, "rank")
     if isinstance(density, bool) or not isinstance(density, numbers.Real):
         raise TypeError(f"density must be a float, got {type(density).__name__}")
     if not 0.0 < float(density) <= 1.0:
@@ -232,7 +275,8 @@ class RosaLinear(nn.Module):
 
     Args:
         in_features, out_features, bias: as ``nn.Linear`` (weight and bias are frozen).
-        rank: LoRA rank (> 0). density: fraction of weights in the sparse adapter, in (0, 1].
+        rank: LoRA rank (>= 0; 0 is sparse-only adaptation, SpA).
+        density: fraction of weights in the sparse adapter, in (0, 1].
         alpha: LoRA scale numerator. dropout: dropout on the LoRA input.
         use_rslora: scale by ``alpha / sqrt(rank)`` instead of ``alpha / rank``.
         rule: gradient statistic for mask selection, ``'fisher'`` (mean of squares) or ``'mean'``.
@@ -253,14 +297,17 @@ class RosaLinear(nn.Module):
             raise ValueError(f"sparse_mode must be one of {SPARSE_MODES}, got {sparse_mode!r}")
         if sparse_grad not in SPARSE_GRADS:
             raise ValueError(f"sparse_grad must be one of {SPARSE_GRADS}, got {sparse_grad!r}")
-        self.sparse_grad = sparse_grad
+        self._sparse_grad = sparse_grad
         # The parts of the mask's MaskPlan that dS needs (built with the mask), and where they live.
         self._grad_plan = self._grad_plan_key = None
+        # rosa_linear's dS arguments in the sparse phase (see _update_grad_args).
+        self._grad_args = _NO_MASK_GRAD
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = in_features, out_features
         self.rank, self.density, self.alpha = int(rank), float(density), float(alpha)
         self.dropout, self.use_rslora, self.rule = float(dropout), bool(use_rslora), rule
-        self.scale = self.alpha / (math.sqrt(self.rank) if use_rslora else self.rank)
+        # Rank 0 (SpA): the LoRA factors are empty and their product zero; the scale is defined as 0.
+        self.scale = self.alpha / (math.sqrt(self.rank) if use_rslora else self.rank) if self.rank else 0.0
         self.nnz = _masks.mask_count(out_features, in_features, self.density)
 
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
@@ -307,7 +354,8 @@ class RosaLinear(nn.Module):
     def reset_adapters(self):
         """Re-initializes LoRA (A kaiming-uniform, B zero) and zeroes the sparse values."""
         with torch.no_grad():
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            if self.rank:  # torch warns on initializing an empty tensor
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             self.lora_B.zero_()
             self.sparse_values.zero_()
         if self._merged:
@@ -337,6 +385,31 @@ class RosaLinear(nn.Module):
     # Forward
     # ------------------------------------------------------------------------------------------
     def forward(self, x):
+        # The common case in one op call: merged (W + S in the dense weight) or no mask yet. The op
+        # checks x's shape and applies autocast itself.
+        phase = self.phase
+        if phase == "sparse":
+            if not self._merged:
+                return self._forward_function(x)
+            if (not torch.compiler.is_compiling()
+                    and self._parameters["sparse_values"]._version != self._merged_version):
+                self._scatter()
+            grad_index, grad_path, plan_width, plan_rest_nnz = self._grad_args
+        elif phase == "collect":  # one step of the life cycle: the Python function adds the statistic
+            return self._forward_function(x)
+        else:
+            grad_index, grad_path, plan_width, plan_rest_nnz = _NO_MASK_GRAD
+        p = self.dropout if self.training else 0.0
+        # Eager, the op draws the dropout seed itself (the value draw_seed() would); a compiled graph
+        # takes it as an input.
+        seed = draw_seed(x.device) if p and torch.compiler.is_compiling() else None
+        parameters = self._parameters
+        return _rosa_linear(x, parameters["weight"], parameters.get("bias"), parameters["lora_A"], parameters["lora_B"],
+                            parameters["sparse_values"], grad_index, seed, self.scale, p, grad_path, plan_width,
+                            plan_rest_nnz)
+
+    def _forward_function(self, x):
+        """The Python autograd function's path: csr_add, spmm and the collection phase."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x must have {self.in_features} features in its last dimension, got shape {tuple(x.shape)}")
         if self._merged and not torch.compiler.is_compiling() and self.sparse_values._version != self._merged_version:
@@ -390,6 +463,31 @@ class RosaLinear(nn.Module):
         self._grad_plan = ((gather, target.int() if small else target, *rest, width, rest_nnz) if width
                            else None)
         self._grad_plan_key = (plan.device, self.weight.dtype)
+        self._update_grad_args()
+
+    @property
+    def sparse_grad(self) -> str:
+        return self._sparse_grad
+
+    @sparse_grad.setter
+    def sparse_grad(self, sparse_grad):
+        if sparse_grad not in SPARSE_GRADS:
+            raise ValueError(f"sparse_grad must be one of {SPARSE_GRADS}, got {sparse_grad!r}")
+        self._sparse_grad = sparse_grad
+        self._update_grad_args()
+
+    def _update_grad_args(self):
+        """rosa_linear's dS arguments (grad_index, grad_path, plan_width, plan_rest_nnz) in the
+        sparse phase, kept with the mask, its plan and the buffers (rebuilt when any changes)."""
+        buffers = self._buffers
+        if self._sparse_grad == "dense":
+            self._grad_args = ([buffers["flat_indices"]], "dense", 0, 0)
+        elif self._sparse_grad == "auto" and self._grad_plan is not None:
+            gather, target, offsets, rows, cols, width, rest_nnz = self._grad_plan
+            index = [target, offsets, rows, cols] + ([] if gather is None else [gather])
+            self._grad_args = (index, "plan", width, rest_nnz)
+        else:
+            self._grad_args = ([buffers["row_offsets"], buffers["row_indices"], buffers["col_indices"]], "sddmm", 0, 0)
 
     # ------------------------------------------------------------------------------------------
     # Sparse mode and merging of S into the dense weight
@@ -408,13 +506,9 @@ class RosaLinear(nn.Module):
         if mode == "merged" and self.phase == "sparse" and not self._merged:
             self._merge()
 
-    @torch.no_grad()
     def _scatter(self):
         """W_eff[mask] = base_values + S, computed in (at least) float32 from the saved W (no drift)."""
-        dtype = torch.promote_types(self.weight.dtype, torch.float32)
-        merged = self.base_values.to(dtype) + self.sparse_values.detach().to(dtype)
-        self.weight.view(-1).index_copy_(0, self.flat_indices, merged.to(self.weight.dtype))
-        self._merged_version = self.sparse_values._version
+        _scatter_layers([self])
 
     def refresh_merged_weight(self) -> None:
         """Re-scatters ``W_eff[mask] = W + S`` now.
@@ -455,6 +549,7 @@ class RosaLinear(nn.Module):
             self._scatter()
         if self._grad_plan_key is not None and self._grad_plan_key != (self.weight.device, self.weight.dtype):
             self._build_plan()
+        self._update_grad_args()  # the buffers are new tensors
         return self
 
     # ------------------------------------------------------------------------------------------

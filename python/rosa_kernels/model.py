@@ -233,16 +233,28 @@ def select_masks(model: nn.Module, *, show_progress: bool | None = None, reset_a
 class RosaScheduler:
     """Drives the phases of every RosaLinear in ``model`` from optimizer-step counts.
 
-    Call :meth:`step` after each optimizer step. Steps ``0 .. warmup_steps-1`` train LoRA only, the
-    next ``collect_steps`` also collect the gradient statistic, then the masks are selected and the
-    sparse adapter trains with LoRA. ``config`` defaults to the model's (a :class:`RosaModel`) or
-    to :class:`RosaConfig`'s defaults.
+    Call :meth:`step` after each optimizer step (and after your lr scheduler's step). Steps
+    ``0 .. warmup_steps-1`` train LoRA only, the next ``collect_steps`` also collect the gradient
+    statistic, then the masks are selected and the sparse adapter trains with LoRA. ``config``
+    defaults to the model's (a :class:`RosaModel`) or to :class:`RosaConfig`'s defaults.
+
+    With ``config.reset_adapters_after_mask`` the masks' selection restarts training from step 0 (RoSA's
+    recipe): the adapters are re-initialized and, when given, ``optimizer`` and ``lr_scheduler`` are
+    restarted too (:func:`rosa_kernels.restart_optimizer`). ``select_masks`` replaces the Fisher top-k:
+    a function ``model -> {name: CSR}`` that sets the masks itself, e.g.
+    ``functools.partial(rosa_kernels.random_masks, seed=0)`` for the random-mask ablation.
     """
 
-    def __init__(self, model: nn.Module, config: RosaConfig | None = None, *, show_progress: bool | None = None):
+    def __init__(self, model: nn.Module, config: RosaConfig | None = None, *, show_progress: bool | None = None,
+                 optimizer: torch.optim.Optimizer | None = None, lr_scheduler=None, select_masks=None):
         if config is None:
             config = model.config if isinstance(model, RosaModel) else RosaConfig()
+        if select_masks is not None and not callable(select_masks):
+            raise TypeError(f"select_masks must be a function model -> masks, got {type(select_masks).__name__}")
+        if lr_scheduler is not None and optimizer is None:
+            raise ValueError("lr_scheduler is restarted with its optimizer: pass optimizer too")
         self.model, self.config, self.show_progress = model, config.validate(), show_progress
+        self.optimizer, self.lr_scheduler, self._select_masks = optimizer, lr_scheduler, select_masks
         self.steps = 0
         self.masks: dict[str, CSR] | None = None
         if not rosa_layers(model):
@@ -255,14 +267,30 @@ class RosaScheduler:
         phases = {layer.phase for layer in rosa_layers(self.model).values()}
         return phases.pop() if len(phases) == 1 else "mixed"
 
-    def step(self) -> None:
+    def step(self, *, optimizer: torch.optim.Optimizer | None = None, lr_scheduler=None) -> bool:
+        """Advances one optimizer step; returns True at the step where the masks were just selected
+        (the place to restart an optimizer of your own). ``optimizer`` / ``lr_scheduler`` override the
+        constructor's for this step."""
         self.steps += 1
         c = self.config
         if self.steps == c.warmup_steps:
             start_collection(self.model, c.rule, c.collect_buffer)
-        if self.steps == c.warmup_steps + c.collect_steps:
-            self.masks = select_masks(self.model, show_progress=self.show_progress,
-                                      reset_adapters=c.reset_adapters_after_mask)
+        if self.steps != c.warmup_steps + c.collect_steps:
+            return False
+        if self._select_masks is None:
+            self.masks = select_masks(self.model, show_progress=self.show_progress)
+        else:
+            self._select_masks(self.model)
+            self.masks = {n: layer.mask() for n, layer in rosa_layers(self.model).items()}
+        if c.reset_adapters_after_mask:
+            for layer in rosa_layers(self.model).values():
+                layer.reset_adapters()
+            optimizer = optimizer if optimizer is not None else self.optimizer
+            if optimizer is not None:
+                from .recipe import restart_optimizer
+
+                restart_optimizer(optimizer, lr_scheduler if lr_scheduler is not None else self.lr_scheduler)
+        return True
 
     def state_dict(self) -> dict:
         """The scheduler's position (as a PyTorch scheduler's ``state_dict``): the steps taken, and
@@ -298,7 +326,8 @@ class RosaScheduler:
 
         class RosaTrainerCallback(TrainerCallback):
             def on_step_end(self, args, state, control, **kwargs):
-                scheduler.step()
+                # The Trainer's optimizer and lr scheduler, restarted with the mask when the config says so.
+                scheduler.step(optimizer=kwargs.get("optimizer"), lr_scheduler=kwargs.get("lr_scheduler"))
                 return control
 
         return RosaTrainerCallback()
@@ -339,6 +368,18 @@ class RosaModel(nn.Module):
     # -- life cycle -----------------------------------------------------------------------------
     def scheduler(self, **kwargs) -> RosaScheduler:
         return RosaScheduler(self, self.config, **kwargs)
+
+    def parameter_groups(self, **kwargs) -> list[dict]:
+        """:func:`rosa_kernels.parameter_groups` of this model (LoRA and sparse learning rates)."""
+        from .recipe import parameter_groups
+
+        return parameter_groups(self, **kwargs)
+
+    def random_masks(self, seed: int = 0, *, apply: bool = True) -> dict[str, CSR]:
+        """:func:`rosa_kernels.random_masks` of this model (the random-mask ablation)."""
+        from .recipe import random_masks
+
+        return random_masks(self, seed, apply=apply)
 
     def start_collection(self) -> None:
         start_collection(self, self.config.rule, self.config.collect_buffer)

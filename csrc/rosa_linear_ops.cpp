@@ -1,0 +1,431 @@
+// RosaLinear's training step as one op per layer and step, and its post-optimizer-step re-scatter.
+//
+//     rosa_linear(x, weight, bias, lora_A, lora_B, values, grad_index, seed, scale, dropout,
+//                 grad_path, plan_width, plan_rest_nnz)
+//       = X W^T + b + scale / (1 - p) * ((X ∘ keep) A^T) B^T
+//
+// with W the dense weight (in merged mode W + S: the sparse adapter is inside it), keep the LoRA
+// dropout's mask regenerated from `seed` (lora_dropout_ops.cpp; no mask is saved; `seed` is
+// undefined when p = 0; when p > 0 and no seed is given, the op draws it, see draw_seed). `values` (S's nonzeros) takes no part in the forward math: it only
+// receives dS = (dY^T X)[mask], computed as `grad_path` says from the index tensors in
+// `grad_index`:
+//
+//     "none"   dS = 0 (no mask yet)                      grad_index = []
+//     "dense"  (dY^T X).view(-1)[flat_indices]           grad_index = [flat_indices]
+//     "sddmm"  sddmm(mask, dY^T, X^T)                    grad_index = [row_offsets, row_indices, col_indices]
+//     "plan"   the mask's MaskPlan (plan.py: planned_sddmm): G = dY^T X[:, J] by one GEMM for the
+//              hot columns J, the rest by the SDDMM, gathered into the mask's order
+//              grad_index = [target, rest_row_offsets, rest_row_indices, rest_col_indices(, gather)]
+//
+// One implementation for every device (CompositeExplicitAutograd: aten GEMMs and the rosa_kernels
+// ops, called through the dispatcher), its autograd in C++ at the Autograd key (forward saves X, the
+// small T x rank product h = (X ∘ keep) A^T and the seed; backward calls the ops through the
+// dispatcher, so torch.compile traces it), an autocast kernel that casts the floating operands to
+// the autocast dtype as nn.Linear would, and a fake kernel in python/rosa_kernels/linear.py. A
+// Python-level layer step is then one call: the autograd function's ~26 Python arguments and the
+// ops it issued one by one from Python were most of a step's host time.
+//
+//     merged_scatter_(weights, flat_indices, base_values, values)
+//       weights[i].view(-1)[flat_indices[i]] = base_values[i] + values[i]   for every i
+//
+// computed in (at least) float32 and rounded once to the weight's dtype: recomputed from the saved
+// W, never accumulated. For weights, base values and values of one dtype the sum runs as one
+// `_foreach_add` (its float opmath rounds exactly as the float32 sum does), then one index_copy_ per
+// layer: the Python loop over merged layers after every optimizer step costs one call.
+#include <limits>
+#include <mutex>
+#include <optional>
+#include <string_view>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/autocast_mode.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include "checks.h"
+
+namespace rosa {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+enum class GradPath : int64_t { kNone = 0, kDense = 1, kSddmm = 2, kPlan = 3 };
+
+GradPath grad_path_of(std::string_view name, size_t index_count) {
+  GradPath path = GradPath::kNone;
+  size_t low = 0, high = 0;
+  if (name == "none") {
+    path = GradPath::kNone, low = high = 0;
+  } else if (name == "dense") {
+    path = GradPath::kDense, low = high = 1;
+  } else if (name == "sddmm") {
+    path = GradPath::kSddmm, low = high = 3;
+  } else if (name == "plan") {
+    path = GradPath::kPlan, low = 4, high = 5;
+  } else {
+    ROSA_CHECK_VALUE(false, "grad_path must be one of 'none', 'dense', 'sddmm', 'plan', got '",
+                     std::string(name), "'");
+  }
+  ROSA_CHECK_VALUE(index_count >= low && index_count <= high, "grad_path '", std::string(name),
+                   "' takes ", low == high ? std::to_string(low) : std::to_string(low) + " or " + std::to_string(high),
+                   " index tensors in grad_index, got ", index_count);
+  return path;
+}
+
+// Everything but the differentiable tensors: passed to the autograd function as one argument,
+// so it does not count as an input with a gradient.
+struct Config {
+  std::optional<at::Tensor> seed;
+  std::vector<at::Tensor> grad_index;
+  double scale;
+  double dropout;
+  GradPath path;
+  int64_t plan_width;
+  int64_t plan_rest_nnz;
+};
+
+at::Tensor call_sddmm(const at::Tensor& row_offsets, const at::Tensor& row_indices,
+                      const at::Tensor& col_indices, const at::Tensor& a, const at::Tensor& bt) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("rosa_kernels::sddmm", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                               const at::Tensor&, const at::Tensor&)>();
+  return op.call(row_offsets, row_indices, col_indices, a, bt);
+}
+
+at::Tensor call_dropout_apply(const at::Tensor& x, const at::Tensor& seed, double p) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("rosa_kernels::lora_dropout_apply", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double)>();
+  return op.call(x, seed, p);
+}
+
+void call_dropout_add_(const at::Tensor& dx, const at::Tensor& g, const at::Tensor& seed, double p, double alpha) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("rosa_kernels::lora_dropout_add_", "")
+                             .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double)>();
+  op.call(dx, g, seed, p, alpha);
+}
+
+// t as (rows x its last dimension): a view when t's layout allows (sizes may be symbolic).
+at::Tensor as_2d(const at::Tensor& t) {
+  if (t.dim() == 2) return t;
+  return t.reshape_symint({c10::SymInt(-1), t.sym_size(-1)});
+}
+
+// The leading dimensions of `like` with `last` as the last one.
+c10::SymDimVector sizes_with_last(const at::Tensor& like, const c10::SymInt& last) {
+  c10::SymDimVector sizes(like.sym_sizes().begin(), like.sym_sizes().end());
+  sizes.back() = last;
+  return sizes;
+}
+
+int64_t int_size(const at::Tensor& t, int64_t dim) { return t.sym_size(dim).guard_int(__FILE__, __LINE__); }
+
+void check_operands(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                    const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& values) {
+  ROSA_CHECK_VALUE(x.dim() >= 1, "x must have at least one dimension");
+  ROSA_CHECK_VALUE(weight.dim() == 2 && lora_A.dim() == 2 && lora_B.dim() == 2 && values.dim() == 1,
+                   "weight, lora_A and lora_B must be 2-D and values 1-D");
+  ROSA_CHECK_VALUE(x.sym_size(-1) == weight.sym_size(1), "x must have ", int_size(weight, 1),
+                   " features in its last dimension, got shape ", x.sizes());
+  ROSA_CHECK_VALUE(lora_A.sym_size(1) == weight.sym_size(1) && lora_B.sym_size(0) == weight.sym_size(0) &&
+                       lora_B.sym_size(1) == lora_A.sym_size(0),
+                   "lora_A must be (rank x in_features) and lora_B (out_features x rank), got ", lora_A.sizes(),
+                   " and ", lora_B.sizes(), " for a weight of shape ", weight.sizes());
+  ROSA_CHECK_VALUE(!bias.has_value() || !bias->defined() || (bias->dim() == 1 && bias->sym_size(0) == weight.sym_size(0)),
+                   "bias must have out_features = ", int_size(weight, 0), " elements");
+}
+
+// Forward: (Y, h) with h = (X ∘ keep) A^T (T x rank), which backward reads for dB.
+std::tuple<at::Tensor, at::Tensor> forward_math(const at::Tensor& x, const at::Tensor& weight,
+                                                const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                                                const at::Tensor& lora_B, const Config& config) {
+  const auto x2d = as_2d(x);
+  auto y = bias.has_value() && bias->defined() ? at::addmm(*bias, x2d, weight.t()) : at::mm(x2d, weight.t());
+  const bool drop = config.dropout > 0.0;
+  const auto h = at::mm(drop ? call_dropout_apply(x2d, *config.seed, config.dropout) : x2d, lora_A.t());
+  // The dropout's 1 / (1 - p) rides on the LoRA scale, which every LoRA term carries.
+  y.addmm_(h, lora_B.t(), 1.0, config.scale / (1.0 - config.dropout));
+  if (x.dim() != 2) y = at::_unsafe_view_symint(y, sizes_with_last(x, weight.sym_size(0)));
+  return {y, h};
+}
+
+// dS = SDDMM(mask, a, bt) through the mask's plan (python/rosa_kernels/plan.py: planned_sddmm).
+at::Tensor planned_sddmm(const at::Tensor& a, const at::Tensor& bt, const std::vector<at::Tensor>& index,
+                         int64_t width, int64_t rest_nnz) {
+  const auto &target = index[0], &rest_offsets = index[1], &rest_rows = index[2], &rest_cols = index[3];
+  at::Tensor bt_hot = bt;
+  if (index.size() == 5) {
+    // bt[J], gathered along bt's contiguous dimension: for bt = X^T a gather of X's columns, whose
+    // result is again a transposed view (plan.py: _select_rows).
+    const auto& gather = index[4];
+    bt_hot = bt.dim() == 2 && bt.sym_stride(0) == 1 && bt.sym_stride(1) != 1 && bt.sym_size(1) > 1
+                 ? bt.t().index_select(1, gather).t()
+                 : bt.index_select(0, gather);
+  }
+  const int64_t m = int_size(a, 0);
+  auto merged = at::empty({m * width + rest_nnz}, a.options());
+  auto hot = merged.slice(0, 0, m * width).view({m, width});
+  at::mm_out(hot, a, bt_hot.t());
+  if (rest_nnz) merged.slice(0, m * width).copy_(call_sddmm(rest_offsets, rest_rows, rest_cols, a, bt));
+  return merged.index_select(0, target);
+}
+
+// The gradients asked for by `needed` (x, lora_A, lora_B, values, weight, bias), undefined otherwise.
+std::array<at::Tensor, 6> backward_math(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& h,
+                                        const at::Tensor& weight, const at::Tensor& lora_A,
+                                        const at::Tensor& lora_B, const at::Tensor& values_like,
+                                        const Config& config, const std::array<bool, 6>& needed) {
+  const auto dy2d = as_2d(dy);
+  const auto x2d = as_2d(x);
+  const double kept_scale = config.scale / (1.0 - config.dropout);
+  const bool drop = config.dropout > 0.0;
+  std::array<at::Tensor, 6> grads;
+  at::Tensor g;  // dY B: T x rank, shared by dX and dA
+  if (needed[0] || needed[1]) g = at::mm(dy2d, lora_B);
+  if (needed[0]) {
+    // dX = dY W + scale / (1 - p) * ((dY B) A) ∘ keep
+    auto dx = at::mm(dy2d, weight);
+    if (drop) {
+      call_dropout_add_(dx, at::mm(g, lora_A), *config.seed, config.dropout, kept_scale);
+    } else {
+      dx.addmm_(g, lora_A, 1.0, kept_scale);
+    }
+    grads[0] = x.dim() == 2 ? dx : at::_unsafe_view_symint(dx, x.sym_sizes());
+  }
+  // dA = scale / (1 - p) * (dY B)^T (X ∘ keep), dB = scale / (1 - p) * dY^T h. With beta = 0 addmm
+  // ignores its first operand (only its shape is used, NaNs included): the scale is the alpha.
+  if (needed[1]) {
+    const auto x_kept = drop ? call_dropout_apply(x2d, *config.seed, config.dropout) : x2d;
+    grads[1] = at::addmm(lora_A, g.t(), x_kept, 0.0, kept_scale);
+  }
+  if (needed[2]) grads[2] = at::addmm(lora_B, dy2d.t(), h, 0.0, kept_scale);
+  if (needed[3]) {
+    const auto& index = config.grad_index;
+    switch (config.path) {
+      case GradPath::kNone:
+        grads[3] = at::zeros_like(values_like);
+        break;
+      case GradPath::kDense:
+        // (dY^T X)[mask] through one dense GEMM; the m x n product is freed at once.
+        grads[3] = at::mm(dy2d.t(), x2d).view(-1).index_select(0, index[0]);
+        break;
+      case GradPath::kSddmm:
+        // Transposed views, read without copies by the kernels.
+        grads[3] = call_sddmm(index[0], index[1], index[2], dy2d.t(), x2d.t());
+        break;
+      case GradPath::kPlan:
+        grads[3] = planned_sddmm(dy2d.t(), x2d.t(), index, config.plan_width, config.plan_rest_nnz);
+        break;
+    }
+  }
+  if (needed[4]) grads[4] = at::mm(dy2d.t(), x2d);  // d(W + S) = dY^T X (RosaLinear freezes W)
+  if (needed[5]) grads[5] = dy2d.sum(0);
+  return grads;
+}
+
+class RosaLinearFunction : public torch::autograd::Function<RosaLinearFunction> {
+ public:
+  // The differentiable tensors first: their positions are the gradient edges of needs_input_grad.
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& lora_A,
+                            const at::Tensor& lora_B, const at::Tensor& values, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, const Config& config) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [y, h] = forward_math(x, weight, bias, lora_A, lora_B, config);
+    std::vector<at::Tensor> saved{x, h, weight, lora_A, lora_B,
+                                  config.path == GradPath::kNone ? values : at::Tensor(),
+                                  config.seed.has_value() ? *config.seed : at::Tensor()};
+    saved.insert(saved.end(), config.grad_index.begin(), config.grad_index.end());
+    ctx->save_for_backward(saved);
+    ctx->saved_data["scale"] = config.scale;
+    ctx->saved_data["dropout"] = config.dropout;
+    ctx->saved_data["path"] = static_cast<int64_t>(config.path);
+    ctx->saved_data["plan"] = std::vector<int64_t>{config.plan_width, config.plan_rest_nnz};
+    ctx->saved_data["bias"] = bias.has_value() && bias->defined();
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto &x = saved[0], &h = saved[1], &weight = saved[2], &lora_A = saved[3], &lora_B = saved[4];
+    Config config;
+    config.seed = saved[6].defined() ? std::optional<at::Tensor>(saved[6]) : std::nullopt;
+    config.grad_index.assign(saved.begin() + 7, saved.end());
+    config.scale = ctx->saved_data["scale"].toDouble();
+    config.dropout = ctx->saved_data["dropout"].toDouble();
+    config.path = static_cast<GradPath>(ctx->saved_data["path"].toInt());
+    const auto plan = ctx->saved_data["plan"].toIntVector();
+    config.plan_width = plan[0];
+    config.plan_rest_nnz = plan[1];
+    const bool has_bias = ctx->saved_data["bias"].toBool();
+    // Without create_graph nothing here is tracked: straight to the backends (differentiable otherwise).
+    std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
+    if (!at::GradMode::is_enabled()) below_autograd.emplace();
+    const std::array<bool, 6> needed{ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2),
+                                     ctx->needs_input_grad(3), ctx->needs_input_grad(4),
+                                     has_bias && ctx->needs_input_grad(5)};
+    auto out = backward_math(grads[0], x, h, weight, lora_A, lora_B, saved[5], config, needed);
+    return {out[0], out[1], out[2], out[3], out[4], out[5], at::Tensor()};
+  }
+};
+
+// A fresh dropout seed, the very value that rosa_kernels.dropout.draw_seed(x.device) would draw: on
+// the CPU from torch's default CPU generator (torch.randint(-2**63, 2**63 - 1, (1,))): randint over
+// that range takes one random64() and returns low + (r mod (high - low)). Drawing it here saves a
+// Python op call per layer and step; a traced graph cannot draw at run time, so under torch.compile
+// RosaLinear passes draw_seed()'s tensor instead (refused here and in the fake kernel: the seed of
+// a traced call would be a constant of the graph).
+at::Tensor draw_seed(const at::Tensor& x) {
+  ROSA_CHECK_VALUE(!x.key_set().has_any(c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::Functionalize})),
+                   "rosa_linear with dropout > 0 draws its seed at run time in eager mode only: pass "
+                   "seed=rosa_kernels.dropout.draw_seed() in a traced or compiled graph");
+  if (!x.device().is_cpu()) {
+    // On the GPU the seed stays on the device (the dropout kernels read it there): the draw is
+    // captured by CUDA graphs, so each replay draws a new mask, and nothing waits for the host.
+    return at::randint(std::numeric_limits<int64_t>::min(), std::numeric_limits<int64_t>::max(), {1},
+                       x.options().dtype(at::kLong));
+  }
+  auto generator = at::detail::getDefaultCPUGenerator();
+  uint64_t random;
+  {
+    std::lock_guard<std::mutex> lock(generator.mutex());
+    random = generator.get<at::CPUGeneratorImpl>()->random64();
+  }
+  const uint64_t range = std::numeric_limits<uint64_t>::max();  // (2^63 - 1) - (-2^63)
+  const auto low = static_cast<uint64_t>(std::numeric_limits<int64_t>::min());
+  auto seed = at::empty({1}, at::TensorOptions().dtype(at::kLong));
+  seed.data_ptr<int64_t>()[0] = static_cast<int64_t>(random % range + low);
+  return seed;
+}
+
+Config config_of(const at::Tensor& x, const std::vector<at::Tensor>& grad_index, const std::optional<at::Tensor>& seed, double scale,
+                 double dropout, std::string_view grad_path, int64_t plan_width, int64_t plan_rest_nnz) {
+  Config config;
+  config.path = grad_path_of(grad_path, grad_index.size());
+  ROSA_CHECK_VALUE(dropout >= 0.0 && dropout < 1.0, "dropout must lie in [0, 1), got ", std::to_string(dropout));
+  if (dropout > 0.0) config.seed = seed.has_value() && seed->defined() ? *seed : draw_seed(x);
+  config.grad_index = grad_index;
+  config.scale = scale;
+  config.dropout = dropout;
+  config.plan_width = plan_width;
+  config.plan_rest_nnz = plan_rest_nnz;
+  ROSA_CHECK_VALUE(config.path != GradPath::kPlan || plan_width > 0, "grad_path 'plan' needs plan_width > 0");
+  return config;
+}
+
+// CompositeExplicitAutograd: Y alone (no gradient to track, or below autograd).
+at::Tensor rosa_linear_impl(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& values,
+                            at::TensorList grad_index, const std::optional<at::Tensor>& seed, double scale,
+                            double dropout, c10::string_view grad_path, int64_t plan_width, int64_t plan_rest_nnz) {
+  const Config config = config_of(x, grad_index.vec(), seed, scale, dropout, grad_path, plan_width, plan_rest_nnz);
+  check_operands(x, weight, bias, lora_A, lora_B, values);
+  return std::get<0>(forward_math(x, weight, bias, lora_A, lora_B, config));
+}
+
+bool requires_grad(const at::Tensor& t) { return t.defined() && t.requires_grad(); }
+
+at::Tensor rosa_linear_autograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& values,
+                                at::TensorList grad_index, const std::optional<at::Tensor>& seed, double scale,
+                                double dropout, c10::string_view grad_path, int64_t plan_width,
+                                int64_t plan_rest_nnz) {
+  const Config config = config_of(x, grad_index.vec(), seed, scale, dropout, grad_path, plan_width, plan_rest_nnz);
+  check_operands(x, weight, bias, lora_A, lora_B, values);
+  const bool track = at::GradMode::is_enabled() &&
+                     (requires_grad(x) || requires_grad(lora_A) || requires_grad(lora_B) || requires_grad(values) ||
+                      requires_grad(weight) || (bias.has_value() && requires_grad(*bias)));
+  if (track) return RosaLinearFunction::apply(x, lora_A, lora_B, values, weight, bias, config);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return std::get<0>(forward_math(x, weight, bias, lora_A, lora_B, config));
+}
+
+// Autocast: the floating operands in the autocast dtype (as nn.Linear's F.linear would run), the
+// op below autocast; the casts are differentiable, so parameters get gradients in their own dtype.
+template <c10::DeviceType device_type>
+at::Tensor rosa_linear_autocast(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& values,
+                                at::TensorList grad_index, const std::optional<at::Tensor>& seed, double scale,
+                                double dropout, c10::string_view grad_path, int64_t plan_width,
+                                int64_t plan_rest_nnz) {
+  constexpr auto autocast_key =
+      device_type == c10::DeviceType::CPU ? c10::DispatchKey::AutocastCPU : c10::DispatchKey::AutocastCUDA;
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_key);
+  const auto dtype = at::autocast::get_autocast_dtype(device_type);
+  const auto cast = [&](const at::Tensor& t) { return at::autocast::cached_cast(dtype, t, device_type); };
+  std::optional<at::Tensor> bias_cast;
+  if (bias.has_value() && bias->defined()) bias_cast = cast(*bias);
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("rosa_kernels::rosa_linear", "")
+                             .typed<decltype(rosa_linear_impl)>();
+  return op.call(cast(x), cast(weight), bias_cast, cast(lora_A), cast(lora_B), cast(values), grad_index, seed,
+                 scale, dropout, grad_path, plan_width, plan_rest_nnz);
+}
+
+// ----------------------------------------------------------------------------------------------
+// merged_scatter_
+// ----------------------------------------------------------------------------------------------
+
+void merged_scatter_(at::TensorList weights, at::TensorList flat_indices, at::TensorList base_values,
+                     at::TensorList values) {
+  const size_t count = weights.size();
+  ROSA_CHECK_VALUE(flat_indices.size() == count && base_values.size() == count && values.size() == count,
+                   "weights, flat_indices, base_values and values must have the same length, got ", count, ", ",
+                   flat_indices.size(), ", ", base_values.size(), " and ", values.size());
+  std::vector<at::Tensor> merged(count);
+  // Layers whose base values and values have the weight's dtype: one foreach sum (computed in float
+  // opmath for 16-bit types, rounded once, exactly as the float32 sum then the cast).
+  std::vector<size_t> same;
+  std::vector<at::Tensor> same_base, same_values;
+  for (size_t i = 0; i < count; ++i) {
+    ROSA_CHECK_VALUE(flat_indices[i].dim() == 1 && base_values[i].sizes() == flat_indices[i].sizes() &&
+                         values[i].sizes() == flat_indices[i].sizes(),
+                     "layer ", i, ": flat_indices, base_values and values must be 1-D of one length");
+    const auto dtype = weights[i].scalar_type();
+    if (base_values[i].scalar_type() == dtype && values[i].scalar_type() == dtype &&
+        base_values[i].device() == weights[i].device() && values[i].device() == weights[i].device()) {
+      same.push_back(i);
+      same_base.push_back(base_values[i]);
+      same_values.push_back(values[i]);
+    } else {
+      const auto wide = at::promote_types(dtype, at::kFloat);
+      merged[i] = (base_values[i].to(wide) + values[i].to(wide)).to(dtype);
+    }
+  }
+  if (!same.empty()) {
+    auto sums = at::_foreach_add(same_base, same_values);
+    for (size_t k = 0; k < same.size(); ++k) merged[same[k]] = std::move(sums[k]);
+  }
+  for (size_t i = 0; i < count; ++i) weights[i].view(-1).index_copy_(0, flat_indices[i], merged[i]);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(rosa_kernels, m) {
+  m.def("rosa_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, Tensor values, "
+        "Tensor[] grad_index, Tensor? seed, float scale, float dropout, str grad_path, int plan_width=0, "
+        "int plan_rest_nnz=0) -> Tensor");
+  m.def("merged_scatter_(Tensor(a!)[] weights, Tensor[] flat_indices, Tensor[] base_values, Tensor[] values) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(rosa_kernels, CompositeExplicitAutograd, m) {
+  m.impl("rosa_linear", &rosa_linear_impl);
+  m.impl("merged_scatter_", &merged_scatter_);
+}
+
+TORCH_LIBRARY_IMPL(rosa_kernels, Autograd, m) { m.impl("rosa_linear", &rosa_linear_autograd); }
+
+TORCH_LIBRARY_IMPL(rosa_kernels, AutocastCPU, m) {
+  m.impl("rosa_linear", &rosa_linear_autocast<c10::DeviceType::CPU>);
+}
+
+TORCH_LIBRARY_IMPL(rosa_kernels, AutocastCUDA, m) {
+  m.impl("rosa_linear", &rosa_linear_autocast<c10::DeviceType::CUDA>);
+}
+
+}  // namespace rosa

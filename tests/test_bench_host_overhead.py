@@ -1,0 +1,28 @@
+"""bench/host_overhead.py runs end to end on a tiny CPU configuration (its numbers are not checked:
+they are the benchmark's job)."""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import host_overhead  # noqa: E402
+
+
+def test_host_overhead_runs_on_a_tiny_configuration(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    try:
+        out = host_overhead.main(["--shape", "16,4", "--rounds", "3", "--layers", "3", "--ops",
+                                  "--json", str(tmp_path / "host.json")])
+    finally:
+        torch.set_num_threads(threads)
+    layers = out["layers"]
+    assert layers["nn.Linear (full FT)"]["x full"] == 1.0
+    assert {"LoRA (PEFT-style)", "RosaLinear merged, dropout 0.05", "RosaLinear warm-up (nomask)"} <= set(layers)
+    assert all(row["us"] > 0 and row["ops"] > 0 for row in layers.values())
+    assert set(out["scatter"]) == {"changed", "unchanged"}
+    assert "sddmm" in out["ops"]
+    assert "| RosaLinear merged, dropout 0.05 |" in capsys.readouterr().out
+    assert (tmp_path / "host.json").exists()
