@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 import weakref
 
 import torch
@@ -215,9 +216,24 @@ _MERGED_LAYERS: "weakref.WeakSet[RosaLinear]" = weakref.WeakSet()
 _COLLECTING_LAYERS: "weakref.WeakSet[RosaLinear]" = weakref.WeakSet()
 
 
+def _is_sharded(tensor) -> bool:
+    """True for a DTensor: a parameter that FSDP2 (``fully_shard``) shards across ranks."""
+    return _DTensor is not None and isinstance(tensor, _DTensor)
+
+
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # torch without torch.distributed
+    _DTensor = None
+
+
 def _after_optimizer_step(optimizer, args, kwargs):
-    _scatter_layers([layer for layer in _MERGED_LAYERS
-                     if layer._merged and layer._parameters["sparse_values"]._version != layer._merged_version])
+    changed = [layer for layer in _MERGED_LAYERS
+               if layer._merged and layer._parameters["sparse_values"]._version != layer._merged_version]
+    sharded = [layer for layer in changed if _is_sharded(layer._parameters["weight"])]
+    for layer in sharded:  # sharded after the merge: leave the merged mode (below)
+        layer._leave_merged_mode_for_sharding()
+    _scatter_layers([layer for layer in changed if layer._merged])
     for layer in list(_COLLECTING_LAYERS):
         layer.finish_collection_step()
 
@@ -237,6 +253,17 @@ def _scatter_layers(layers) -> None:
                     [b["base_values"] for b in buffers], values)
     for layer, v in zip(layers, values):
         layer.__dict__["_merged_version"] = v._version  # nn.Module.__setattr__ cost ~2 us a layer
+
+
+_SHARDED_NOTICE_GIVEN = False
+
+
+def _notice_sharded_merge() -> None:
+    global _SHARDED_NOTICE_GIVEN
+    if not _SHARDED_NOTICE_GIVEN:
+        _SHARDED_NOTICE_GIVEN = True
+        warnings.warn("rosa_kernels: the base weights are sharded (FSDP2), so S is not merged into them: "
+                      "RosaLinear layers use sparse_mode='spmm' (same results, an SpMM per step)", stacklevel=3)
 
 
 def _check_positive_int(value, name):
@@ -521,11 +548,36 @@ class RosaLinear(nn.Module):
             self._scatter()
 
     def _merge(self):
+        if _is_sharded(self.weight):
+            # FSDP2 shards the frozen weight across ranks: S cannot be scattered into it, so it is
+            # added by SpMM instead (the same result to rounding; docs/rosa_linear.md, FSDP2).
+            _notice_sharded_merge()
+            self._sparse_mode = "spmm"
+            return
         with torch.no_grad():
             self.base_values.copy_(self.weight.view(-1)[self.flat_indices])
         self._merged = True
         _MERGED_LAYERS.add(self)
         self._scatter()
+
+    @torch.no_grad()
+    def _leave_merged_mode_for_sharding(self):
+        """The layer was merged, then its weight was sharded (``fully_shard`` after the mask): puts W
+        back at the mask positions of this rank's shard (no communication) and switches to "spmm"."""
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        weight, n = self.weight, self.in_features
+        local = weight.to_local()
+        local_shape, offset = compute_local_shape_and_global_offset(weight.shape, weight.device_mesh,
+                                                                    weight.placements)
+        first_row, rows = offset[0], local_shape[0]
+        mask_rows = self.flat_indices // n
+        here = (mask_rows >= first_row) & (mask_rows < first_row + rows)
+        local.reshape(-1)[:rows * n].index_copy_(0, self.flat_indices[here] - first_row * n, self.base_values[here])
+        self._merged = False
+        _MERGED_LAYERS.discard(self)
+        _notice_sharded_merge()
+        self._sparse_mode = "spmm"
 
     @torch.no_grad()
     def _unmerge(self):
@@ -685,9 +737,10 @@ class RosaLinear(nn.Module):
     def _build_derived(self):
         """The transposed structure and the flat positions, both fixed while the mask is."""
         m, n = self.out_features, self.in_features
+        # Only the structure is needed (sparse_values may be a DTensor shard under FSDP2).
+        placeholder = torch.zeros(self.nnz, dtype=torch.float32, device=self.row_offsets.device)
         _, offsets_t, cols_t, permutation = csr_transpose(
-            self.sparse_values.detach(), self.row_offsets, self.col_indices, m, n, return_permutation=True,
-            validate=False,
+            placeholder, self.row_offsets, self.col_indices, m, n, return_permutation=True, validate=False,
         )
         self.row_offsets_t.copy_(offsets_t)
         self.col_indices_t.copy_(cols_t)

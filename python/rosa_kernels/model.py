@@ -543,11 +543,11 @@ class RosaModel(nn.Module):
     # -- saving and loading -------------------------------------------------------------------------
     def adapter_state(self) -> dict[str, torch.Tensor]:
         tensors = {}
-        for name, layer in self.rosa_layers().items():
-            tensors[f"{name}.lora_A"] = layer.lora_A.detach()
-            tensors[f"{name}.lora_B"] = layer.lora_B.detach()
+        for name, layer in self.rosa_layers().items():  # every rank in the same order: FSDP2 gathers
+            tensors[f"{name}.lora_A"] = _full_tensor(layer.lora_A.detach())
+            tensors[f"{name}.lora_B"] = _full_tensor(layer.lora_B.detach())
             if layer.phase == "sparse":
-                tensors[f"{name}.sparse_values"] = layer.sparse_values.detach()
+                tensors[f"{name}.sparse_values"] = _full_tensor(layer.sparse_values.detach())
                 tensors[f"{name}.row_offsets"] = layer.row_offsets
                 tensors[f"{name}.row_indices"] = layer.row_indices
                 tensors[f"{name}.col_indices"] = layer.col_indices
@@ -566,6 +566,8 @@ class RosaModel(nn.Module):
         config = json.dumps({"peft_type": "ROSA", "format": "rosa_kernels", **self.config.to_dict(), "layers": layers},
                             indent=2) + "\n"
         tensors = self.adapter_state()
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+            return  # the adapter is the same on every rank (gathered under FSDP2): rank 0 writes it
         _masks.atomic_write({
             directory / WEIGHTS_NAME: lambda path: _masks.write_safetensors(tensors, path, {"format": "rosa_kernels"}),
             directory / CONFIG_NAME: lambda path: Path(path).write_text(config),
@@ -746,6 +748,11 @@ def _check_adapter(saved_layers: dict, modules: dict[str, nn.Module], config: Ro
                        (out_features, in_features))
         checked[name] = (tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"], mask)
     return checked
+
+
+def _full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2-sharded parameter (a collective: every rank calls it), else itself."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def get_rosa_model(model: nn.Module, config: RosaConfig | None = None, **overrides) -> RosaModel:

@@ -1,0 +1,79 @@
+"""FSDP2 (``fully_shard``) with 2 CPU processes (gloo) through RoSA's whole life cycle: warm-up,
+collection (the statistic reduced over the ranks as under DDP), mask broadcast, sparse phase (the
+merged mode switches to "spmm", since FSDP2 shards the frozen weight), and save_pretrained of the
+sharded model, whose adapter loads into an unsharded model and gives the same outputs."""
+
+import os
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from rosa_kernels import RosaLinear, RosaModel, apply_rosa
+from test_model import Net, data, ddp_config, free_port, rosa_layers_of, run_training
+
+try:
+    from torch.distributed.fsdp import fully_shard
+except ImportError:  # older torch
+    fully_shard = None
+
+pytestmark = pytest.mark.skipif(fully_shard is None or not dist.is_available() or not dist.is_gloo_available(),
+                                reason="needs torch.distributed with gloo and FSDP2 (fully_shard)")
+
+
+def fsdp2_worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = RosaModel(Net(), ddp_config())
+        net = model.base_model
+        for layer in rosa_layers_of(net).values():
+            fully_shard(layer)
+        fully_shard(net)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            losses = run_training(world, rank, net)
+        mean_losses = torch.stack(losses)
+        dist.all_reduce(mean_losses)
+        modes = {name: layer.sparse_mode for name, layer in rosa_layers_of(net).items()}
+        masks = {f"{name}.{key}": getattr(layer, key).clone() for name, layer in rosa_layers_of(net).items()
+                 for key in ("row_offsets", "col_indices")}
+        model.save_pretrained(out + ".adapter")  # gathers the shards; rank 0 writes
+        x, _ = data(11, n=8)
+        outputs = net(x).detach()
+        if rank == 0:
+            torch.save({"losses": (mean_losses / world).tolist(), "modes": modes, "masks": masks,
+                        "outputs": outputs, "x": x,
+                        "notices": [str(w.message) for w in caught if "sharded" in str(w.message)]}, out)
+        else:
+            torch.save({"masks": masks}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_two_cpu_processes_match_single_process(tmp_path):
+    out = str(tmp_path / "fsdp2.pt")
+    mp.start_processes(fsdp2_worker, args=(2, free_port(), out), nprocs=2, join=True, start_method="spawn")
+    result, other = torch.load(out), torch.load(f"{out}.1")
+    torch.manual_seed(0)
+    net = Net()
+    apply_rosa(net, ddp_config())
+    losses = [loss.item() for loss in run_training(1, 0, net)]
+    assert result["losses"][-1] < 0.7 * result["losses"][0]
+    assert losses == pytest.approx(result["losses"], rel=1e-4, abs=1e-5)
+    # every rank holds the single-process masks
+    single = net.state_dict()
+    for key, value in result["masks"].items():
+        assert torch.equal(value, single[key]) and torch.equal(value, other["masks"][key]), key
+    assert set(result["modes"].values()) == {"spmm"} and len(result["notices"]) >= 1
+    # the adapter saved from the sharded model loads into a fresh, unsharded one: the same outputs
+    torch.manual_seed(0)
+    fresh = Net()
+    loaded = RosaModel.from_pretrained(fresh, out + ".adapter")
+    assert all(layer.phase == "sparse" for layer in rosa_layers_of(fresh).values())
+    torch.testing.assert_close(loaded(result["x"]).detach(), result["outputs"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(net(result["x"]).detach(), result["outputs"], rtol=1e-4, atol=1e-5)
