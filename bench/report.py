@@ -2,6 +2,9 @@
 """The benchmark report: our ops and the RoSA layer step against every alternative, in one run.
 
     python bench/report.py [--device cpu|cuda] [--quick] [--out DIR]
+    python bench/report.py --model [--device cpu|cuda] [--out DIR]    # the model training step
+    python bench/report.py --host-overhead | --profile-layer | --profile-spmm [ARGS]  # see TOOLS
+
 
 Measures the machine's ceilings first (copy bandwidth counting read + write bytes, dense matmul
 peaks in float32 and bfloat16), then the layer training step (RosaLinear vs plain LoRA vs full
@@ -10,7 +13,12 @@ device (CPU: the CPU shapes in float32; CUDA: the LLaMA-7B shapes in bfloat16 pl
 4096x4096). Op cases still waiting when ``--time-limit`` has passed are listed as skipped.
 Progress goes to stderr; stdout gets the ceilings and then the Markdown tables, last. Writes
 ``DIR/bench.json`` (raw numbers), ``DIR/bench.md`` (the tables) and ``DIR/bench.png`` (time
-against density per op and shape; only when matplotlib is importable). See docs/benchmarks.md.
+against density per op and shape; only when matplotlib is importable). ``--model`` runs the model
+training-step sweep of bench/model_step.py instead (full FT / PEFT LoRA / RoSA on HF Llama models,
+RoSA's phases, compiled rows) and writes ``DIR/model_step.json`` and ``DIR/model_step.md``.
+``--host-overhead``, ``--profile-layer`` and ``--profile-spmm`` (first argument) run the in-depth
+tools of ``TOOLS`` with the arguments that follow (``--help`` after one lists them).
+See docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -318,6 +326,207 @@ def markdown(results: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# The model training step (bench/model_step.py): issue 11's table, RoSA's phases, compiled rows
+# ----------------------------------------------------------------------------------------------
+
+
+def _gib(value) -> str:
+    return "n/a" if value is None else f"{value / 2**30:.3g}"
+
+
+def _div(a, b) -> str:
+    return "n/a" if a is None or not b else f"{a / b:.2f}"
+
+
+def _model_cells(rows: list[dict]):
+    """(model, tokens) -> method -> row, in the order the rows came."""
+    cells: dict = {}
+    for row in rows:
+        cells.setdefault((row["model"], row["tokens"]), {})[row["method"]] = row
+    return cells
+
+
+def _ok(row) -> dict | None:
+    return row if row is not None and row.get("status") == "ok" else None
+
+
+def _value(row, key):
+    row = _ok(row)
+    return None if row is None else row.get(key)
+
+
+def _time_cell(row) -> str:
+    if row is None:
+        return "not run"
+    if row.get("status") != "ok":
+        return row["status"] if row["status"].startswith("skipped") else f"failed: {row['status']}"
+    return f"{row['gpu_ms']:.4g}"
+
+
+def model_tables(results: dict) -> str:
+    """Issue 11's table (full FT / PEFT LoRA / RoSA), then RoSA's way into the sparse phase (issue
+    13's memory targets), then the compiled (CUDA graph) rows."""
+    from bench import model_step
+
+    env = results["environment"]
+    cells = _model_cells(results["rows"])
+    lines = [f"### Model training step ({env.get('device')}, {results['date']})", "",
+             f"- step: {results['step']}; {results['timing']}",
+             f"- host CPU: {env.get('cpu')}; torch {env.get('torch')}, transformers {env.get('transformers')}, "
+             f"peft {env.get('peft')}, rosa_kernels {env.get('rosa_kernels')} (git {env.get('git')})",
+             f"- steps per row: {results['options']['warmup']} untimed + {results['options']['timed']} timed "
+             f"(RoSA phases: {results['options']['phase_timed']} timed; one-shot steps once)",
+             "- LoRA: peft r 16, alpha 16, dropout 0.05, all-linear; RoSA: r 16, alpha 16, dropout 0.05, "
+             "density 0.6%, all-linear, merged; memory: peak above the weights / with the weights (GiB)", ""]
+    header = ["model, tokens per step", "full FT ms", "PEFT LoRA ms", "RoSA ms", "RoSA / LoRA", "RoSA / full",
+              "host ms full / LoRA / RoSA", "above weights GiB full / LoRA / RoSA", "RoSA / LoRA memory",
+              "with weights GiB full / LoRA / RoSA"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (model, tokens), methods in cells.items():
+        full, lora, rosa = (methods.get(m) for m in ("full", "lora", "rosa"))
+        if full is None and lora is None and rosa is None:
+            continue
+        t = {name: _value(r, "gpu_ms") for name, r in (("full", full), ("lora", lora), ("rosa", rosa))}
+        lines.append("| " + " | ".join([
+            f"{model}, {tokens}", _time_cell(full), _time_cell(lora), _time_cell(rosa),
+            _div(t["rosa"], t["lora"]), _div(t["rosa"], t["full"]),
+            " / ".join(_ms(None if _value(r, "host_ms") is None else _value(r, "host_ms") / 1e3)
+                       for r in (full, lora, rosa)),
+            " / ".join(_gib(_value(r, "above_weights_bytes")) for r in (full, lora, rosa)),
+            _div(_value(rosa, "above_weights_bytes"), _value(lora, "above_weights_bytes")),
+            " / ".join(_gib(_value(r, "peak_bytes")) for r in (full, lora, rosa)),
+        ]) + " |")
+
+    phase_rows = [(key, methods) for key, methods in cells.items() if any(p in methods for p in model_step.PHASES)]
+    if phase_rows:
+        lines += ["", "#### RoSA's way into the sparse phase", "",
+                  "| model, tokens per step | step | ms | host ms | above weights GiB | with weights GiB | "
+                  "with weights / LoRA's | ms / sparse step's | note |", "|---|---|---|---|---|---|---|---|---|"]
+        for (model, tokens), methods in phase_rows:
+            lora, rosa = methods.get("lora"), methods.get("rosa")
+            for name in (*model_step.PHASES, "rosa"):
+                row = methods.get(name)
+                if row is None:
+                    continue
+                lines.append("| " + " | ".join([
+                    f"{model}, {tokens}", model_step.METHOD_NAMES[name], _time_cell(row),
+                    _ms(None if _value(row, "host_ms") is None else _value(row, "host_ms") / 1e3),
+                    _gib(_value(row, "above_weights_bytes")), _gib(_value(row, "peak_bytes")),
+                    _div(_value(row, "peak_bytes"), _value(lora, "peak_bytes")),
+                    _div(_value(row, "gpu_ms"), _value(rosa, "gpu_ms")), row.get("note", "") or "",
+                ]) + " |")
+        lines.append("\nTargets (issue 13): with the weights, warm-up ≤ 1.05x and collection (1 and 8 "
+                     "micro-batches) ≤ 1.25x a PEFT LoRA step's peak; a collection step ≤ 3x a sparse step's time.")
+
+    compiled = [(key, methods) for key, methods in cells.items() if any(c in methods for c in model_step.COMPILED)]
+    if compiled:
+        lines += ["", "#### torch.compile(model, mode=\"reduce-overhead\") (CUDA graphs)", "",
+                  "| model, tokens per step | full FT ms | PEFT LoRA ms | RoSA ms | RoSA / LoRA | RoSA / full | "
+                  "compiled / eager full / LoRA / RoSA | host ms full / LoRA / RoSA | compile s full / LoRA / RoSA |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for (model, tokens), methods in compiled:
+            rows = [methods.get(f"{m}+compile") for m in model_step.METHODS]
+            eager = [methods.get(m) for m in model_step.METHODS]
+            t = [_value(r, "gpu_ms") for r in rows]
+            lines.append("| " + " | ".join([
+                f"{model}, {tokens}", *(_time_cell(r) for r in rows), _div(t[2], t[1]), _div(t[2], t[0]),
+                " / ".join(_div(c, _value(e, "gpu_ms")) for c, e in zip(t, eager)),
+                " / ".join(_ms(None if _value(r, "host_ms") is None else _value(r, "host_ms") / 1e3) for r in rows),
+                " / ".join("n/a" if _value(r, "compile_s") is None else f"{_value(r, 'compile_s'):.0f}"
+                           for r in rows),
+            ]) + " |")
+        lines.append("\nTargets (issue 11): RoSA compiles; its step ≤ 0.8x PEFT LoRA's and ≤ 1.0x full FT's, "
+                     "each compiled the same way.")
+    lines.append("\nTargets (issue 11): RoSA / LoRA ≤ 0.5 at 2048 tokens and ≤ 0.6 at 8192; RoSA / full ≤ 1.0; "
+                 "RoSA's peak above the weights ≤ 0.6x PEFT LoRA's.")
+    return "\n".join(lines) + "\n"
+
+
+def model_summary(results: dict) -> str:
+    """A short plain-text table: one line per (model, tokens), the ratios and the failures."""
+    from bench import model_step
+
+    lines = ["model, tokens | full ms | LoRA ms | RoSA ms | RoSA/LoRA | RoSA/full | mem RoSA/LoRA | compiled "
+             "full/LoRA/RoSA ms"]
+    for (model, tokens), methods in _model_cells(results["rows"]).items():
+        t = {m: _value(methods.get(m), "gpu_ms") for m in model_step.ALL_METHODS}
+        compiled = " / ".join(("skip" if methods[f"{m}+compile"]["status"].startswith("skipped") else "fail")
+                              if methods.get(f"{m}+compile") is not None and t[f"{m}+compile"] is None
+                              else _ms(None if t[f"{m}+compile"] is None else t[f"{m}+compile"] / 1e3)
+                              for m in model_step.METHODS)
+        lines.append(" | ".join([f"{model}, {tokens}", *(_ms(None if t[m] is None else t[m] / 1e3)
+                                                          for m in model_step.METHODS),
+                                 _div(t["rosa"], t["lora"]), _div(t["rosa"], t["full"]),
+                                 _div(_value(methods.get("rosa"), "above_weights_bytes"),
+                                      _value(methods.get("lora"), "above_weights_bytes")), compiled]))
+    failures = [r for r in results["rows"] if r.get("status") != "ok"]
+    for row in failures:
+        lines.append(f"not ok: {row['model']}, {row['tokens']}, {row['method']}: {row['status']}")
+    return "\n".join(lines)
+
+
+def run_model(args) -> dict:
+    """``--model``: the model training-step sweep; writes model_step.json and model_step.md."""
+    from bench import model_step
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.model_shapes:
+        shapes = args.model_shapes.split(",")
+    else:
+        shapes = list(model_step.GPU_SHAPES) if device == "cuda" else [model_step.CPU_SHAPE]
+    unknown = [s for s in shapes if s not in model_step.SHAPES]
+    if unknown:
+        raise SystemExit(f"--model-shapes: unknown {unknown}; choose from {sorted(model_step.SHAPES)}")
+    seq = args.model_seq or (model_step.GPU_SEQ if device == "cuda" else model_step.CPU_SEQ)
+    batches = ([int(b) for b in args.model_batches.split(",")] if args.model_batches
+               else list(model_step.GPU_BATCHES) if device == "cuda" else [model_step.CPU_BATCH])
+    dtype = "bfloat16" if device == "cuda" else "float32"
+    cases = [model_step.ModelCase(s, b, seq, dtype, device, args.model_kv_heads) for s in shapes for b in batches]
+    methods = tuple(args.model_methods.split(",")) if args.model_methods else model_step.ALL_METHODS
+    if args.no_compile or (device == "cpu" and not args.model_methods):  # CUDA graphs need a GPU
+        methods = tuple(m for m in methods if m not in model_step.COMPILED)
+    options = model_step.Options()
+    if args.model_steps:
+        warmup, timed, *phase = (int(x) for x in args.model_steps.split(","))
+        options = model_step.Options(warmup=warmup, timed=timed, phase_timed=phase[0] if phase else timed)
+    compile_cases = args.compile_cases.split(",") if args.compile_cases else None
+    eager = tuple(m for m in methods if m not in model_step.COMPILED)
+    compiled = tuple(m for m in methods if m in model_step.COMPILED)
+    # Eager rows of every case first, then the compiled rows (minutes of compiling each): when time
+    # runs short, the main table is complete and the compiled rows are what is left out.
+    passes = [(case, eager) for case in cases] + [
+        (case, compiled) for case in cases
+        if compiled and (compile_cases is None or f"{case.shape}:{case.tokens}" in compile_cases)]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    results = model_step.run_sweep([], methods, options)
+    for case, case_methods in passes:
+        if not case_methods:
+            continue
+        if args.time_limit and time.perf_counter() - started > args.time_limit:
+            results["rows"] += [model_step.failure_row(case, m, f"skipped: --time-limit {args.time_limit:.0f} s "
+                                                       "was reached") for m in case_methods]
+            continue
+        part = model_step.run_sweep([case], case_methods, options, log=log)
+        results["environment"], results["rows"] = part["environment"], results["rows"] + part["rows"]
+        results["elapsed_s"] = time.perf_counter() - started
+        # Written after each case: a run cut short still leaves what it measured.
+        (out / "model_step.json").write_text(json.dumps(results, indent=1, default=str))
+    order = {m: i for i, m in enumerate(model_step.ALL_METHODS)}
+    index = {(c.shape, c.tokens): i for i, c in enumerate(cases)}
+    results["rows"].sort(key=lambda r: (index.get((r["shape"], r["tokens"]), 0), order[r["method"]]))
+    results["elapsed_s"] = time.perf_counter() - started
+    (out / "model_step.json").write_text(json.dumps(results, indent=1, default=str))
+    table = model_tables(results)
+    (out / "model_step.md").write_text(table)
+    log(f"wrote {out / 'model_step.json'}, {out / 'model_step.md'} in {results['elapsed_s']:.0f} s")
+    sys.stdout.flush()
+    print(table, flush=True)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
 # Plot
 # ----------------------------------------------------------------------------------------------
 
@@ -373,7 +582,20 @@ def plot(results: dict, path: Path) -> bool:
     return True
 
 
+# Tools that measure one thing in depth; ``report.py --NAME ARGS`` hands ARGS to the module's main.
+TOOLS = {
+    "--host-overhead": "bench.host_overhead",   # host cost of the public ops and of a layer step
+    "--profile-layer": "bench.profile_layer",   # step / host / kernel time and kernel count of a layer step
+    "--profile-spmm": "bench.profile_spmm",     # one SpMM per kernel variant, for ncu
+}
+
+
 def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in TOOLS:
+        import importlib
+
+        return importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="default: cuda when a GPU and the CUDA kernels are present, else cpu")
@@ -391,9 +613,25 @@ def main(argv=None) -> dict:
                         help="seconds after which remaining op cases are skipped (default: 270 on cuda, 160 on cpu)")
     parser.add_argument("--no-plot", action="store_true", help="do not write bench.png")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads for the CPU (default: torch's choice)")
+    model = parser.add_argument_group("model training step (--model; needs the bench extra: transformers, peft)")
+    model.add_argument("--model", action="store_true",
+                       help="run the model training-step sweep (bench/model_step.py) instead of the op sweep")
+    model.add_argument("--model-shapes", help="comma-separated: 7b-slice, tinyllama, tiny (default: the GPU "
+                                              "pair on cuda, tiny on cpu)")
+    model.add_argument("--model-batches", help="comma-separated sequences per step (default 1,4 on cuda, 1 on cpu)")
+    model.add_argument("--model-seq", type=int, help="tokens per sequence (default 2048 on cuda, 32 on cpu)")
+    model.add_argument("--model-kv-heads", type=int, help="key/value heads (default: as many as heads)")
+    model.add_argument("--model-methods", help="comma-separated methods (default: all of bench/model_step.py's "
+                                               "ALL_METHODS)")
+    model.add_argument("--model-steps", help="WARMUP,TIMED[,PHASE_TIMED] steps per row (default 3,5,3)")
+    model.add_argument("--no-compile", action="store_true", help="leave out the torch.compile rows")
+    model.add_argument("--compile-cases", help="comma-separated SHAPE:TOKENS that get the compiled rows "
+                                               "(default: every case)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.model:
+        return run_model(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")

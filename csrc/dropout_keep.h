@@ -34,9 +34,25 @@ ROSA_HOST_DEVICE uint32_t dropout_mix(uint32_t x) {
   return x;
 }
 
+// The seed's two halves and the drop threshold. A CUDA launch may instead point at the seed in
+// device memory (seed_device): the kernel reads it there, so a captured CUDA graph draws a fresh
+// mask on every replay and nothing waits for the host.
 struct DropoutKey {
   uint32_t seed_lo, seed_hi, threshold;
+  const int64_t* seed_device = nullptr;
 };
+
+// The key with the seed's halves filled in: from seed_device where set (device code only), else as is.
+ROSA_HOST_DEVICE DropoutKey dropout_resolve_key(DropoutKey key) {
+#if defined(__CUDA_ARCH__)
+  if (key.seed_device != nullptr) {
+    const uint64_t bits = static_cast<uint64_t>(*key.seed_device);
+    key.seed_lo = static_cast<uint32_t>(bits);
+    key.seed_hi = static_cast<uint32_t>(bits >> 32);
+  }
+#endif
+  return key;
+}
 
 ROSA_HOST_DEVICE uint32_t dropout_row_key(const DropoutKey& key, int64_t t) {
   return dropout_mix(static_cast<uint32_t>(t) ^ key.seed_lo) ^ key.seed_hi;
@@ -47,12 +63,19 @@ ROSA_HOST_DEVICE bool dropout_keep(uint32_t row_key, int64_t j, uint32_t thresho
 }
 
 // round(p * 2^32), for a drop probability p in [0, 1).
-inline DropoutKey dropout_key(int64_t seed, double p) {
+inline uint32_t dropout_threshold(double p) {
   const double scaled = std::nearbyint(p * 4294967296.0);
-  const uint32_t threshold =
-      scaled <= 0.0 ? 0U : scaled >= 4294967295.0 ? 0xFFFFFFFFU : static_cast<uint32_t>(scaled);
+  return scaled <= 0.0 ? 0U : scaled >= 4294967295.0 ? 0xFFFFFFFFU : static_cast<uint32_t>(scaled);
+}
+
+inline DropoutKey dropout_key(int64_t seed, double p) {
   const uint64_t bits = static_cast<uint64_t>(seed);
-  return DropoutKey{static_cast<uint32_t>(bits), static_cast<uint32_t>(bits >> 32), threshold};
+  return DropoutKey{static_cast<uint32_t>(bits), static_cast<uint32_t>(bits >> 32), dropout_threshold(p)};
+}
+
+// A key whose seed a CUDA kernel reads from device memory.
+inline DropoutKey dropout_device_key(const int64_t* seed_device, double p) {
+  return DropoutKey{0U, 0U, dropout_threshold(p), seed_device};
 }
 
 }  // namespace rosa

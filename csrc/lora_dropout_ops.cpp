@@ -1,7 +1,8 @@
 // RosaLinear's LoRA dropout ops: schemas and CPU implementations (CUDA: lora_dropout_ops_cuda.cpp).
 //
 // With keep(t, j) the counter-based dropout mask of dropout_keep.h, drawn from a 64-bit seed held
-// in a one-element int64 CPU tensor (read on the host: no GPU synchronization):
+// in a one-element int64 tensor: on the CPU (read on the host), or, for CUDA inputs, on x's device
+// (read by the kernel: no synchronization, and a captured CUDA graph reads each replay's new seed):
 //
 //     lora_dropout_apply(x, seed, p)              -> X ∘ keep                 (T x N, a new tensor)
 //     lora_dropout_add_(dx, g, seed, p, alpha)    :  dX += alpha * keep ∘ G   in place
@@ -19,13 +20,15 @@
 
 namespace rosa {
 
-DropoutKey check_dropout_key(const at::Tensor& seed, double p) {
+DropoutKey check_dropout_key(const at::Tensor& seed, double p, const at::Device& device) {
   check_defined(seed, "seed");
   ROSA_CHECK_TYPE(seed.scalar_type() == at::kLong && seed.numel() == 1,
                   "seed must be a one-element int64 tensor, got ", dtype_name(seed.scalar_type()), " with ",
                   seed.numel(), " elements");
-  ROSA_CHECK_VALUE(seed.device().is_cpu(), "seed must be a CPU tensor (read on the host), got ", seed.device());
+  ROSA_CHECK_VALUE(seed.device().is_cpu() || (device.is_cuda() && seed.device() == device),
+                   "seed must be a CPU tensor or on the input's device ", device, ", got ", seed.device());
   ROSA_CHECK_VALUE(p >= 0.0 && p < 1.0, "p must lie in [0, 1)");
+  if (!seed.device().is_cpu()) return dropout_device_key(seed.const_data_ptr<int64_t>(), p);
   // Read in place (a CPU tensor): item() would be one more dispatcher call, three per layer step.
   return dropout_key(*seed.const_data_ptr<int64_t>(), p);
 }
@@ -43,7 +46,7 @@ namespace {
 
 at::Tensor lora_dropout_apply_cpu(const at::Tensor& x, const at::Tensor& seed, double p) {
   check_floating(x, "x", 2);
-  const DropoutKey key = check_dropout_key(seed, p);
+  const DropoutKey key = check_dropout_key(seed, p, x.device());
   const auto x_rows = rows_contiguous(x);
   auto out = at::empty(x.sizes(), x.options());
   ROSA_DISPATCH_VALUES(x.scalar_type(), "lora_dropout_apply", [&] {
@@ -57,7 +60,7 @@ at::Tensor lora_dropout_apply_cpu(const at::Tensor& x, const at::Tensor& seed, d
 void lora_dropout_add_cpu(const at::Tensor& dx, const at::Tensor& g, const at::Tensor& seed, double p,
                           double alpha) {
   check_dropout_add(dx, g);
-  const DropoutKey key = check_dropout_key(seed, p);
+  const DropoutKey key = check_dropout_key(seed, p, dx.device());
   const auto g_rows = rows_contiguous(g);
   ROSA_DISPATCH_VALUES(dx.scalar_type(), "lora_dropout_add_", [&] {
     cpu::lora_dropout_add<scalar_t>(dx.mutable_data_ptr<scalar_t>(), dx.stride(0), g_rows.const_data_ptr<scalar_t>(),

@@ -1,5 +1,6 @@
 // CUDA implementations of the LoRA dropout ops (schemas and checks: lora_dropout_ops.cpp).
-// Device guard, current stream; no synchronization (the seed is a CPU tensor).
+// Device guard, current stream; no synchronization (the seed is read on the host from a CPU tensor,
+// or by the kernel from a device tensor).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -16,7 +17,7 @@ namespace {
 
 at::Tensor lora_dropout_apply_cuda(const at::Tensor& x, const at::Tensor& seed, double p) {
   check_floating(x, "x", 2);
-  const DropoutKey key = check_dropout_key(seed, p);
+  const DropoutKey key = check_dropout_key(seed, p, x.device());
   const c10::cuda::CUDAGuard guard(x.device());
   const auto x_rows = rows_contiguous(x);
   auto out = at::empty(x.sizes(), x.options());
@@ -33,7 +34,7 @@ at::Tensor lora_dropout_apply_cuda(const at::Tensor& x, const at::Tensor& seed, 
 void lora_dropout_add_cuda(const at::Tensor& dx, const at::Tensor& g, const at::Tensor& seed, double p,
                            double alpha) {
   check_dropout_add(dx, g);
-  const DropoutKey key = check_dropout_key(seed, p);
+  const DropoutKey key = check_dropout_key(seed, p, dx.device());
   const c10::cuda::CUDAGuard guard(dx.device());
   const auto g_rows = rows_contiguous(g);
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();

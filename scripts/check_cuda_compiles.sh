@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Compiles every torch-free CUDA kernel source for sm_90, compile only (no GPU needed), so a change
-# that breaks CUDA code fails CI. Prints the register/spill report with -v.
+# Compiles every torch-free CUDA kernel source for the GPU generations users have (ARCHS, default
+# sm_80 A100, 86 A10/RTX 30xx, 89 L4/RTX 40xx, 90 H100/H200, 100 B200), compile only (no GPU
+# needed), so a change that breaks CUDA code on any of them fails CI. With VERBOSE=1 prints the
+# register/spill report.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v nvcc >/dev/null; then
@@ -10,11 +12,24 @@ fi
 shopt -s nullglob
 sources=(csrc/cuda/*.cu)
 if [ ${#sources[@]} -eq 0 ]; then echo "check_cuda_compiles: no CUDA sources"; exit 0; fi
+read -r -a archs <<< "${ARCHS:-80 86 89 90 100}"
+gencode=()
+for arch in "${archs[@]}"; do gencode+=(-gencode "arch=compute_$arch,code=sm_$arch"); done
 out=$(mktemp -d)
-for src in "${sources[@]}"; do
-  nvcc -std=c++17 -arch=sm_90 -O3 --expt-relaxed-constexpr -Icsrc -c "$src" -o "$out/$(basename "$src").o" \
-    ${VERBOSE:+-Xptxas -v}
-  echo "check_cuda_compiles: $src OK"
+pids=()
+for src in "${sources[@]}"; do  # two at a time (CI has 2 cores)
+  nvcc -std=c++17 "${gencode[@]}" -O3 --expt-relaxed-constexpr -Icsrc -c "$src" -o "$out/$(basename "$src").o" \
+    ${VERBOSE:+-Xptxas -v} &
+  pids+=("$!:$src")
+  if [ ${#pids[@]} -ge 2 ]; then
+    entry=${pids[0]}; pids=("${pids[@]:1}")
+    wait "${entry%%:*}" || { echo "check_cuda_compiles: ${entry#*:} FAILED"; exit 1; }
+    echo "check_cuda_compiles: ${entry#*:} OK (sm_${archs[*]})"
+  fi
+done
+for entry in "${pids[@]}"; do
+  wait "${entry%%:*}" || { echo "check_cuda_compiles: ${entry#*:} FAILED"; exit 1; }
+  echo "check_cuda_compiles: ${entry#*:} OK (sm_${archs[*]})"
 done
 rm -rf "$out"
 

@@ -3,7 +3,7 @@
 #   1. builds rosa_kernels with its CUDA kernels (pip install --no-build-isolation --no-deps .),
 #   2. runs the whole test suite on the GPU,
 #   3. runs compute-sanitizer --tool memcheck over the tests marked `sanitizer`,
-#   4. prints the GPU benchmark table (bench/report.py, when present; else scripts/time_cuda_ops.py --quick),
+#   4. prints the GPU benchmark table (bench/report.py),
 #   5. prints a short summary last.
 # Logs go to $OUT (or ./gpu_check_logs). Environment: PYTHON (default python3), SKIP_BENCH=1,
 # SKIP_SANITIZER=1, PYTEST_ARGS (extra arguments for step 2).
@@ -31,6 +31,17 @@ export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
 if ! step build 300 env ROSA_CUDA=ON "$PYTHON" -m pip install --no-build-isolation --no-deps -q .; then
   printf '%s\n' "--- summary" "${SUMMARY[@]}"; exit 1
 fi
+# Which GPU code the build holds (SASS per arch, PTX); ARCH_CHECK=1 also builds a wheel with
+# TORCH_CUDA_ARCH_LIST="8.0;9.0" and lists it.
+if command -v cuobjdump >/dev/null; then
+  step archs 60 bash scripts/list_cuda_archs.sh "$("$PYTHON" -c "import rosa_kernels._C as c; print(c.__file__)")"
+  if [ -n "${ARCH_CHECK:-}" ]; then
+    wheels=$(mktemp -d)
+    step archs-8.0-9.0 300 bash -c "TORCH_CUDA_ARCH_LIST='8.0;9.0' ROSA_CUDA=ON $PYTHON -m pip wheel -q \
+      --no-build-isolation --no-deps . -w $wheels && cd $wheels && $PYTHON -m zipfile -e *.whl x && \
+      bash $PWD/scripts/list_cuda_archs.sh x/rosa_kernels/_C*.so"
+  fi
+fi
 step cuda-visible 60 "$PYTHON" -c "import torch, rosa_kernels as r; assert r.cuda_available(), 'CUDA kernels not available'; print(torch.cuda.get_device_name(), torch.__version__, 'cuda_built', r.cuda_built())"
 # shellcheck disable=SC2086
 step tests 360 "$PYTHON" -m pytest tests -q --maxfail=30 -p no:cacheprovider ${PYTEST_ARGS:-}
@@ -45,11 +56,7 @@ if [ -z "${SKIP_SANITIZER:-}" ]; then
   fi
 fi
 if [ -z "${SKIP_BENCH:-}" ]; then
-  if [ -f bench/report.py ]; then
-    step bench 300 "$PYTHON" bench/report.py --device cuda --out "$LOGS/bench"
-  else
-    step bench 300 "$PYTHON" scripts/time_cuda_ops.py --quick --out "$LOGS/time_cuda_ops.json"
-  fi
+  step bench 300 "$PYTHON" bench/report.py --device cuda --out "$LOGS/bench"
 fi
 echo "--- summary"
 printf '%s\n' "${SUMMARY[@]}"

@@ -84,3 +84,117 @@ def test_layer_step_harness_with_a_contract_layer(monkeypatch):
     assert layer.phase == "sparse" and bool(layer.sparse_values.abs().sum() > 0)
     for call in prepared.calls.values():
         call()
+
+
+# ----------------------------------------------------------------------------------------------
+# The model training step (bench/model_step.py, report.py --model)
+# ----------------------------------------------------------------------------------------------
+
+from bench import model_step  # noqa: E402
+
+
+def _fake_row(model, tokens, method, ms, peak, status="ok"):
+    if status != "ok":
+        return {"model": model, "tokens": tokens, "method": method, "status": status}
+    return {"model": model, "tokens": tokens, "method": method, "status": "ok", "gpu_ms": ms, "host_ms": ms / 2,
+            "peak_bytes": peak + (1 << 30), "above_weights_bytes": peak, "weights_bytes": 1 << 30, "note": ""}
+
+
+def test_model_tables_have_every_row():
+    rows = []
+    for tokens in (2048, 8192):
+        for i, method in enumerate(model_step.ALL_METHODS):
+            status = "RuntimeError: These storage data ptrs are not allocated in pool" if method == "rosa+compile" else "ok"
+            rows.append(_fake_row("LLaMA-7B slice", tokens, method, 10.0 + i, (i + 1) << 28, status))
+    results = {"date": "now", "environment": {"device": "H100", "cpu": "some CPU"}, "step": "a step",
+               "timing": "events", "options": {"warmup": 3, "timed": 5, "phase_timed": 3}, "rows": rows}
+    table = report.model_tables(results)
+    # issue 11's row: full 10, LoRA 11, RoSA 12 ms -> RoSA / LoRA 1.09, RoSA / full 1.20; memory 3/2 GiB/4
+    assert "| LLaMA-7B slice, 2048 | 10 | 11 | 12 | 1.09 | 1.20 |" in table
+    assert "| LLaMA-7B slice, 8192 | 10 | 11 | 12 | 1.09 | 1.20 |" in table
+    assert "0.25 / 0.5 / 0.75" in table and "| 1.50 |" in table  # GiB above the weights, RoSA / LoRA memory
+    for method in (*model_step.PHASES, "rosa"):
+        assert table.count(f"| {model_step.METHOD_NAMES[method]} |") == 2, method
+    assert "failed: RuntimeError: These storage data ptrs are not allocated in pool" in table
+    assert "CPU: some CPU" in table
+    summary = report.model_summary(results)
+    assert "not ok: LLaMA-7B slice, 2048, rosa+compile" in summary and summary.count("\n") == 4
+
+
+def test_model_step_skips_without_the_bench_extra(monkeypatch):
+    monkeypatch.setattr(model_step, "missing_requirements", lambda methods: "needs peft: " + model_step.BENCH_EXTRA)
+    rows = model_step.run_case(model_step.cpu_cases()[0], ("full", "lora"))
+    assert [r["method"] for r in rows] == ["full", "lora"]
+    assert all(r["status"].startswith("skipped") and "rosa_kernels[bench]" in r["status"] for r in rows)
+
+
+def test_model_step_without_peft_still_runs_full_and_rosa(monkeypatch):
+    pytest.importorskip("transformers", reason=f"the model benchmark needs transformers: {model_step.BENCH_EXTRA}")
+    real = model_step.missing_requirements
+    monkeypatch.setattr(model_step, "missing_requirements",
+                        lambda methods: "no peft" if any(m.startswith("lora") for m in methods) else real(methods))
+    options = model_step.Options(warmup=1, timed=1, phase_timed=1)
+    rows = model_step.run_case(model_step.cpu_cases()[0], ("full", "lora", "rosa"), options)
+    assert {r["method"]: r["status"] for r in rows} == {"full": "ok", "lora": "skipped: no peft", "rosa": "ok"}
+
+
+def test_model_step_report_runs_every_method_on_cpu(tmp_path, capsys):
+    pytest.importorskip("transformers", reason=f"the model benchmark needs transformers: {model_step.BENCH_EXTRA}")
+    pytest.importorskip("peft", reason=f"the model benchmark needs peft: {model_step.BENCH_EXTRA}")
+    threads = torch.get_num_threads()
+    try:
+        report.main(["--model", "--device", "cpu", "--out", str(tmp_path), "--threads", "1",
+                     "--model-steps", "1,2,1"])
+    finally:
+        torch.set_num_threads(threads)
+    saved = json.loads((tmp_path / "model_step.json").read_text())
+    rows = {r["method"]: r for r in saved["rows"]}
+    assert set(rows) == set(model_step.METHODS + model_step.PHASES)  # no CUDA graphs on the CPU
+    for method, row in rows.items():
+        assert row["status"] == "ok", (method, row["status"])
+        assert row["gpu_ms"] > 0 and row["host_ms"] > 0
+        assert row["peak_bytes"] > row["weights_bytes"] > 0 and row["above_weights_bytes"] > 0, method
+    assert rows["rosa"]["phase"] == "sparse" and rows["rosa-warmup"]["phase"] == "warmup"
+    assert rows["rosa-collect-8"]["micro_batches"] == 8
+    # full fine-tuning keeps gradients and AdamW state of every weight: above LoRA's and RoSA's
+    assert rows["full"]["above_weights_bytes"] > rows["lora"]["above_weights_bytes"]
+    assert rows["full"]["above_weights_bytes"] > rows["rosa"]["above_weights_bytes"]
+    table = capsys.readouterr().out
+    assert "| tiny (CPU), 32 |" in table and (tmp_path / "model_step.md").read_text() in table
+    for method in (*model_step.PHASES, "rosa"):
+        assert f"| {model_step.METHOD_NAMES[method]} |" in table
+
+
+def test_report_runs_the_in_depth_tools(capsys):
+    # The former scripts/profile_layer_step.py and scripts/time_host_overhead.py, now options of the report.
+    threads = torch.get_num_threads()
+    try:
+        report.main(["--profile-layer", "--shape", "48x40x16", "--density", "0.05", "--device", "cpu",
+                     "--reps", "2"])
+        report.main(["--host-overhead", "--skip-ops", "--shape", "32,8,0.05", "--budget", "0.02"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "48x40x16" in out and "lora" in out and "full" in out
+    assert "| RosaLinear merged |" in out and "| nn.Linear (full) |" in out
+
+
+def test_collect_memory_runs_on_a_tiny_configuration(capsys):
+    from bench import collect_memory
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        rows = collect_memory.main(["--tiny", "--device", "cpu", "--model", "stack", "--micro-batches", "1", "2",
+                                    "--buffers", "auto", "one_pass", "float32"])
+    finally:
+        torch.set_num_threads(threads)
+    labels = [row[0] for row in rows]
+    assert any(label.startswith("collection 'one_pass', 1 micro") for label in labels)
+    assert not any(label.startswith("collection 'one_pass', 2 micro") for label in labels)
+    # One backward pass: auto and one_pass take the same exact top-k, the float32 path's mask up to
+    # ties of its float32 squares (these layers keep ~25 entries: one swap is 4%).
+    one_pass = {row[0].split(",")[0]: row[3] for row in rows if row[0].startswith("collection") and "1 micro" in row[0]}
+    assert one_pass["collection 'auto'"] == one_pass["collection 'one_pass'"]
+    assert min(one_pass["collection 'auto'"]) >= 0.95
+    assert "| sparse step, 2 micro |" in capsys.readouterr().out

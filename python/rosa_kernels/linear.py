@@ -6,8 +6,8 @@ The layer computes, for X (tokens x in),
 
 with the frozen base weight ``W`` (out x in) and bias ``b``, the trainable LoRA factors ``lora_A``
 (rank x in) and ``lora_B`` (out x rank), ``scale = alpha / rank`` (``alpha / sqrt(rank)`` with
-``use_rslora``), and the trainable sparse adapter ``S`` whose ``nnz = round(density * out * in)``
-values live in the 1-D parameter ``sparse_values`` (fixed size from construction on, so optimizers,
+``use_rslora``; 0 at rank 0, a sparse-only adapter: SpA), and the trainable sparse adapter ``S``
+whose ``nnz = round(density * out * in)`` values live in the 1-D parameter ``sparse_values`` (fixed size from construction on, so optimizers,
 DDP and FSDP see one parameter that never changes shape) at the positions of a row-sorted CSR mask
 kept in int32 buffers.
 
@@ -82,7 +82,7 @@ def _register_fake_kernels() -> None:
                              f"{tuple(x.shape)}")
         if dropout > 0 and seed is None:
             raise ValueError("rosa_linear with dropout > 0 draws its seed at run time in eager mode only: "
-                             "pass seed=rosa_kernels.dropout.draw_seed() in a traced or compiled graph")
+                             "pass seed=rosa_kernels.dropout.draw_seed(x.device) in a traced or compiled graph")
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
     @torch.library.register_fake("rosa_kernels::merged_scatter_")
@@ -125,7 +125,7 @@ class _RosaFunction(torch.autograd.Function):
         # h = (X ∘ keep) A^T without the dropout's 1 / (1 - p): that factor rides on the LoRA scale,
         # kept_scale = scale / (1 - p), which every LoRA term carries (Y, dX, dA, dB).
         if dropout > 0.0:
-            seed = draw_seed()
+            seed = draw_seed(x2d.device)
             x_kept = _ops.lora_dropout_apply(x2d, seed, dropout)
         else:
             seed = x_kept = None
@@ -256,8 +256,8 @@ def _check_features(value, name):
 
 
 def check_hyperparameters(rank, density, alpha, dropout):
-    """Validates the adapter hyper-parameters (shared with the model-level API)."""
-    _check_positive_int(rank, "rank")
+    """Validates the adapter hyper-parameters (shared with the model-level API). Rank 0 is SpA."""
+    _check_features(rank, "rank")
     if isinstance(density, bool) or not isinstance(density, numbers.Real):
         raise TypeError(f"density must be a float, got {type(density).__name__}")
     if not 0.0 < float(density) <= 1.0:
@@ -275,7 +275,8 @@ class RosaLinear(nn.Module):
 
     Args:
         in_features, out_features, bias: as ``nn.Linear`` (weight and bias are frozen).
-        rank: LoRA rank (> 0). density: fraction of weights in the sparse adapter, in (0, 1].
+        rank: LoRA rank (>= 0; 0 is sparse-only adaptation, SpA).
+        density: fraction of weights in the sparse adapter, in (0, 1].
         alpha: LoRA scale numerator. dropout: dropout on the LoRA input.
         use_rslora: scale by ``alpha / sqrt(rank)`` instead of ``alpha / rank``.
         rule: gradient statistic for mask selection, ``'fisher'`` (mean of squares) or ``'mean'``.
@@ -305,7 +306,8 @@ class RosaLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.rank, self.density, self.alpha = int(rank), float(density), float(alpha)
         self.dropout, self.use_rslora, self.rule = float(dropout), bool(use_rslora), rule
-        self.scale = self.alpha / (math.sqrt(self.rank) if use_rslora else self.rank)
+        # Rank 0 (SpA): the LoRA factors are empty and their product zero; the scale is defined as 0.
+        self.scale = self.alpha / (math.sqrt(self.rank) if use_rslora else self.rank) if self.rank else 0.0
         self.nnz = _masks.mask_count(out_features, in_features, self.density)
 
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
@@ -331,12 +333,11 @@ class RosaLinear(nn.Module):
         self._sparse_mode = sparse_mode
         self._merged = False
         self._merged_version = -1
-        # The statistic and its step count are plain attributes, not buffers: DDP re-broadcasts
-        # buffers from rank 0 every forward, which would overwrite each rank's own accumulation.
-        self._statistic = None
-        self._pending = None
-        self._collected = 0
-        self._pending_steps = 0
+        # The collection state (rosa_kernels.masks.GradientCollector: the accumulator, the
+        # statistic, the step count) is a plain attribute, not buffers: DDP re-broadcasts buffers
+        # from rank 0 every forward, which would overwrite each rank's own accumulation. None
+        # outside the "collect" phase.
+        self._collector = None
         self.reset_parameters(init_base=_init_base)
 
     # ------------------------------------------------------------------------------------------
@@ -353,7 +354,8 @@ class RosaLinear(nn.Module):
     def reset_adapters(self):
         """Re-initializes LoRA (A kaiming-uniform, B zero) and zeroes the sparse values."""
         with torch.no_grad():
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            if self.rank:  # torch warns on initializing an empty tensor
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             self.lora_B.zero_()
             self.sparse_values.zero_()
         if self._merged:
@@ -398,9 +400,9 @@ class RosaLinear(nn.Module):
         else:
             grad_index, grad_path, plan_width, plan_rest_nnz = _NO_MASK_GRAD
         p = self.dropout if self.training else 0.0
-        # Eager, the op draws the dropout seed itself (the value draw_seed() would); a compiled graph
-        # takes it as an input.
-        seed = draw_seed() if p and torch.compiler.is_compiling() else None
+        # Eager, the op draws the dropout seed itself (the value draw_seed(x.device) would); a compiled
+        # graph takes it as an input.
+        seed = draw_seed(x.device) if p and torch.compiler.is_compiling() else None
         parameters = self._parameters
         return _rosa_linear(x, parameters["weight"], parameters.get("bias"), parameters["lora_A"], parameters["lora_B"],
                             parameters["sparse_values"], grad_index, seed, self.scale, p, grad_path, plan_width,
@@ -415,7 +417,7 @@ class RosaLinear(nn.Module):
         # Before a mask exists the sparse values still take part (their gradient is zero), so DDP
         # sees every trainable parameter used in every step.
         mode = ("merged" if self._merged else self._sparse_mode) if self.phase == "sparse" else "nomask"
-        collecting = self.phase == "collect" and self._statistic is not None and torch.is_grad_enabled()
+        collecting = self.phase == "collect" and self._collector is not None and torch.is_grad_enabled()
         weight, bias, lora_A, lora_B, values = self.weight, self.bias, self.lora_A, self.lora_B, self.sparse_values
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):
@@ -436,7 +438,7 @@ class RosaLinear(nn.Module):
             buffers["row_offsets"], buffers["row_indices"], buffers["col_indices"],
             buffers["row_offsets_t"], buffers["row_indices_t"], buffers["col_indices_t"], buffers["permutation"],
             buffers["flat_indices"], *self._plan_parts(x, mode),
-            self._pending if collecting else None,
+            self._collector if collecting else None,
             self.scale, self.dropout if self.training else 0.0, mode, self.sparse_grad == "dense",
         )
 
@@ -541,9 +543,8 @@ class RosaLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        if self._statistic is not None:
-            self._statistic = self._statistic.to(self.weight.device)
-            self._pending = self._pending.to(self.weight.device)
+        if self._collector is not None:
+            self._collector.to(self.weight.device)
         if self._merged:
             self._scatter()
         if self._grad_plan_key is not None and self._grad_plan_key != (self.weight.device, self.weight.dtype):
@@ -554,42 +555,83 @@ class RosaLinear(nn.Module):
     # ------------------------------------------------------------------------------------------
     # Mask life cycle
     # ------------------------------------------------------------------------------------------
-    def start_collection(self, rule=None):
-        """Enters the ``"collect"`` phase: backward passes add the statistic of dW = dY^T X."""
+    def start_collection(self, rule=None, collect_buffer="auto"):
+        """Enters the ``"collect"`` phase: backward passes add the statistic of dW = dY^T X.
+
+        ``collect_buffer`` (``rosa_kernels.masks.COLLECT_BUFFERS``) says where: ``"auto"`` (default;
+        a row-scaled float16 accumulator, 2 bytes per weight, and the exact top-k when the collection
+        is one backward pass), ``"one_pass"`` (exact, nothing kept but the top-k indices; one
+        backward pass only), ``"float16"``, ``"bfloat16"`` (2 bytes per weight, 4 over several
+        steps), or ``"float32"`` (4 bytes per weight, 8 over several steps).
+        Nothing is allocated here: the layer's first collecting backward allocates what it keeps.
+        """
         if self.phase == "sparse":
             raise ValueError("the mask is already set; gradient collection happens before it")
+        _masks.check_collect_buffer(collect_buffer)
         if rule is not None:
             self.rule = _masks.check_rule(rule)
-        shape = (self.out_features, self.in_features)
-        self._statistic = torch.zeros(shape, dtype=torch.float32, device=self.weight.device)
-        self._pending = torch.zeros(shape, dtype=torch.float32, device=self.weight.device)
-        self._collected = 0
+        self._collector = _masks.GradientCollector((self.out_features, self.in_features), self.weight.device,
+                                                   self.rule, collect_buffer, self.nnz)
         self.phase = "collect"
         _COLLECTING_LAYERS.add(self)
 
     def finish_collection_step(self) -> None:
-        """Adds this step's base-weight gradient to the statistic (called after each optimizer step).
+        """Ends this step's gradient for the statistic (called after each optimizer step).
 
         The gradient of a step is the sum over all backward passes since the previous step, so
         gradient accumulation and several forwards per step (siamese encoders) square the true
         per-step gradient. Eager only: do not ``torch.compile`` the collection steps.
         """
-        if self.phase == "collect" and self._pending is not None:
-            _masks.fold_step(self._statistic, self._pending, self.rule)
-            self._collected += 1
+        if self.phase == "collect" and self._collector is not None:
+            self._collector.end_step()
+
+    def collection_state_dict(self) -> dict:
+        """What the layer holds for gradient collection, for checkpoints; ``{}`` when not collecting.
+
+        Like ``state_dict()``, the tensors are the layer's own (not copies); see
+        ``rosa_kernels.masks.GradientCollector`` for the keys. Everything a resumed run needs to
+        select the same mask goes through this method and :meth:`load_collection_state_dict`.
+        """
+        if self.phase != "collect" or self._collector is None:
+            return {}
+        return self._collector.state_dict()
+
+    def load_collection_state_dict(self, state: dict) -> None:
+        """Restores :meth:`collection_state_dict`: a non-empty state puts the layer into ``"collect"``
+        with those buffers (copied to the layer's device); ``{}`` ends a collection in progress (back
+        to ``"warmup"``). Checked first: a bad state raises ``ValueError`` and leaves the layer unchanged."""
+        if not state:
+            if self.phase == "collect":
+                self._end_collection()
+                self.phase = "warmup"
+            return
+        if self.phase == "sparse":
+            raise ValueError("the mask is already set; a collection state loads into a layer without one")
+        collector = _masks.GradientCollector.from_state_dict(state, (self.out_features, self.in_features),
+                                                              self.weight.device, self.nnz)
+        self.rule = collector.rule
+        self._collector = collector
+        self.phase = "collect"
+        _COLLECTING_LAYERS.add(self)
 
     def statistic(self) -> torch.Tensor:
-        """The collected statistic averaged over steps (and over ranks under torch.distributed)."""
-        if self._statistic is None:
+        """The collected statistic averaged over steps (and over ranks under torch.distributed), in
+        float32 (decoded from the 16-bit buffers where the layer keeps those)."""
+        if self._collector is None:
             raise ValueError("no gradient statistic was collected: call start_collection() and train a step first")
-        if self._collected == 0:  # gradients arrived but no optimizer step ended them yet
-            self.finish_collection_step()
-        return _masks.reduce_statistic(self._statistic, self._collected)
+        return self._collector.mean_statistic()
 
     def select_mask(self) -> CSR:
-        """Top-k of the collected statistic -> the mask (broadcast from rank 0); switches to ``"sparse"``."""
-        mask = _masks.broadcast_mask(_masks.select_mask(self.statistic(), self.nnz, dtype=self.weight.dtype))
-        self.set_mask(mask)
+        """Top-k of the collected statistic -> the mask (broadcast from rank 0); switches to ``"sparse"``.
+
+        When the whole collection was one backward pass (``collect_buffer`` ``"auto"`` or
+        ``"one_pass"``), the exact top-k of that pass's float32 gradient, kept since then."""
+        indices = self._collector.exact_indices() if self._collector is not None else None
+        if indices is not None:
+            mask = _masks.mask_from_indices(indices, self.out_features, self.in_features, dtype=self.weight.dtype)
+        else:
+            mask = _masks.select_mask(self.statistic(), self.nnz, dtype=self.weight.dtype)
+        self.set_mask(_masks.broadcast_mask(mask))
         return self.mask()
 
     def set_mask(self, mask):
@@ -635,8 +677,7 @@ class RosaLinear(nn.Module):
             self._merge()
 
     def _end_collection(self):
-        self._statistic = self._pending = None
-        self._collected = 0
+        self._collector = None
         _COLLECTING_LAYERS.discard(self)
 
     @torch.no_grad()

@@ -1,47 +1,69 @@
 """Mask selection from gradients: the statistic RoSA ranks weights by, and its top-k as CSR.
 
-During the collection phase every :class:`~rosa_kernels.RosaLinear` adds the gradient of its frozen
-base weight, ``dW = dY^T X``, from its own backward passes into a float32 buffer; at the end of each
-optimizer step that step's ``dW`` goes into a float32 statistic on the layer's device:
+During the collection phase every :class:`~rosa_kernels.RosaLinear` hands the gradient of its
+frozen base weight, ``dW = dY^T X`` (computed in float32), from each of its backward passes to its
+:class:`GradientCollector`. A step's gradient is the sum over the backward passes between two
+optimizer steps; the statistic sums over steps
 
 - ``'fisher'`` (RoSA's ``mean_squared``): ``sum over steps of dW ∘ dW``
 - ``'mean'``: ``sum over steps of dW``
 
-The statistic is divided by the number of steps (and, under ``torch.distributed``, summed over the
-ranks and divided by the world size) before selection, which keeps the ``round(density * out * in)``
-entries of largest magnitude. Selection runs on the statistic's device: a ``topk``, a sort of the
-flat indices, and a device-side count + scan for the row offsets, so nothing goes to the host.
+and is divided by the number of steps (and, under ``torch.distributed``, summed over the ranks and
+divided by the world size) before selection, which keeps the ``round(density * out * in)``
+entries of largest magnitude. Where that statistic is kept is the collector's ``buffer``
+(``COLLECT_BUFFERS``): nothing is allocated before a layer's first collecting backward, and
+
+- ``'auto'`` (default): a bfloat16 accumulator (2 bytes per weight); the first backward also keeps
+  the exact top-k indices of its float32 ``dW``, which the mask uses when the whole collection was
+  that one backward (RoSA's recipe without gradient accumulation): exact then, else the top-k of
+  the 16-bit statistic;
+- ``'one_pass'``: no accumulator at all: the layer's top-k is taken from the float32 ``dW`` of its
+  one backward (exact); a second collecting backward raises;
+- ``'bfloat16'``: the 16-bit accumulator alone;
+- ``'float32'``: a float32 accumulator (4 bytes per weight, 8 with more than one collection step).
+
+Selection runs on the statistic's device: a ``topk``, a sort of the flat indices, and a device-side
+count + scan for the row offsets, so nothing goes to the host.
 
 Masks can be saved and loaded on their own (:func:`save_masks` / :func:`load_masks`) as
-safetensors files holding int32 CSR structures.
+safetensors files holding int32 CSR structures. Saves are atomic (:func:`atomic_write`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import struct
+import os
+import secrets
+import warnings
 from pathlib import Path
 
 import torch
 
-from .csr import CSR, row_order
+from .csr import CSR, row_order, validate_csr
 
 __all__ = [
     "RULES",
+    "COLLECT_BUFFERS",
+    "GradientCollector",
     "mask_count",
     "accumulate_gradient",
-    "fold_step",
+    "weight_gradient",
     "accumulate_statistic",
     "reduce_statistic",
     "select_mask",
+    "mask_from_indices",
     "broadcast_mask",
     "save_masks",
     "load_masks",
     "save_safetensors",
+    "write_safetensors",
     "load_safetensors",
+    "atomic_write",
 ]
 
 RULES = ("fisher", "mean")
+COLLECT_BUFFERS = ("auto", "one_pass", "float16", "bfloat16", "float32")
 
 
 def mask_count(out_features: int, in_features: int, density: float) -> int:
@@ -55,21 +77,36 @@ def check_rule(rule) -> str:
     return rule
 
 
-def accumulate_gradient(pending: torch.Tensor, dY2d: torch.Tensor, X2d: torch.Tensor) -> None:
-    """``pending += dY^T X`` in float32: the base weight's gradient, summed over the backward passes
-    of one optimizer step (several forwards per step, as in gradient accumulation or siamese
-    encoders, add up before the statistic squares them). ``dY2d`` is (tokens, out), ``X2d``
-    (tokens, in)."""
-    pending.addmm_(dY2d.t().float(), X2d.float())
+def check_collect_buffer(buffer) -> str:
+    if buffer not in COLLECT_BUFFERS:
+        raise ValueError(f"collect_buffer must be one of {COLLECT_BUFFERS}, got {buffer!r}")
+    return buffer
 
 
-def fold_step(statistic: torch.Tensor, pending: torch.Tensor, rule: str) -> None:
-    """Ends a step: ``statistic += pending ∘ pending`` ('fisher') or ``+= pending`` ('mean'); zeroes ``pending``."""
-    if rule == "mean":
-        statistic.add_(pending)
+def accumulate_gradient(pending, dY2d: torch.Tensor, X2d: torch.Tensor) -> None:
+    """``pending += dY^T X``: the base weight's gradient, summed over the backward passes of one
+    optimizer step (several forwards per step, as in gradient accumulation or siamese encoders, add
+    up before the statistic squares them). ``pending`` is a float32 tensor or a
+    :class:`GradientCollector`. ``dY2d`` is (tokens, out), ``X2d`` (tokens, in)."""
+    if isinstance(pending, GradientCollector):
+        pending.add(dY2d, X2d)
     else:
-        statistic.addcmul_(pending, pending)
-    pending.zero_()
+        pending.addmm_(dY2d.t().float(), X2d.float())
+
+
+_MM_OUT_DTYPE = [True]  # whether torch.mm(..., out_dtype=) works here (CUDA, 16-bit inputs)
+
+
+def weight_gradient(dY2d: torch.Tensor, X2d: torch.Tensor) -> torch.Tensor:
+    """``dW = dY^T X`` as a new float32 tensor. For 16-bit CUDA inputs a tensor-core GEMM accumulates
+    and writes float32 (the products of 16-bit values are exact in float32: the same float32 sum up
+    to its order), without float32 copies of dY and X or a float32 GEMM's time."""
+    if _MM_OUT_DTYPE[0] and dY2d.is_cuda and dY2d.dtype in (torch.bfloat16, torch.float16) and X2d.dtype == dY2d.dtype:
+        try:
+            return torch.mm(dY2d.t(), X2d, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):
+            _MM_OUT_DTYPE[0] = False
+    return torch.mm(dY2d.t().float(), X2d.float())
 
 
 def accumulate_statistic(statistic: torch.Tensor, dY2d: torch.Tensor, X2d: torch.Tensor, rule: str) -> None:
@@ -89,7 +126,10 @@ def _distributed():
 
 def reduce_statistic(statistic: torch.Tensor, steps: int) -> torch.Tensor:
     """The mean statistic over steps and, under ``torch.distributed``, over ranks (a new tensor)."""
-    result = statistic.clone()
+    return _reduce_in_place(statistic.clone(), steps)
+
+
+def _reduce_in_place(result: torch.Tensor, steps: int) -> torch.Tensor:
     world = 1
     dist = _distributed()
     if dist is not None:
@@ -110,17 +150,248 @@ def select_mask(statistic: torch.Tensor, nnz: int, *, dtype=torch.float32) -> CS
     m, n = statistic.shape
     if not 0 <= nnz <= m * n:
         raise ValueError(f"nnz must lie in [0, {m * n}], got {nnz}")
-    flat = statistic.detach().abs().flatten()
-    chosen = torch.topk(flat, nnz, sorted=False).indices if nnz < m * n else torch.arange(m * n, device=flat.device)
-    chosen = torch.sort(chosen).values
+    return mask_from_indices(_top_k_indices(statistic.detach().abs().flatten(), nnz), m, n, dtype=dtype)
+
+
+def _top_k_indices(flat: torch.Tensor, nnz: int) -> torch.Tensor:
+    """The flat positions of the ``nnz`` largest entries of ``flat`` (unsorted)."""
+    if nnz < flat.numel():
+        return torch.topk(flat, nnz, sorted=False).indices
+    return torch.arange(flat.numel(), device=flat.device)
+
+
+def mask_from_indices(flat_indices: torch.Tensor, m: int, n: int, *, dtype=torch.float32) -> CSR:
+    """The row-sorted CSR (zero values) of an m x n mask from its distinct row-major flat indices
+    (any order), built on their device without host synchronization."""
+    nnz = flat_indices.numel()
+    device = flat_indices.device
+    chosen = torch.sort(flat_indices.long()).values
     rows = torch.div(chosen, n, rounding_mode="floor")
     cols = (chosen - rows * n).to(torch.int32)
-    counts = torch.zeros(m, dtype=torch.int64, device=flat.device)
+    counts = torch.zeros(m, dtype=torch.int64, device=device)
     counts.scatter_add_(0, rows, torch.ones_like(rows))
-    row_offsets = torch.zeros(m + 1, dtype=torch.int32, device=flat.device)
+    row_offsets = torch.zeros(m + 1, dtype=torch.int32, device=device)
     row_offsets[1:] = torch.cumsum(counts, 0).to(torch.int32)
-    values = torch.zeros(nnz, dtype=dtype, device=flat.device)
+    values = torch.zeros(nnz, dtype=dtype, device=device)
     return CSR(values, row_offsets, row_order(row_offsets), cols, (m, n))
+
+
+class GradientCollector:
+    """Collects one layer's gradient statistic during the ``"collect"`` phase (see the module docs).
+
+    State, all on the layer's device and ``None`` until first needed (a checkpoint needs all of it):
+
+    - ``pending``: the sum of ``dW`` over the backward passes of the current step; once a step ends
+      (:meth:`end_step`) it is that step's gradient until the next step's first backward folds it
+      into ``statistic``, so a collection of one step needs no second buffer;
+    - ``statistic``: the sum over the folded steps (``steps - 1`` of them while ``pending`` holds the
+      last ended step); in the 16-bit buffers the Fisher rule keeps its square root, whose range is
+      the gradient's;
+    - ``pending_scale``, ``statistic_scale``: with ``'float16'`` (and ``'auto'``), the buffers hold
+      ``value / scale`` per row, ``scale`` (out x 1, float32) a power of two chosen anew at each
+      write so that the row's largest entry lies in [2^14, 2^15): float16's 11-bit significand for
+      every entry within 2^-29 of its row's largest (bfloat16 has 8 bits);
+    - ``top_indices``: the exact top-k flat indices (int64, unsorted) of the first backward's float32
+      ``dW`` (``'auto'`` and ``'one_pass'`` outside ``torch.distributed``);
+    - ``steps`` (ended steps), ``backward_passes`` (all collecting backward passes) and
+      ``pending_ended`` (``pending`` belongs to an ended step).
+    """
+
+    def __init__(self, shape, device, rule: str = "fisher", buffer: str = "auto", nnz: int = 0):
+        self.shape, self.device = tuple(int(s) for s in shape), torch.device(device)
+        self.rule, self.buffer, self.nnz = check_rule(rule), check_collect_buffer(buffer), int(nnz)
+        self.pending = self.statistic = self.top_indices = None
+        self.pending_scale = self.statistic_scale = None
+        self.steps = self.backward_passes = 0
+        self.pending_ended = False
+        if self.buffer == "one_pass" and _distributed() is not None:
+            warnings.warn("collect_buffer='one_pass' under torch.distributed: the statistic is summed over ranks, "
+                          "so the layer keeps the float16 accumulator instead", stacklevel=3)
+
+    @property
+    def _dtype(self):
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(self.buffer, torch.float16)
+
+    def memory_bytes(self) -> int:
+        """Bytes held now (the buffers, their scales and ``top_indices``)."""
+        tensors = (self.pending, self.statistic, self.pending_scale, self.statistic_scale, self.top_indices)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def _encode(self, total: torch.Tensor, tensor, scale):
+        """Stores the float32 ``total`` (consumed) into ``tensor`` (allocated when None): (tensor, scale)."""
+        if self._dtype == torch.float16:
+            # scale = 2^(e - 15) with 2^(e-1) <= row max < 2^e: exact to divide and multiply back.
+            lowest, highest = torch.aminmax(total, dim=1, keepdim=True)
+            exponent = torch.frexp(torch.maximum(highest, lowest.neg_())).exponent
+            # 2^(e - 15) from its bits (exact on every device; normal float32 exponents only).
+            biased = (exponent.to(torch.int32) + (127 - 15)).clamp_(1, 254)
+            scale = torch.bitwise_left_shift(biased, 23).view(torch.float32)
+            total = total.div_(scale)
+        if tensor is None:
+            tensor = torch.empty(self.shape, dtype=self._dtype, device=self.device)
+        tensor.copy_(total)
+        return tensor, scale
+
+    @staticmethod
+    def _decode(tensor, scale) -> torch.Tensor:
+        """A new float32 tensor of the stored values."""
+        result = tensor.to(torch.float32, copy=True)
+        return result.mul_(scale) if scale is not None else result
+
+    def add(self, dY2d: torch.Tensor, X2d: torch.Tensor) -> None:
+        """Adds ``dW = dY^T X`` of one backward pass (called from the layer's backward)."""
+        self.backward_passes += 1
+        if self.pending_ended:
+            self._fold()
+        # One pass (exact): the top-k of the float32 dW under the 'fisher' and 'mean' rules alike,
+        # valid while this stays the collection's only backward. Under torch.distributed the
+        # statistic is a sum over ranks, which the per-rank dW cannot rank: the accumulator decides.
+        exact_pass = self.buffer in ("auto", "one_pass") and _distributed() is None
+        keep_accumulator = not (self.buffer == "one_pass" and exact_pass)
+        if not keep_accumulator and self.backward_passes > 1:
+            raise RuntimeError("collect_buffer='one_pass' takes exactly one collecting backward pass (one step, no "
+                               "gradient accumulation); use collect_buffer='auto' or 'float16' for more")
+        if self.buffer == "float32":
+            if self.pending is None:
+                self.pending = torch.zeros(self.shape, dtype=torch.float32, device=self.device)
+            self.pending.addmm_(dY2d.t().float(), X2d.float())
+            return
+        dW = weight_gradient(dY2d, X2d)
+        if keep_accumulator:
+            if self.pending is not None:
+                # The sum in float32, rounded once into the 16-bit accumulator.
+                if self.pending_scale is None:
+                    dW.add_(self.pending)
+                else:
+                    dW.addcmul_(self.pending, self.pending_scale)
+            self.pending, self.pending_scale = self._encode(dW, self.pending, self.pending_scale)
+            if self.pending_scale is not None:
+                dW.mul_(self.pending_scale)  # undoes the encoding's division by powers of two, exactly
+        first = exact_pass and self.backward_passes == 1
+        self.top_indices = _top_k_indices(dW.abs_().view(-1), self.nnz) if first else None
+
+    def end_step(self) -> None:
+        """Ends an optimizer step (the step's gradient stays in ``pending`` until the next one's)."""
+        if self.pending_ended:
+            self._fold()
+        self.steps += 1
+        self.pending_ended = self.pending is not None
+
+    def _fold(self) -> None:
+        """``statistic += pending ∘ pending`` ('fisher') or ``+= pending`` ('mean'); empties ``pending``."""
+        fisher = self.rule == "fisher"
+        if self.buffer == "float32":
+            if self.statistic is None:
+                self.statistic = self.pending.mul(self.pending) if fisher else self.pending.clone()
+            elif fisher:
+                self.statistic.addcmul_(self.pending, self.pending)
+            else:
+                self.statistic.add_(self.pending)
+            self.pending.zero_()
+        else:
+            total = self._step_term()
+            if self.statistic is not None:
+                total.add_(self._stored_statistic())
+            if fisher:
+                total.sqrt_()  # kept as the root: the range of a gradient, not of its square
+            self.statistic, self.statistic_scale = self._encode(total, self.statistic, self.statistic_scale)
+            self.pending.zero_()
+            if self.pending_scale is not None:
+                self.pending_scale.fill_(1.0)
+        self.pending_ended = False
+
+    def _stored_statistic(self) -> torch.Tensor:
+        """The folded steps' sum, a new float32 tensor."""
+        result = self._decode(self.statistic, self.statistic_scale)
+        return result.mul_(result) if self.rule == "fisher" and self.buffer != "float32" else result
+
+    def _step_term(self) -> torch.Tensor:
+        """The last ended step's term of the statistic, a new float32 tensor."""
+        gradient = self._decode(self.pending, self.pending_scale)
+        return gradient.mul_(gradient) if self.rule == "fisher" else gradient
+
+    def exact_indices(self):
+        """The exact top-k flat indices when the whole collection was one backward pass, else None."""
+        if self.top_indices is not None and self.backward_passes == 1 and self.steps <= 1:
+            return self.top_indices
+        return None
+
+    def mean_statistic(self) -> torch.Tensor:
+        """The statistic averaged over steps (and ranks under ``torch.distributed``): a new float32
+        tensor. Gradients that arrived after the last ended step are not counted (unless no step
+        ended: then they are the one step)."""
+        if self.steps == 0:
+            if self.backward_passes == 0:
+                raise ValueError("no gradient statistic was collected: train a step in the collect phase first")
+            self.end_step()
+        if self.pending is None and self.statistic is None and self.backward_passes > 0:
+            raise ValueError("collect_buffer='one_pass' keeps only the top-k indices, not the statistic")
+        result = None
+        if self.pending_ended:
+            result = self._step_term()
+        if self.statistic is not None:
+            result = self._stored_statistic() if result is None else result.add_(self._stored_statistic())
+        if result is None:  # every step ended without a backward
+            result = torch.zeros(self.shape, dtype=torch.float32, device=self.device)
+        return _reduce_in_place(result, self.steps)
+
+    _TENSORS = ("pending", "pending_scale", "statistic", "statistic_scale", "top_indices")
+    _KEYS = ("rule", "collect_buffer", "steps", "backward_passes", "pending_ended") + _TENSORS
+
+    def state_dict(self) -> dict:
+        """The whole collection state (tensors are the live ones, ``None`` where not allocated)."""
+        state = {"rule": self.rule, "collect_buffer": self.buffer, "steps": self.steps,
+                 "backward_passes": self.backward_passes, "pending_ended": self.pending_ended}
+        return {**state, **{name: getattr(self, name) for name in self._TENSORS}}
+
+    @classmethod
+    def from_state_dict(cls, state: dict, shape, device, nnz: int) -> "GradientCollector":
+        """A collector holding :meth:`state_dict`'s state (copied to ``device``); a state that does not
+        fit (keys, rule, buffer, counts, or a tensor's shape or dtype) raises ``ValueError``."""
+        if not isinstance(state, dict) or set(state) != set(cls._KEYS):
+            found = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"collection state must have the keys {sorted(cls._KEYS)}; got {found}")
+        collector = cls(shape, device, state["rule"], state["collect_buffer"], nnz)
+        for key in ("steps", "backward_passes"):
+            value = state[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"collection state {key} must be an int >= 0, got {value!r}")
+        if not isinstance(state["pending_ended"], bool):
+            raise ValueError(f"collection state pending_ended must be a bool, got {state['pending_ended']!r}")
+        m, n = collector.shape
+        row_scale = collector._dtype == torch.float16
+        expected = {"pending": (collector.shape, collector._dtype),
+                    "statistic": (collector.shape, collector._dtype),
+                    "pending_scale": ((m, 1), torch.float32) if row_scale else None,
+                    "statistic_scale": ((m, 1), torch.float32) if row_scale else None,
+                    "top_indices": ((min(collector.nnz, m * n),), torch.int64)}
+        for name in cls._TENSORS:
+            t = state[name]
+            if t is None:
+                continue
+            if expected[name] is None or not isinstance(t, torch.Tensor) or (tuple(t.shape), t.dtype) != expected[name]:
+                got = (tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"collection state {name} must be {expected[name] or 'None'} (shape, dtype) for "
+                                 f"collect_buffer={collector.buffer!r}, got {got}")
+        for scale, tensor in (("pending_scale", "pending"), ("statistic_scale", "statistic")):
+            if row_scale and (state[scale] is None) != (state[tensor] is None):
+                raise ValueError(f"collection state {tensor} and {scale} must be given together")
+        if state["pending_ended"] and state["pending"] is None:
+            raise ValueError("collection state pending_ended needs a pending tensor")
+        collector.steps, collector.backward_passes = state["steps"], state["backward_passes"]
+        collector.pending_ended = state["pending_ended"]
+        for name in cls._TENSORS:
+            if state[name] is not None:
+                setattr(collector, name, state[name].to(device=collector.device, copy=True))
+        return collector
+
+    def to(self, device) -> "GradientCollector":
+        self.device = torch.device(device)
+        for name in ("pending", "statistic", "pending_scale", "statistic_scale", "top_indices"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, tensor.to(device))
+        return self
 
 
 def broadcast_mask(mask: CSR, src: int = 0) -> CSR:
@@ -134,61 +405,80 @@ def broadcast_mask(mask: CSR, src: int = 0) -> CSR:
 
 
 # ----------------------------------------------------------------------------------------------
-# safetensors without the dependency: the format is an 8-byte little-endian header length, a JSON
-# header {name: {dtype, shape, data_offsets}} and the raw little-endian bytes. The official package
-# reads what this writes (tested); using the format directly keeps the base package torch-only.
+# Files: the ``safetensors`` package reads and writes them; every write goes to a temporary file in
+# the target's directory that replaces the target only once it is complete (``os.replace`` is
+# atomic), so an interrupted save leaves the previous file as it was.
 # ----------------------------------------------------------------------------------------------
 
-_ST_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+def _safetensors():
+    try:
+        import safetensors.torch
+    except ImportError as error:  # a core dependency; imported on first use to keep imports light
+        raise ImportError("saving and loading adapters needs the safetensors package: pip install safetensors") from error
+    return safetensors
 
 
-def save_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> None:
-    """Writes ``tensors`` (dense, any device) to a ``.safetensors`` file."""
-    header: dict = {}
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    blobs = []
-    offset = 0
+def atomic_write(files: dict) -> None:
+    """Writes files so that an error cannot leave a half-written one: ``{path: write}``.
+
+    Each ``write(temporary_path)`` writes a temporary file next to its ``path`` (same directory, so
+    the final ``os.replace`` is an atomic rename), which is flushed to disk; only when every file is
+    complete are they renamed into place, in order. On an error before that every temporary file is
+    removed and every ``path`` keeps its previous content.
+    """
+    staged = []
+    try:
+        for path, write in files.items():
+            path = Path(path)
+            temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+            staged.append((temporary, path))
+            write(temporary)
+            with open(temporary, "rb+") as f:
+                os.fsync(f.fileno())
+        for temporary, path in staged:
+            os.replace(temporary, path)
+    except BaseException:
+        for temporary, _ in staged:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+        raise
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> None:
+    """Writes ``tensors`` (dense, any device) to a ``.safetensors`` file at ``path`` (not atomic:
+    :func:`save_safetensors` is)."""
     for name, tensor in tensors.items():
         if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided:
             raise TypeError(f"{name} must be a dense torch.Tensor")
-        if tensor.dtype not in _ST_DTYPES:
-            raise TypeError(f"{name} has dtype {tensor.dtype}, which safetensors does not store")
-        t = tensor.detach().to("cpu").contiguous()
-        data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)  # the data start stays 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(encoded)))
-        f.write(encoded)
-        for data in blobs:
-            f.write(data)
+    cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
+    _safetensors().torch.save_file(cpu, str(path), metadata=metadata)
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> None:
+    """Writes ``tensors`` (dense, any device) to a ``.safetensors`` file, atomically: on an error the
+    previous file at ``path`` stays as it was (:func:`atomic_write`)."""
+    atomic_write({path: lambda temporary: write_safetensors(tensors, temporary, metadata)})
 
 
 def load_safetensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Reads a ``.safetensors`` file: ``(tensors on the CPU, metadata)``."""
-    raw = Path(path).read_bytes()
-    if len(raw) < 8:
-        raise ValueError(f"{path} is not a safetensors file (too short)")
-    (length,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8 : 8 + length])
-    metadata = header.pop("__metadata__", {}) or {}
-    start = 8 + length
-    tensors = {}
-    for name, entry in header.items():
-        dtype = _ST_NAMES[entry["dtype"]]
-        begin, end = entry["data_offsets"]
-        buffer = bytearray(raw[start + begin : start + end])
-        flat = torch.frombuffer(buffer, dtype=torch.uint8) if buffer else torch.empty(0, dtype=torch.uint8)
-        tensors[name] = flat.view(dtype).reshape(entry["shape"]).clone()
+    """Reads a ``.safetensors`` file: ``(tensors on the CPU, metadata)``.
+
+    A missing file raises ``FileNotFoundError``; a truncated, corrupt or foreign one ``ValueError``
+    naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    safetensors = _safetensors()
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            # The file is memory-mapped: copy, so the tensors outlive it (and a later save over it).
+            tensors = {name: f.get_tensor(name).clone() for name in f.keys()}
+    except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from error
     return tensors, metadata
 
 
@@ -206,13 +496,34 @@ def save_masks(path, masks: dict[str, CSR]) -> None:
 
 
 def load_masks(path, *, device=None) -> dict[str, CSR]:
-    """Loads masks saved by :func:`save_masks` as ``{name: CSR}`` with zero float32 values."""
+    """Loads masks saved by :func:`save_masks` as ``{name: CSR}`` with zero float32 values.
+
+    Every structure is validated; a file that is not a complete, valid mask file raises
+    ``ValueError`` (a missing one ``FileNotFoundError``).
+    """
     tensors, metadata = load_safetensors(path)
     if metadata.get("format") != "rosa_kernels.masks":
         raise ValueError(f"{path} does not hold rosa_kernels masks (metadata format = {metadata.get('format')!r})")
+    try:
+        shapes = json.loads(metadata["shapes"])
+        if not isinstance(shapes, dict):
+            raise ValueError("not a JSON object")
+    except (KeyError, ValueError) as error:
+        raise ValueError(f"{path}: the masks' shapes in the metadata are missing or unreadable ({error})") from error
     masks = {}
-    for name, shape in json.loads(metadata["shapes"]).items():
-        cols = tensors[f"{name}.col_indices"]
-        mask = CSR(torch.zeros(cols.shape[0]), tensors[f"{name}.row_offsets"], tensors[f"{name}.row_indices"], cols, tuple(shape))
+    for name, shape in shapes.items():
+        fields = [f"{name}.{field}" for field in ("row_offsets", "col_indices", "row_indices")]
+        missing = [key for key in fields if key not in tensors]
+        if missing:
+            raise ValueError(f"{path}: mask {name!r} lacks the tensors {missing}")
+        if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(s, int) and s >= 0 for s in shape)):
+            raise ValueError(f"{path}: mask {name!r} has an invalid shape {shape!r}")
+        row_offsets, col_indices, row_indices = (tensors[key] for key in fields)
+        try:
+            row_offsets, col_indices, row_indices = validate_csr(row_offsets, col_indices, shape[0], shape[1],
+                                                                 row_indices=row_indices)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{path}: mask {name!r} is not a valid CSR structure: {error}") from error
+        mask = CSR(torch.zeros(col_indices.shape[0]), row_offsets, row_indices, col_indices, tuple(shape))
         masks[name] = mask.to(device) if device is not None else mask
     return masks

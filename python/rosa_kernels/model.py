@@ -10,7 +10,7 @@
   counts in a plain loop; ``scheduler.trainer_callback()`` does the same inside a ``transformers``
   Trainer.
 
-Nothing here needs ``transformers`` or ``safetensors`` to be installed.
+Nothing here needs ``transformers``; adapter files are read and written with ``safetensors``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from . import masks as _masks
-from .csr import CSR
+from .csr import CSR, validate_csr
 from .linear import SPARSE_MODES, RosaLinear, check_hyperparameters
 
 __all__ = [
@@ -58,6 +58,10 @@ class RosaConfig:
     warmup_steps: int = 64
     collect_steps: int = 1
     rule: str = "fisher"
+    # Where collection keeps the gradient statistic (rosa_kernels.masks.COLLECT_BUFFERS): "auto"
+    # (2 bytes per weight, exact with one backward pass), "one_pass", "float16", "bfloat16" or
+    # "float32" (docs/rosa_linear.md). The number of micro-batches need not be declared.
+    collect_buffer: str = "auto"
     use_rslora: bool = False
     sparse_mode: str = "merged"
     # RoSA restarts training from step 0 once the mask is known: re-initialize LoRA (and S = 0).
@@ -66,6 +70,7 @@ class RosaConfig:
     def validate(self) -> "RosaConfig":
         check_hyperparameters(self.rank, self.density, self.alpha, self.dropout)
         _masks.check_rule(self.rule)
+        _masks.check_collect_buffer(self.collect_buffer)
         if self.sparse_mode not in SPARSE_MODES:
             raise ValueError(f"sparse_mode must be one of {SPARSE_MODES}, got {self.sparse_mode!r}")
         for name in ("warmup_steps", "collect_steps"):
@@ -206,10 +211,12 @@ def progress(iterable, total: int | None = None, desc: str = "", enabled: bool |
     sys.stderr.write("\n")
 
 
-def start_collection(model: nn.Module, rule: str | None = None) -> None:
-    """Puts every RosaLinear of ``model`` into the gradient-collection phase."""
+def start_collection(model: nn.Module, rule: str | None = None, collect_buffer: str = "auto") -> None:
+    """Puts every RosaLinear of ``model`` into the gradient-collection phase (nothing is allocated
+    until each layer's first collecting backward; see ``RosaLinear.start_collection``)."""
+    _masks.check_collect_buffer(collect_buffer)
     for layer in rosa_layers(model).values():
-        layer.start_collection(rule)
+        layer.start_collection(rule, collect_buffer)
 
 
 def select_masks(model: nn.Module, *, show_progress: bool | None = None, reset_adapters: bool = False) -> dict[str, CSR]:
@@ -226,36 +233,90 @@ def select_masks(model: nn.Module, *, show_progress: bool | None = None, reset_a
 class RosaScheduler:
     """Drives the phases of every RosaLinear in ``model`` from optimizer-step counts.
 
-    Call :meth:`step` after each optimizer step. Steps ``0 .. warmup_steps-1`` train LoRA only, the
-    next ``collect_steps`` also collect the gradient statistic, then the masks are selected and the
-    sparse adapter trains with LoRA. ``config`` defaults to the model's (a :class:`RosaModel`) or
-    to :class:`RosaConfig`'s defaults.
+    Call :meth:`step` after each optimizer step (and after your lr scheduler's step). Steps
+    ``0 .. warmup_steps-1`` train LoRA only, the next ``collect_steps`` also collect the gradient
+    statistic, then the masks are selected and the sparse adapter trains with LoRA. ``config``
+    defaults to the model's (a :class:`RosaModel`) or to :class:`RosaConfig`'s defaults.
+
+    With ``config.reset_adapters_after_mask`` the masks' selection restarts training from step 0 (RoSA's
+    recipe): the adapters are re-initialized and, when given, ``optimizer`` and ``lr_scheduler`` are
+    restarted too (:func:`rosa_kernels.restart_optimizer`). ``select_masks`` replaces the Fisher top-k:
+    a function ``model -> {name: CSR}`` that sets the masks itself, e.g.
+    ``functools.partial(rosa_kernels.random_masks, seed=0)`` for the random-mask ablation.
     """
 
-    def __init__(self, model: nn.Module, config: RosaConfig | None = None, *, show_progress: bool | None = None):
+    def __init__(self, model: nn.Module, config: RosaConfig | None = None, *, show_progress: bool | None = None,
+                 optimizer: torch.optim.Optimizer | None = None, lr_scheduler=None, select_masks=None):
         if config is None:
             config = model.config if isinstance(model, RosaModel) else RosaConfig()
+        if select_masks is not None and not callable(select_masks):
+            raise TypeError(f"select_masks must be a function model -> masks, got {type(select_masks).__name__}")
+        if lr_scheduler is not None and optimizer is None:
+            raise ValueError("lr_scheduler is restarted with its optimizer: pass optimizer too")
         self.model, self.config, self.show_progress = model, config.validate(), show_progress
+        self.optimizer, self.lr_scheduler, self._select_masks = optimizer, lr_scheduler, select_masks
         self.steps = 0
         self.masks: dict[str, CSR] | None = None
         if not rosa_layers(model):
             raise ValueError("model contains no RosaLinear module: apply_rosa first")
         if config.warmup_steps == 0:
-            start_collection(model, config.rule)
+            start_collection(model, config.rule, config.collect_buffer)
 
     @property
     def phase(self) -> str:
         phases = {layer.phase for layer in rosa_layers(self.model).values()}
         return phases.pop() if len(phases) == 1 else "mixed"
 
-    def step(self) -> None:
+    def step(self, *, optimizer: torch.optim.Optimizer | None = None, lr_scheduler=None) -> bool:
+        """Advances one optimizer step; returns True at the step where the masks were just selected
+        (the place to restart an optimizer of your own). ``optimizer`` / ``lr_scheduler`` override the
+        constructor's for this step."""
         self.steps += 1
         c = self.config
         if self.steps == c.warmup_steps:
-            start_collection(self.model, c.rule)
-        if self.steps == c.warmup_steps + c.collect_steps:
-            self.masks = select_masks(self.model, show_progress=self.show_progress,
-                                      reset_adapters=c.reset_adapters_after_mask)
+            start_collection(self.model, c.rule, c.collect_buffer)
+        if self.steps != c.warmup_steps + c.collect_steps:
+            return False
+        if self._select_masks is None:
+            self.masks = select_masks(self.model, show_progress=self.show_progress)
+        else:
+            self._select_masks(self.model)
+            self.masks = {n: layer.mask() for n, layer in rosa_layers(self.model).items()}
+        if c.reset_adapters_after_mask:
+            for layer in rosa_layers(self.model).values():
+                layer.reset_adapters()
+            optimizer = optimizer if optimizer is not None else self.optimizer
+            if optimizer is not None:
+                from .recipe import restart_optimizer
+
+                restart_optimizer(optimizer, lr_scheduler if lr_scheduler is not None else self.lr_scheduler)
+        return True
+
+    def state_dict(self) -> dict:
+        """The scheduler's position (as a PyTorch scheduler's ``state_dict``): the steps taken, and
+        the phase lengths they count against."""
+        return {"steps": self.steps, "warmup_steps": self.config.warmup_steps,
+                "collect_steps": self.config.collect_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores the position only: the layers' phases, masks and collection state come back with
+        the model (:meth:`RosaModel.load_checkpoint`). Phase lengths must match this scheduler's."""
+        self._check_state(state)
+        self.steps = state["steps"]
+        c = self.config
+        done = self.steps >= c.warmup_steps + c.collect_steps
+        self.masks = {n: layer.mask() for n, layer in rosa_layers(self.model).items()} if done else None
+
+    def _check_state(self, state) -> None:
+        if not isinstance(state, dict) or set(state) != {"steps", "warmup_steps", "collect_steps"}:
+            raise ValueError(f"a RosaScheduler state has the keys steps, warmup_steps, collect_steps; got {state!r}")
+        steps = state["steps"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"scheduler steps must be an int >= 0, got {steps!r}")
+        for key in ("warmup_steps", "collect_steps"):
+            if state[key] != getattr(self.config, key):
+                raise ValueError(f"the saved scheduler ran with {key}={state[key]}, this one has "
+                                 f"{getattr(self.config, key)}")
 
     def trainer_callback(self):
         """A ``transformers.TrainerCallback`` calling :meth:`step` at each step end."""
@@ -265,7 +326,8 @@ class RosaScheduler:
 
         class RosaTrainerCallback(TrainerCallback):
             def on_step_end(self, args, state, control, **kwargs):
-                scheduler.step()
+                # The Trainer's optimizer and lr scheduler, restarted with the mask when the config says so.
+                scheduler.step(optimizer=kwargs.get("optimizer"), lr_scheduler=kwargs.get("lr_scheduler"))
                 return control
 
         return RosaTrainerCallback()
@@ -307,8 +369,20 @@ class RosaModel(nn.Module):
     def scheduler(self, **kwargs) -> RosaScheduler:
         return RosaScheduler(self, self.config, **kwargs)
 
+    def parameter_groups(self, **kwargs) -> list[dict]:
+        """:func:`rosa_kernels.parameter_groups` of this model (LoRA and sparse learning rates)."""
+        from .recipe import parameter_groups
+
+        return parameter_groups(self, **kwargs)
+
+    def random_masks(self, seed: int = 0, *, apply: bool = True) -> dict[str, CSR]:
+        """:func:`rosa_kernels.random_masks` of this model (the random-mask ablation)."""
+        from .recipe import random_masks
+
+        return random_masks(self, seed, apply=apply)
+
     def start_collection(self) -> None:
-        start_collection(self, self.config.rule)
+        start_collection(self, self.config.rule, self.config.collect_buffer)
 
     def select_masks(self, *, show_progress: bool | None = None) -> dict[str, CSR]:
         return select_masks(self, show_progress=show_progress, reset_adapters=self.config.reset_adapters_after_mask)
@@ -324,9 +398,13 @@ class RosaModel(nn.Module):
             raise ValueError(f"masks name layers this model does not adapt: {unknown}")
         for name, mask in masks.items():
             layer = layers[name]
+            if not isinstance(mask, CSR):
+                raise TypeError(f"masks[{name!r}] must be a rosa_kernels.CSR, got {type(mask).__name__}")
             if tuple(mask.shape) != (layer.out_features, layer.in_features) or mask.nnz != layer.nnz:
                 raise ValueError(f"mask for {name} has shape {tuple(mask.shape)} and {mask.nnz} nonzeros; the layer "
                                  f"needs ({layer.out_features}, {layer.in_features}) and {layer.nnz}")
+            _check_structure(name, mask.row_offsets, mask.col_indices, mask.row_indices, layer.out_features,
+                             layer.in_features, layer.nnz)
         for name, mask in masks.items():
             layers[name].set_mask(mask)
 
@@ -342,6 +420,126 @@ class RosaModel(nn.Module):
         self.layer_names = []
         return self.base_model
 
+    # -- checkpoint and resume --------------------------------------------------------------------
+    def checkpoint_state(self, optimizer: torch.optim.Optimizer | None = None,
+                         scheduler: RosaScheduler | None = None, *, rng: bool = True) -> dict:
+        """Everything a run needs to resume where it stands, as a dict for ``torch.save``.
+
+        The adapters and masks (as :meth:`save_pretrained` writes them), each collecting layer's
+        collection state, any other trainable parameter, ``optimizer.state_dict()``,
+        ``scheduler.state_dict()`` and (``rng=True``) torch's CPU and CUDA generator states, which
+        drive the LoRA dropout. The frozen base weights are not included: rebuild the base model as
+        the run did. Like ``state_dict()``, tensors on the CPU may be the live ones: serialize the
+        result (:meth:`save_checkpoint` does) before training on.
+        """
+        layers = self.rosa_layers()
+        rosa_parameters = {id(p) for layer in layers.values() for p in layer.parameters()}
+        collection = {}
+        for name, layer in layers.items():
+            state = layer.collection_state_dict()
+            if state:
+                collection[name] = {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": self.config.to_dict(),
+            "layers": {name: [layer.out_features, layer.in_features, layer.nnz] for name, layer in layers.items()},
+            "phases": {name: layer.phase for name, layer in layers.items()},
+            "adapter": {k: v.detach().cpu() for k, v in self.adapter_state().items()},
+            "collection": collection,
+            "trainable": {name: p.detach().cpu() for name, p in self.named_parameters()
+                          if p.requires_grad and id(p) not in rosa_parameters},
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "rng": _rng_state() if rng else None,
+        }
+
+    def load_checkpoint_state(self, state: dict, optimizer: torch.optim.Optimizer | None = None,
+                              scheduler: RosaScheduler | None = None, *, rng: bool = True) -> None:
+        """Resumes from :meth:`checkpoint_state` into this model (built as the run built it, before any
+        training), ``optimizer`` and ``scheduler`` (built as the run built them).
+
+        Everything is checked before anything changes: a checkpoint of another model, config,
+        optimizer or schedule raises ``ValueError`` and leaves model, optimizer and scheduler as they were.
+        """
+        source = "the checkpoint"
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"not a rosa_kernels checkpoint (format {state.get('format') if isinstance(state, dict) else None!r})")
+        try:
+            saved_config = RosaConfig.from_dict(state["config"]).validate()
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"the checkpoint holds an invalid RosaConfig: {error}") from error
+        ours = self.config.to_dict()
+        differ = sorted(k for k, v in saved_config.to_dict().items() if k != "sparse_mode" and ours[k] != v)
+        if differ:
+            raise ValueError(f"the checkpoint's config differs from this model's in {differ}")
+        layers = self.rosa_layers()
+        checked = _check_adapter({n: tuple(v) for n, v in state["layers"].items()}, layers, saved_config,
+                                 state["adapter"], source)
+        phases = state["phases"]
+        unknown = sorted(set(state["collection"]) - set(layers))
+        if unknown:
+            raise ValueError(f"the checkpoint holds collection states of layers this model does not adapt: {unknown}")
+        for name, (_, _, mask) in checked.items():
+            collecting = name in state["collection"]
+            expected = "sparse" if mask is not None else "collect" if collecting else "warmup"
+            if phases.get(name) != expected:
+                raise ValueError(f"the checkpoint is inconsistent: layer {name} is in phase {phases.get(name)!r} "
+                                 f"with{'' if mask is not None else 'out'} a mask and with"
+                                 f"{'' if collecting else 'out'} a collection state")
+        trainable = dict(state["trainable"])
+        params = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        for name, value in trainable.items():
+            if name not in params or params[name].shape != value.shape:
+                raise ValueError(f"the checkpoint's trainable parameter {name} ({tuple(value.shape)}) has no match here")
+        if optimizer is not None:
+            _check_optimizer_state(optimizer, state["optimizer"])
+        if scheduler is not None:
+            if state["scheduler"] is None:
+                raise ValueError("the checkpoint holds no scheduler state")
+            scheduler._check_state(state["scheduler"])
+        # Collection states are checked by the layers themselves: undo them all if one is refused.
+        previous = {name: layer.collection_state_dict() for name, layer in layers.items()}
+        try:
+            for name, layer in layers.items():
+                layer.load_collection_state_dict(state["collection"].get(name, {}))
+        except (TypeError, ValueError):
+            for name, layer in layers.items():
+                layer.load_collection_state_dict(previous[name])
+            raise
+        self._apply_adapter(checked)
+        with torch.no_grad():
+            for name, value in trainable.items():
+                params[name].copy_(value)
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        if rng and state.get("rng") is not None:
+            _set_rng_state(state["rng"])
+
+    def save_checkpoint(self, path, optimizer: torch.optim.Optimizer | None = None,
+                        scheduler: RosaScheduler | None = None, *, rng: bool = True) -> None:
+        """Writes :meth:`checkpoint_state` to ``path`` with ``torch.save``, atomically: the file is
+        written next to ``path`` and renamed into place when complete, so a failure mid-save leaves
+        the previous checkpoint intact."""
+        state = self.checkpoint_state(optimizer, scheduler, rng=rng)
+        _masks.atomic_write({Path(path): lambda temporary: torch.save(state, temporary)})
+
+    def load_checkpoint(self, path, optimizer: torch.optim.Optimizer | None = None,
+                        scheduler: RosaScheduler | None = None, *, rng: bool = True) -> None:
+        """Resumes from a file of :meth:`save_checkpoint` (see :meth:`load_checkpoint_state`)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch.load raises many kinds on a damaged file
+            raise ValueError(f"{path} is not a readable checkpoint (truncated or corrupt?): {error}") from error
+        try:
+            self.load_checkpoint_state(state, optimizer, scheduler, rng=rng)
+        except (KeyError, TypeError, AttributeError) as error:
+            raise ValueError(f"{path} is not a complete rosa_kernels checkpoint: {error!r}") from error
+
     # -- saving and loading -------------------------------------------------------------------------
     def adapter_state(self) -> dict[str, torch.Tensor]:
         tensors = {}
@@ -356,66 +554,154 @@ class RosaModel(nn.Module):
         return tensors
 
     def save_pretrained(self, directory) -> None:
-        """Writes ``adapter_config.json`` and ``adapter_model.safetensors`` into ``directory``."""
+        """Writes ``adapter_config.json`` and ``adapter_model.safetensors`` into ``directory``.
+
+        Atomic: both files are written to temporary files in ``directory`` and renamed into place
+        only when both are complete, so an error (or a kill) mid-save leaves a previous adapter there
+        intact.
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         layers = {name: [layer.out_features, layer.in_features, layer.nnz] for name, layer in self.rosa_layers().items()}
-        config = {"peft_type": "ROSA", "format": "rosa_kernels", **self.config.to_dict(), "layers": layers}
-        (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        _masks.save_safetensors(self.adapter_state(), directory / WEIGHTS_NAME, {"format": "rosa_kernels"})
+        config = json.dumps({"peft_type": "ROSA", "format": "rosa_kernels", **self.config.to_dict(), "layers": layers},
+                            indent=2) + "\n"
+        tensors = self.adapter_state()
+        _masks.atomic_write({
+            directory / WEIGHTS_NAME: lambda path: _masks.write_safetensors(tensors, path, {"format": "rosa_kernels"}),
+            directory / CONFIG_NAME: lambda path: Path(path).write_text(config),
+        })
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, directory) -> "RosaModel":
         """Applies a saved adapter to ``model`` (the same base architecture) and loads its weights.
 
-        The saved layer names and shapes are checked against ``model`` first: a mismatch raises a
-        ``ValueError`` and leaves ``model`` unchanged.
+        The whole adapter (layer names, shapes, rank, density, every tensor and mask) is checked
+        against ``model`` first: a mismatch or a damaged file raises a ``ValueError`` (a missing file
+        ``FileNotFoundError``) and leaves ``model`` unchanged.
         """
-        directory = Path(directory)
-        saved = json.loads((directory / CONFIG_NAME).read_text())
-        config = RosaConfig.from_dict(saved).validate()
-        tensors, _ = _masks.load_safetensors(directory / WEIGHTS_NAME)
+        config, saved_layers, tensors = _read_adapter(directory)
         names = find_target_modules(model, config)
-        _check_layers(saved["layers"], {n: model.get_submodule(n) for n in names}, config)
+        checked = _check_adapter(saved_layers, {n: model.get_submodule(n) for n in names}, config, tensors, directory)
         rosa = cls(model, config)
-        rosa._load_adapter_tensors(tensors)
+        rosa._apply_adapter(checked)
         return rosa
 
     def load_adapter(self, directory) -> None:
-        """Loads a saved adapter's weights and masks into this (already wrapped) model."""
-        directory = Path(directory)
-        saved = json.loads((directory / CONFIG_NAME).read_text())
-        tensors, _ = _masks.load_safetensors(directory / WEIGHTS_NAME)
-        _check_layers(saved["layers"], self.rosa_layers(), RosaConfig.from_dict(saved))
-        self._load_adapter_tensors(tensors)
+        """Loads a saved adapter's weights and masks into this (already wrapped) model.
 
-    def _load_adapter_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        Everything is checked first, as in :meth:`from_pretrained`: on an error the model is unchanged.
+        """
+        config, saved_layers, tensors = _read_adapter(directory)
+        self._apply_adapter(_check_adapter(saved_layers, self.rosa_layers(), config, tensors, directory))
+
+    def _apply_adapter(self, checked: dict) -> None:
+        """Loads adapter tensors that :func:`_check_adapter` accepted (nothing here can fail)."""
         layers = self.rosa_layers()
-        for name, layer in layers.items():  # check every tensor before changing anything
-            for key, param in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B)):
-                t = tensors.get(f"{name}.{key}")
-                if t is None or t.shape != param.shape:
-                    raise ValueError(f"adapter tensor {name}.{key} has shape {None if t is None else tuple(t.shape)}, "
-                                     f"the model needs {tuple(param.shape)}")
-        for name, layer in layers.items():
+        for name, (lora_A, lora_B, mask) in checked.items():
+            layer = layers[name]
             device = layer.weight.device
-            if f"{name}.sparse_values" in tensors:
-                layer.set_mask(CSR(tensors[f"{name}.sparse_values"], tensors[f"{name}.row_offsets"],
-                                   tensors[f"{name}.row_indices"], tensors[f"{name}.col_indices"],
-                                   (layer.out_features, layer.in_features)))
+            if mask is not None:
+                layer.set_mask(mask)
                 with torch.no_grad():
-                    layer.sparse_values.copy_(tensors[f"{name}.sparse_values"].to(device))
+                    layer.sparse_values.copy_(mask.values.to(device))
             with torch.no_grad():
-                layer.lora_A.copy_(tensors[f"{name}.lora_A"].to(device))
-                layer.lora_B.copy_(tensors[f"{name}.lora_B"].to(device))
+                layer.lora_A.copy_(lora_A.to(device))
+                layer.lora_B.copy_(lora_B.to(device))
 
 
-def _check_layers(saved_layers: dict, modules: dict[str, nn.Module], config: RosaConfig) -> None:
+CHECKPOINT_FORMAT = "rosa_kernels.checkpoint.v1"
+
+
+def _rng_state() -> dict:
+    """torch's generator states: the LoRA dropout draws its seeds from the CPU one
+    (:func:`rosa_kernels.dropout.draw_seed`); CUDA's are kept for the user's own random ops."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return {"cpu": torch.get_rng_state(), "cuda": cuda}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if state.get("cuda") is not None and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _check_optimizer_state(optimizer: torch.optim.Optimizer, state) -> None:
+    """What ``optimizer.load_state_dict`` checks, and the per-parameter tensor shapes it does not."""
+    if not isinstance(state, dict) or "param_groups" not in state or "state" not in state:
+        raise ValueError("the checkpoint holds no optimizer state")
+    groups, saved_groups = optimizer.param_groups, state["param_groups"]
+    if len(groups) != len(saved_groups) or any(len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved_groups)):
+        raise ValueError(f"the checkpoint's optimizer has parameter groups of sizes "
+                         f"{[len(s['params']) for s in saved_groups]}, this one {[len(g['params']) for g in groups]}")
+    params = {saved: p for g, s in zip(groups, saved_groups) for saved, p in zip(s["params"], g["params"])}
+    for index, entry in state["state"].items():
+        if index not in params:
+            raise ValueError(f"the checkpoint's optimizer has state for parameter {index!r}, which its groups lack")
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != params[index].shape:
+                raise ValueError(f"the checkpoint's optimizer state {key} of parameter {index} has shape "
+                                 f"{tuple(value.shape)}, the parameter {tuple(params[index].shape)}")
+
+
+_ADAPTER_FIELDS = ("lora_A", "lora_B", "sparse_values", "row_offsets", "row_indices", "col_indices")
+_MASK_FIELDS = _ADAPTER_FIELDS[2:]
+
+
+def _read_adapter(directory) -> tuple[RosaConfig, dict, dict[str, torch.Tensor]]:
+    """Reads a saved adapter: ``(config, {layer: (out, in, nnz)}, tensors)``; clear errors for missing,
+    truncated or corrupt files."""
+    directory = Path(directory)
+    for file in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (directory / file).is_file():
+            raise FileNotFoundError(f"adapter directory {directory} has no {file}"
+                                    + ("" if directory.is_dir() else " (the directory does not exist)"))
+    path = directory / CONFIG_NAME
+    try:
+        saved = json.loads(path.read_text())
+    except (UnicodeDecodeError, ValueError) as error:
+        raise ValueError(f"{path} is not valid JSON (truncated or corrupt?): {error}") from error
+    if not isinstance(saved, dict) or not isinstance(saved.get("layers"), dict):
+        raise ValueError(f"{path} is not a rosa_kernels adapter config (it has no 'layers' table)")
+    try:
+        config = RosaConfig.from_dict(saved).validate()
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path} holds an invalid RosaConfig: {error}") from error
+    layers = {}
+    for name, entry in saved["layers"].items():
+        if not (isinstance(entry, list) and len(entry) == 3
+                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in entry)):
+            raise ValueError(f"{path}: layer {name!r} should be [out_features, in_features, nnz], got {entry!r}")
+        layers[name] = tuple(entry)
+    tensors, _ = _masks.load_safetensors(directory / WEIGHTS_NAME)
+    return config, layers, tensors
+
+
+def _check_structure(name, row_offsets, col_indices, row_indices, out_features, in_features, nnz) -> None:
+    try:
+        validate_csr(row_offsets, col_indices, out_features, in_features, nnz, row_indices)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"the mask of {name} is not a valid CSR structure: {error}") from error
+
+
+def _check_adapter(saved_layers: dict, modules: dict[str, nn.Module], config: RosaConfig,
+                   tensors: dict[str, torch.Tensor], source) -> dict:
+    """Checks a whole adapter against the modules it is to load into, before anything changes.
+
+    ``modules`` are the targeted ``nn.Linear`` (RosaLinear once wrapped). Returns
+    ``{name: (lora_A, lora_B, mask CSR with the sparse values or None)}``; raises ``ValueError``
+    naming the layer on any mismatch: layer names, shapes, rank, density, tensor shapes and dtypes,
+    invalid mask structures, stray tensors.
+    """
     if set(saved_layers) != set(modules):
         missing = sorted(set(saved_layers) - set(modules))
         extra = sorted(set(modules) - set(saved_layers))
-        raise ValueError(f"the adapter does not fit this model: layers missing from the model {missing}, "
+        raise ValueError(f"the adapter in {source} does not fit this model: layers missing from the model {missing}, "
                          f"targeted layers the adapter lacks {extra}")
+    expected_keys = {f"{name}.{field}" for name in saved_layers for field in _ADAPTER_FIELDS}
+    stray = sorted(set(tensors) - expected_keys)
+    if stray:
+        raise ValueError(f"the adapter in {source} has tensors no layer of it owns: {stray[:5]}")
+    checked = {}
     for name, (out_features, in_features, nnz) in saved_layers.items():
         module = modules[name]
         if (module.out_features, module.in_features) != (out_features, in_features):
@@ -424,6 +710,42 @@ def _check_layers(saved_layers: dict, modules: dict[str, nn.Module], config: Ros
         expected = _masks.mask_count(out_features, in_features, config.density)
         if nnz != expected:
             raise ValueError(f"adapter layer {name} has {nnz} sparse values, density {config.density} gives {expected}")
+        rank = config.rank
+        if isinstance(module, RosaLinear):
+            if module.nnz != nnz:
+                raise ValueError(f"the adapter does not fit this model: {name} has {module.nnz} sparse values "
+                                 f"(density {module.density}) here, {nnz} (density {config.density}) in the adapter")
+            if module.rank != rank:
+                raise ValueError(f"the adapter does not fit this model: {name} has rank {module.rank} here, "
+                                 f"{rank} in the adapter")
+        shapes = {"lora_A": (rank, in_features), "lora_B": (out_features, rank), "sparse_values": (nnz,),
+                  "row_offsets": (out_features + 1,), "row_indices": (out_features,), "col_indices": (nnz,)}
+        present = {field for field in _MASK_FIELDS if f"{name}.{field}" in tensors}
+        if present and present != set(_MASK_FIELDS):
+            raise ValueError(f"adapter layer {name} has an incomplete mask: only {sorted(present)}")
+        if not present and isinstance(module, RosaLinear) and module.phase == "sparse":
+            raise ValueError(f"adapter layer {name} has no mask but the layer here has one (load into a model "
+                             f"without masks)")
+        for field in ("lora_A", "lora_B") + (_MASK_FIELDS if present else ()):
+            t = tensors.get(f"{name}.{field}")
+            if t is None:
+                raise ValueError(f"the adapter lacks the tensor {name}.{field}")
+            if tuple(t.shape) != shapes[field]:
+                raise ValueError(f"adapter tensor {name}.{field} has shape {tuple(t.shape)}, the model needs "
+                                 f"{shapes[field]}")
+            floating = field in ("lora_A", "lora_B", "sparse_values")
+            if t.is_floating_point() != floating:
+                raise ValueError(f"adapter tensor {name}.{field} has dtype {t.dtype}, expected "
+                                 f"{'a floating' if floating else 'an integer'} dtype")
+        mask = None
+        if present:
+            row_offsets, row_indices, col_indices = (tensors[f"{name}.{f}"] for f in _MASK_FIELDS[1:])
+            _check_structure(f"adapter layer {name} (in {source})", row_offsets, col_indices, row_indices,
+                             out_features, in_features, nnz)
+            mask = CSR(tensors[f"{name}.sparse_values"], row_offsets, row_indices, col_indices,
+                       (out_features, in_features))
+        checked[name] = (tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"], mask)
+    return checked
 
 
 def get_rosa_model(model: nn.Module, config: RosaConfig | None = None, **overrides) -> RosaModel:

@@ -23,7 +23,7 @@ How ``J`` is chosen (``hot_fill``):
 - a number ``f`` in [0, 1]: ``J`` = the non-empty columns with fill (nonzeros / m) >= ``f``. ``0``
   sends every non-empty column through the GEMM (no remainder), ``1`` only full columns.
 - ``"auto"`` (default): the fill threshold that minimizes the cost model :func:`planned_seconds`
-  (its constants were fitted to an H200 run, docs/perf-notes-plan.md). Per token of the inner
+  (its constants were fitted to an H200 run, docs/benchmarks.md). Per token of the inner
   dimension the GEMM costs a read of ``a`` (m rows) plus ``m * |J|`` tensor-core multiply-adds, and
   the remainder kernel a fixed setup plus a cost per nonzero. The best ``J`` for such a model is
   always "the columns with the most nonzeros", so the choice is a scan over the fill thresholds.
@@ -71,9 +71,9 @@ DEFAULT_HOT_FILL = "auto"
 
 # The cost model of "auto", in seconds per token of the inner dimension k (every term of both
 # kernels grows with k, so the choice does not depend on it). Fitted to the H200 run of
-# scripts/time_plan.py (bf16, k = 4096; docs/perf-notes-plan.md). Keys: operand width in bytes,
+# the plan timing script of c550a82 (bf16, k = 4096; docs/benchmarks.md, "Per-mask plan"). Keys: operand width in bytes,
 # 2 (float16/bfloat16) or 4 (float32/float64; not measured with the plan: the raw kernel's fp32
-# times of docs/perf-notes-sddmm.md and a ~50 TFLOP/s non-tensor-core GEMM).
+# times of the SDDMM sweep and a ~50 TFLOP/s non-tensor-core GEMM).
 #   gemm_fixed:          the hot path's launches and gathers (bt[J], the merge)
 #   gemm_per_row:        reading a row of a (an element per token) once
 #   gemm_per_row_column: a multiply-add per row x column of J (tensor cores for 16-bit)
@@ -211,7 +211,7 @@ class MaskPlan:
         self.hot_columns = hot.nonzero().flatten()
         h = self.hot_columns.shape[0]
         # cuBLAS takes its tensor-core paths only when leading dimensions are multiples of 16 bytes:
-        # with an odd |J| the GEMM ran 2.5-3.6x slower on the H200 (docs/perf-notes-plan.md). So G and
+        # with an odd |J| the GEMM ran 2.5-3.6x slower on the H200 (docs/benchmarks.md). So G and
         # A_hot get width = |J| rounded up to a multiple of 8, the extra columns gathering copies of
         # J's first column: their products are never read, and A_hot's extra columns stay zero.
         # When J is every column, the operands are used as they are (no gather at all).

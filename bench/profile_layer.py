@@ -1,6 +1,6 @@
 """Where a layer training step's time goes: GPU time, host time and kernel count per implementation.
 
-    python scripts/profile_layer_step.py [--shape 4096x4096x2048] [--density 0.003] [--device cuda]
+    python bench/report.py --profile-layer [--shape 4096x4096x2048] [--density 0.003] [--device cuda]
 
 For each of RosaLinear (sparse phase), the plain-PyTorch LoRA layer and full fine-tuning (the
 layers of bench/common.py) it prints, per forward + backward step:
@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a script: make `bench` importable from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import common  # noqa: E402
 
@@ -66,7 +67,7 @@ def host_time(step, device: torch.device, reps: int) -> float:
     return issued / reps
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", default="4096x4096x2048", help="OUTxINxTOKENS")
     parser.add_argument("--density", type=float, default=0.003)
@@ -75,7 +76,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--top", type=int, default=0, help="print the N most expensive kernels of each step")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     m, n, tokens = (int(v) for v in args.shape.split("x"))
     dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     case = common.LayerCase(m=m, n=n, tokens=tokens, density=args.density, mask=args.mask, dtype=dtype,
