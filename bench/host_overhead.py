@@ -1,8 +1,9 @@
 """Host cost per layer: the CPU time to issue one training step of one layer, and of the
-post-optimizer-step re-scatter of merged RosaLinear layers (issue 11, item 2).
+post-optimizer-step re-scatter of merged RosaLinear layers (issue 11, item 2), and of the public ops.
 
-    python -m bench.host_overhead [--device cpu|cuda] [--shape 64,16] [--layers 154] [--json FILE]
-                                  [--ops] [--show-ops] [--compare-linear FILE]
+    python bench/report.py --host-overhead [--device cpu|cuda] [--shape 64,16] [--layers 154]
+        [--skip-ops] [--show-ops] [--compare-linear FILE] [--budget S] [--json FILE]
+    (or python -m bench.host_overhead ...)
 
 **Method.** A layer step is ``x.grad = None``, the parameters' ``.grad = None`` and
 ``layer(x).backward(dy)``, at a shape where compute is negligible (default 64 x 64, 16 tokens,
@@ -16,8 +17,9 @@ batch of each), each reported as the median over rounds of the per-step time, an
 ``nn.Linear`` with a trainable weight (full fine-tuning, the target: RosaLinear <= 1.5x), next to
 a plain-PyTorch LoRA layer (``bench.common.LoraLinear``, PEFT's layer). RosaLinear runs in the
 sparse phase, merged mode (the common case) with and without dropout and with each ``sparse_grad``,
-and in the LoRA-only warm-up phase (``nomask``); ``csr_add`` and ``spmm`` for reference. The ops a
-step dispatches below autograd are counted with a ``TorchDispatchMode`` (views apart).
+and in the LoRA-only warm-up phase (no mask); ``csr_add`` and ``spmm`` for reference. The ops a
+step dispatches below autograd are counted with a ``TorchDispatchMode`` (views apart), on a GPU
+also the CUDA kernels it launches (torch.profiler).
 
 The re-scatter is the optimizer post-step hook of :mod:`rosa_kernels.linear` over ``--layers``
 merged layers (154: TinyLlama's 22 x 7 linears) whose sparse values all changed, the in-place
@@ -28,7 +30,7 @@ no value changed (an optimizer step over other parameters).
 commit's: ``git show REV:python/rosa_kernels/linear.py > /tmp/linear_old.py``) in the same process
 on the same build, for before/after numbers that share the machine's state.
 
-``--ops`` adds the public raw ops' host cost (64 x 64, 5% density, 16 columns): the Python
+Unless ``--skip-ops``: the public raw ops' host cost (64 x 64, 5% density, 16 columns): the Python
 wrapper with ``validate=False`` / ``True``, the raw ``torch.ops.rosa_kernels`` call, and the raw
 call below the autograd key, next to ``torch.mm`` of the same size.
 """
@@ -148,19 +150,22 @@ def rosa_layer(size, device, dtype, *, mode="merged", dropout=0.05, sparse_grad=
     return layer.to(device=device, dtype=dtype).train()
 
 
-def layers_of(size, device, dtype, compared=None) -> dict:
-    layers = {"nn.Linear (full FT)": torch.nn.Linear(size, size, bias=False, device=device, dtype=dtype),
+FULL = "nn.Linear (full)"
+
+
+def layers_of(size, device, dtype, density, compared=None) -> dict:
+    layers = {FULL: torch.nn.Linear(size, size, bias=False, device=device, dtype=dtype),
               "LoRA (PEFT-style)": LoraLinear(size, size, rank=16, dropout=0.05, device=device, dtype=dtype)}
     for suffix, module in [("", None)] + ([(" (compared)", compared)] if compared is not None else []):
-        layers[f"RosaLinear merged, dropout 0.05{suffix}"] = rosa_layer(size, device, dtype, module=module)
-        layers[f"RosaLinear merged, dropout 0{suffix}"] = rosa_layer(size, device, dtype, dropout=0.0, module=module)
+        common = {"density": density, "module": module}
+        layers[f"RosaLinear merged{suffix}"] = rosa_layer(size, device, dtype, **common)  # dropout 0.05
+        layers[f"RosaLinear merged, dropout 0{suffix}"] = rosa_layer(size, device, dtype, dropout=0.0, **common)
         for grad in ("sddmm", "dense"):
             layers[f"RosaLinear merged, sparse_grad={grad}{suffix}"] = rosa_layer(size, device, dtype,
-                                                                                  sparse_grad=grad, module=module)
-        layers[f"RosaLinear warm-up (nomask){suffix}"] = rosa_layer(size, device, dtype, with_mask=False,
-                                                                     module=module)
+                                                                                  sparse_grad=grad, **common)
+        layers[f"RosaLinear warm-up (no mask){suffix}"] = rosa_layer(size, device, dtype, with_mask=False, **common)
     for mode in ("csr_add", "spmm"):
-        layers[f"RosaLinear {mode}"] = rosa_layer(size, device, dtype, mode=mode)
+        layers[f"RosaLinear {mode}"] = rosa_layer(size, device, dtype, mode=mode, density=density)
     return {name: layer.train() for name, layer in layers.items()}
 
 
@@ -176,23 +181,33 @@ def step_of(layer, x, dy):
     return step
 
 
-def layer_rows(device, size=64, tokens=16, rounds=41, compared=None) -> dict:
+def cuda_kernels(step) -> int:
+    """CUDA kernels one step launches (torch.profiler)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    return sum(e.device_type == torch.autograd.DeviceType.CUDA for e in prof.events())
+
+
+def layer_rows(device, size=64, tokens=16, rounds=41, compared=None, density=0.006) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(tokens, size, generator=gen).to(device=device, dtype=dtype).requires_grad_()
     dy = torch.randn(tokens, size, generator=gen).to(device=device, dtype=dtype)
-    steps = {name: step_of(layer, x, dy) for name, layer in layers_of(size, device, dtype, compared).items()}
-    counts = {}
+    steps = {name: step_of(layer, x, dy) for name, layer in layers_of(size, device, dtype, density, compared).items()}
+    counts, kernels = {}, {}
     for name, step in steps.items():
         step()
         counter = _CountOps()
         with counter:
             step()
         counts[name] = counter.ops
+        kernels[name] = cuda_kernels(step) if device.type == "cuda" else None
     times = interleaved_medians(steps, device, rounds)
-    full = times["nn.Linear (full FT)"]
-    return {name: {"us": us, "x full": us / full, "ops": len(counts[name]), "op names": counts[name]}
-            for name, us in times.items()}
+    full = times[FULL]
+    return {name: {"us": us, "x full": us / full, "ops": len(counts[name]), "op names": counts[name],
+                   "CUDA kernels": kernels[name]} for name, us in times.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,10 +289,12 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--shape", default="64,16", help="SIZE,TOKENS of the layer step (default 64,16)")
+    parser.add_argument("--shape", default="64,16", help="SIZE,TOKENS[,DENSITY] of the layer step (default "
+                                                             "64,16,0.006)")
     parser.add_argument("--rounds", type=int, default=41, help="interleaved rounds per layer step")
+    parser.add_argument("--budget", type=float, help="seconds of timed steps per layer (sets --rounds)")
     parser.add_argument("--layers", type=int, default=154, help="merged layers re-scattered (0: skip)")
-    parser.add_argument("--ops", action="store_true", help="also time the public raw ops")
+    parser.add_argument("--skip-ops", action="store_true", help="do not time the public raw ops")
     parser.add_argument("--show-ops", action="store_true", help="list the ops each layer step dispatches")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--compare-linear", help="also time the RosaLinear of this linear.py (e.g. an older commit's)")
@@ -285,16 +302,20 @@ def main(argv=None) -> dict:
     compared = load_linear_module(args.compare_linear) if args.compare_linear else None
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    size, tokens = (int(v) for v in args.shape.split(","))
+    size, tokens, *density = args.shape.split(",")
+    size, tokens, density = int(size), int(tokens), float(density[0]) if density else 0.006
+    rounds = args.rounds if args.budget is None else max(3, int(args.budget / 0.002))
     out = {"torch": torch.__version__, "device": str(device), "threads": args.threads}
 
-    out["layers"] = layer_rows(device, size, tokens, args.rounds, compared)
+    out["layers"] = layer_rows(device, size, tokens, rounds, compared, density)
     print(f"## layer step (forward + backward), {size}x{size}, {tokens} tokens, {device}, {args.threads} thread: "
           "median host us per step")
-    print("| layer | us | x nn.Linear | ops |")
-    print("|---|---|---|---|")
+    kernel_column = device.type == "cuda"
+    print("| layer | us | x nn.Linear | ops |" + (" CUDA kernels |" if kernel_column else ""))
+    print("|---|---|---|---|" + ("---|" if kernel_column else ""))
     for name, row in out["layers"].items():
-        print(f"| {name} | {row['us']:.1f} | {row['x full']:.2f} | {row['ops']} |")
+        print(f"| {name} | {row['us']:.1f} | {row['x full']:.2f} | {row['ops']} |"
+              + (f" {row['CUDA kernels']} |" if kernel_column else ""))
     if args.show_ops:
         for name, row in out["layers"].items():
             print(f"{name}: {' '.join(row['op names'])}")
@@ -308,7 +329,7 @@ def main(argv=None) -> dict:
         print("|---|---|---|")
         for name, row in out["scatter"].items():
             print(f"| {name} | {row['us']:.1f} | {row['us per layer']:.2f} |")
-    if args.ops:
+    if not args.skip_ops:
         out["ops"] = op_rows(device)
         print(f"\n## public ops, 64 x 64, density 5%, 16 columns: median us per call")
         print("| op | validate=False | validate=True | raw op | raw, below autograd |")

@@ -6,7 +6,8 @@
 //
 // with W the dense weight (in merged mode W + S: the sparse adapter is inside it), keep the LoRA
 // dropout's mask regenerated from `seed` (lora_dropout_ops.cpp; no mask is saved; `seed` is
-// undefined when p = 0; when p > 0 and no seed is given, the op draws it, see draw_seed). `values` (S's nonzeros) takes no part in the forward math: it only
+// undefined when p = 0; when p > 0 and no seed is given, the op draws it, see draw_seed; a seed is a
+// one-element int64 tensor on the CPU or on x's CUDA device). `values` (S's nonzeros) takes no part in the forward math: it only
 // receives dS = (dY^T X)[mask], computed as `grad_path` says from the index tensors in
 // `grad_index`:
 //
@@ -274,21 +275,22 @@ class RosaLinearFunction : public torch::autograd::Function<RosaLinearFunction> 
   }
 };
 
-// A fresh dropout seed, the very value that rosa_kernels.dropout.draw_seed(x.device) would draw: on
-// the CPU from torch's default CPU generator (torch.randint(-2**63, 2**63 - 1, (1,))): randint over
-// that range takes one random64() and returns low + (r mod (high - low)). Drawing it here saves a
-// Python op call per layer and step; a traced graph cannot draw at run time, so under torch.compile
-// RosaLinear passes draw_seed()'s tensor instead (refused here and in the fake kernel: the seed of
-// a traced call would be a constant of the graph).
+// A fresh dropout seed on x's device, the very value that rosa_kernels.dropout.draw_seed(x.device)
+// (torch.randint(-2**63, 2**63 - 1, (1,), device=x.device)) would draw. On a GPU it is that randint
+// (a CUDA seed, read by the kernels: a captured CUDA graph draws a new one on each replay); on the
+// CPU, randint over that range takes one random64() of the default generator and returns
+// low + (r mod (high - low)), computed here without a dispatcher call. Drawing it in the op saves
+// a Python op call per layer and step; a traced graph cannot draw at run time, so under
+// torch.compile RosaLinear passes draw_seed()'s tensor instead (refused here and in the fake
+// kernel: the seed of a traced call would be a constant of the graph).
 at::Tensor draw_seed(const at::Tensor& x) {
   ROSA_CHECK_VALUE(!x.key_set().has_any(c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::Functionalize})),
                    "rosa_linear with dropout > 0 draws its seed at run time in eager mode only: pass "
-                   "seed=rosa_kernels.dropout.draw_seed() in a traced or compiled graph");
+                   "seed=rosa_kernels.dropout.draw_seed(x.device) in a traced or compiled graph");
+  const auto options = at::TensorOptions().dtype(at::kLong);
   if (!x.device().is_cpu()) {
-    // On the GPU the seed stays on the device (the dropout kernels read it there): the draw is
-    // captured by CUDA graphs, so each replay draws a new mask, and nothing waits for the host.
     return at::randint(std::numeric_limits<int64_t>::min(), std::numeric_limits<int64_t>::max(), {1},
-                       x.options().dtype(at::kLong));
+                       options.device(x.device()));
   }
   auto generator = at::detail::getDefaultCPUGenerator();
   uint64_t random;
@@ -298,7 +300,7 @@ at::Tensor draw_seed(const at::Tensor& x) {
   }
   const uint64_t range = std::numeric_limits<uint64_t>::max();  // (2^63 - 1) - (-2^63)
   const auto low = static_cast<uint64_t>(std::numeric_limits<int64_t>::min());
-  auto seed = at::empty({1}, at::TensorOptions().dtype(at::kLong));
+  auto seed = at::empty({1}, options);
   seed.data_ptr<int64_t>()[0] = static_cast<int64_t>(random % range + low);
   return seed;
 }

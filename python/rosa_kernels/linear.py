@@ -83,7 +83,7 @@ def _register_fake_kernels() -> None:
                              f"{tuple(x.shape)}")
         if dropout > 0 and seed is None:
             raise ValueError("rosa_linear with dropout > 0 draws its seed at run time in eager mode only: "
-                             "pass seed=rosa_kernels.dropout.draw_seed() in a traced or compiled graph")
+                             "pass seed=rosa_kernels.dropout.draw_seed(x.device) in a traced or compiled graph")
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
     @torch.library.register_fake("rosa_kernels::merged_scatter_")
@@ -427,8 +427,8 @@ class RosaLinear(nn.Module):
         else:
             grad_index, grad_path, plan_width, plan_rest_nnz = _NO_MASK_GRAD
         p = self.dropout if self.training else 0.0
-        # Eager, the op draws the dropout seed itself (the value draw_seed() would); a compiled graph
-        # takes it as an input.
+        # Eager, the op draws the dropout seed itself (the value draw_seed(x.device) would); a compiled
+        # graph takes it as an input.
         seed = draw_seed(x.device) if p and torch.compiler.is_compiling() else None
         parameters = self._parameters
         return _rosa_linear(x, parameters["weight"], parameters.get("bias"), parameters["lora_A"], parameters["lora_B"],
