@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+if __package__ in (None, ""):  # run as a script: bench/ from the repository root, rosa_kernels installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rosa_kernels import RosaConfig, get_rosa_model  # noqa: E402
 from rosa_kernels.masks import COLLECT_BUFFERS, _top_k_indices  # noqa: E402
