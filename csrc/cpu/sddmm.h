@@ -8,7 +8,7 @@
 // zero-padded to whole steps (per-thread workspace), and each row of `a` is converted when its
 // thread reaches it. The inner loops are compiled twice (generic SSE2 and AVX2+FMA) and the CPU
 // picks. Assumes validated CSR and rows of `a`/`bt` contiguous with the given row strides.
-// Measurements and the designs that lost (L2 panels, packing float rows): docs/perf-notes-cpu.md.
+// Measurements and the designs that lost (L2 panels, packing float rows): docs/benchmarks.md; the history in git at c550a82.
 #pragma once
 
 #include <algorithm>

@@ -8,7 +8,7 @@
 // workspace, instead of once per use. The inner loops are compiled twice (generic SSE2 and
 // AVX2+FMA) and the CPU picks. Assumes validated CSR (offsets nondecreasing, columns in [0, n)),
 // `dense` rows contiguous with row stride `dense_stride`, `out` contiguous (row stride k).
-// Measurements and the designs that lost (L2 panels, packing float rows): docs/perf-notes-cpu.md.
+// Measurements and the designs that lost (L2 panels, packing float rows): docs/benchmarks.md; the history in git at c550a82.
 #pragma once
 
 #include <algorithm>

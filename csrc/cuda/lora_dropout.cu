@@ -6,7 +6,7 @@
 //
 // The LoRA products around them are cuBLAS GEMMs (python/rosa_kernels/linear.py): an earlier
 // version fused the rank-16 products into these passes on CUDA cores and ran 3-5x slower than the
-// GEMM + elementwise pair (docs/perf-notes.md, "LoRA dropout").
+// GEMM + elementwise pair (docs/benchmarks.md; the history in git at c550a82).
 //
 // Work split: blockIdx.y strides over rows; a thread owns 8 consecutive elements of a row
 // (one 16-byte access for 16-bit types when the row stride and the pointer allow, scalar code

@@ -499,7 +499,7 @@ void sddmm_gather(const T* product, int64_t product_row_stride, const int32_t* r
 }
 
 bool sddmm_dense_is_faster(int64_t m, int64_t n, int64_t k, int64_t nnz, int value_bytes) {
-  // Measured on H100 and H200 (docs/perf-notes-sddmm.md): at k = 4096 the sparse kernel costs
+  // Measured on H100 and H200 (docs/benchmarks.md; history in git at c550a82): at k = 4096 the sparse kernel costs
   // ~25 us per 0.1% of density above 0.3% at 4096 x 4096 and crosses `mm + gather` at 0.45-0.5%
   // on every LLaMA shape. Below ~2^32 multiply-adds cuBLAS runs far from its peak.
   if (value_bytes != 2 || m <= 0 || n <= 0) return false;

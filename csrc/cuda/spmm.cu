@@ -4,12 +4,12 @@
 // 128 16-byte slices); each thread owns a 16-byte slice of the output row and walks the row's
 // nonzeros, loading the matching 16 bytes of each nonzero's dense row from L2 (__ldg), 4 nonzeros
 // in flight. Every nonzero moves 2k bytes through L2 (nnz * 8 KB, 1.4 GB at 4096 x 4096, d = 1%),
-// at ~8.5 TB/s on an H100 (docs/perf-notes.md).
+// at ~8.5 TB/s on an H100 (docs/benchmarks.md; history in git at c550a82).
 //
 // `rows2` (selectable) does the same work in another order: a grid-stride list of (position,
 // chunk) items, the longest rows first with all their chunks at once, then the rest chunk by
 // chunk. It is 12-25% faster than `rows` on RoSA masks with rows of 500-2000 nonzeros and 20-25%
-// slower on uniform ones (H200, docs/perf-notes.md), so `auto` keeps `rows`.
+// slower on uniform ones (H200; docs/benchmarks.md), so `auto` keeps `rows`.
 //
 // The `slab` kernels (kept for measurements, several times slower so far) are the route to reuse
 // of dense rows across nonzeros: a block copies an n x 32 (or 16) byte slab of `dense` into shared
@@ -476,7 +476,7 @@ SpmmKernel spmm_select(SpmmKernel requested, int64_t m, int64_t n, int64_t k, in
   const bool fits32 = n * 32 <= shared_limit, fits16 = n * 16 <= shared_limit;
   SpmmKernel kernel = requested;
   if (kernel == SpmmKernel::kAuto) {
-    // Measured on H100 and H200 (docs/perf-notes.md): the rows kernel wins at every LLaMA shape
+    // Measured on H100 and H200 (docs/benchmarks.md; history in git at c550a82): the rows kernel wins at every LLaMA shape
     // and density 0.1-3% over the slab kernels here and the panel kernel of git history (8afc41b).
     kernel = SpmmKernel::kRows;
   }
@@ -486,7 +486,7 @@ SpmmKernel spmm_select(SpmmKernel requested, int64_t m, int64_t n, int64_t k, in
 }
 
 bool spmm_dense_is_faster(int64_t m, int64_t n, int64_t k, int64_t nnz, int value_bytes) {
-  // Rates measured on H100 and H200 at LLaMA shapes (docs/perf-notes.md): the rows kernel streams
+  // Rates measured on H100 and H200 at LLaMA shapes (docs/benchmarks.md; history in git at c550a82): the rows kernel streams
   // ~7.9 TB/s of dense slices from L2; cuBLAS runs a bf16 GEMM at ~850 TFLOP/s; zeroing and
   // filling the dense A runs at ~2.5 TB/s; the extra launches cost ~5 us. A 5% margin keeps the
   // sparse kernel where the two are close (d ~ 1% at k = 4096).
