@@ -77,3 +77,72 @@ def test_fsdp2_two_cpu_processes_match_single_process(tmp_path):
     assert all(layer.phase == "sparse" for layer in rosa_layers_of(fresh).values())
     torch.testing.assert_close(loaded(result["x"]).detach(), result["outputs"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(net(result["x"]).detach(), result["outputs"], rtol=1e-4, atol=1e-5)
+
+
+def merged_then_sharded_worker(rank, world, port, out):
+    """Masks set (and merged into W) before fully_shard: the first optimizer step puts W back in each
+    rank's shard and switches to spmm; training then matches one process that keeps merging."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        net = sparse_net()
+        for layer in rosa_layers_of(net).values():
+            fully_shard(layer)
+        fully_shard(net)
+        losses = sparse_training(world, rank, net)
+        mean_losses = torch.stack(losses)
+        dist.all_reduce(mean_losses)
+        modes = {name: layer.sparse_mode for name, layer in rosa_layers_of(net).items()}
+        weights = {name: layer.weight.full_tensor().detach() for name, layer in rosa_layers_of(net).items()}
+        x, _ = data(11, n=8)
+        outputs = net(x).detach()
+        if rank == 0:
+            torch.save({"losses": (mean_losses / world).tolist(), "modes": modes, "weights": weights,
+                        "outputs": outputs, "x": x}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def sparse_net():
+    torch.manual_seed(0)
+    net = Net()
+    apply_rosa(net, ddp_config())
+    gen = torch.Generator().manual_seed(5)
+    for layer in rosa_layers_of(net).values():
+        flat = torch.zeros(layer.out_features * layer.in_features, dtype=torch.bool)
+        flat[torch.randperm(flat.numel(), generator=gen)[:layer.nnz]] = True
+        layer.set_mask(flat.view(layer.out_features, layer.in_features))  # merged: W + S in weight
+    return net
+
+
+def sparse_training(world, rank, net, steps=4):
+    x, y = data(7, n=64)
+    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=2e-2, weight_decay=0.0)
+    losses = []
+    for step in range(steps):
+        per = 32 // world
+        xb, yb = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
+        loss = (net(xb) - yb).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach())
+    return losses
+
+
+def test_fsdp2_after_the_merge_restores_w_and_matches_single_process(tmp_path):
+    out = str(tmp_path / "merged.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mp.start_processes(merged_then_sharded_worker, args=(2, free_port(), out), nprocs=2, join=True,
+                           start_method="spawn")
+    result = torch.load(out)
+    net = sparse_net()
+    losses = [loss.item() for loss in sparse_training(1, 0, net)]
+    assert losses == pytest.approx(result["losses"], rel=1e-4, abs=1e-5)
+    assert set(result["modes"].values()) == {"spmm"}
+    for name, layer in rosa_layers_of(net).items():
+        # the sharded weight holds the original W again (S lives in sparse_values only)
+        torch.testing.assert_close(result["weights"][name], layer.base_weight(), rtol=0, atol=0)
+    torch.testing.assert_close(net(result["x"]).detach(), result["outputs"], rtol=1e-4, atol=1e-5)
