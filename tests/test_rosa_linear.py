@@ -800,3 +800,32 @@ def test_autocast_runs_in_the_autocast_dtype(device, mode):
     assert_close(x.grad, dx_ref, torch.bfloat16, "dx")
     assert_close(layer.lora_A.grad, dA_ref, torch.bfloat16, "dA")
     assert_close(layer.sparse_values.grad, dS_ref, torch.bfloat16, "dS")
+
+
+def test_a_deep_copied_merged_model_compiled_trains_like_the_original():
+    """A deepcopy (or unpickled) merged layer registers with the optimizer post-step hook: compiled
+    forwards skip the eager version check, so only the hook re-scatters W + S after each step."""
+    import copy
+
+    torch.manual_seed(0)
+    original = torch.nn.Sequential(RosaLinear(16, 24, rank=2, density=0.1, dropout=0.0), torch.nn.Tanh(),
+                                   RosaLinear(24, 8, rank=2, density=0.1, dropout=0.0))
+    for i, layer in enumerate(original[::2]):
+        layer.set_mask(random_mask(layer.out_features, layer.in_features, layer.nnz, i))
+    copied = copy.deepcopy(original)
+    torch._dynamo.reset()
+    compiled = torch.compile(copied, fullgraph=True, backend="aot_eager")
+    x, target = torch.randn(10, 16), torch.randn(10, 8)
+    losses = {}
+    for name, model, params in (("eager", original, original), ("compiled", compiled, copied)):
+        optimizer = torch.optim.AdamW([p for p in params.parameters() if p.requires_grad], lr=0.05)
+        losses[name] = []
+        for _ in range(4):
+            optimizer.zero_grad()
+            loss = (model(x) - target).square().mean()
+            loss.backward()
+            optimizer.step()
+            losses[name].append(loss.item())
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-5, abs=1e-6)
+    for a, b in zip(copied[::2], original[::2]):
+        torch.testing.assert_close(a.weight, b.weight)

@@ -593,6 +593,16 @@ class RosaLinear(nn.Module):
         w.view(-1).index_copy_(0, self.flat_indices, self.base_values)
         return w
 
+    def __setstate__(self, state):
+        # copy.deepcopy and pickle rebuild the layer without _merge / start_collection: register the
+        # copy with the optimizer post-step hook too, or a compiled or graph-captured copy (which skips
+        # the forward's version check) would never re-scatter W + S after its optimizer steps.
+        super().__setstate__(state)
+        if self.__dict__.get("_merged"):
+            _MERGED_LAYERS.add(self)
+        if self.__dict__.get("phase") == "collect" and self.__dict__.get("_collector") is not None:
+            _COLLECTING_LAYERS.add(self)
+
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         if self._collector is not None:
