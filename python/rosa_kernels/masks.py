@@ -9,7 +9,9 @@ optimizer steps; the statistic sums over steps
 - ``'mean'``: ``sum over steps of dW``
 
 and is divided by the number of steps (and, under ``torch.distributed``, summed over the ranks and
-divided by the world size) before selection, which keeps the ``round(density * out * in)``
+divided by the world size; with one collection step and the Fisher rule, RoSA's recipe, the step's
+gradient is averaged over the ranks before it is squared, so the mask is the one a single process
+with the whole global batch selects) before selection, which keeps the ``round(density * out * in)``
 entries of largest magnitude. Where that statistic is kept is the collector's ``buffer``
 (``COLLECT_BUFFERS``): nothing is allocated before a layer's first collecting backward, and
 
@@ -343,6 +345,17 @@ class GradientCollector:
             self.end_step()
         if self.pending is None and self.statistic is None and self.backward_passes > 0:
             raise ValueError("collect_buffer='one_pass' keeps only the top-k indices, not the statistic")
+        dist = _distributed()
+        if dist is not None and self.rule == "fisher" and self.pending_ended and self.statistic is None \
+                and self.steps == 1:
+            # One collection step (RoSA's recipe) under torch.distributed: the square of the gradient
+            # averaged over the ranks, i.e. of the whole global batch's gradient, as one process
+            # would compute it (not the mean of per-rank squares). A collective: every rank calls it,
+            # in the same layer order (select_masks walks the model's modules).
+            gradient = self._decode(self.pending, self.pending_scale).to(self.device)
+            dist.all_reduce(gradient, op=dist.ReduceOp.SUM)
+            gradient.div_(dist.get_world_size())
+            return gradient.mul_(gradient)
         result = None
         if self.pending_ended:
             result = self._step_term()
