@@ -13,19 +13,8 @@ PYTHON=${PYTHON:-python3}
 LOGS=${OUT:-gpu_check_logs}
 mkdir -p "$LOGS"
 export PYTHONUNBUFFERED=1
-declare -a SUMMARY=()
-status=0
-
-step() {  # step NAME TIMEOUT_S COMMAND...: runs one step with a time limit, logs it, records the outcome
-  local name=$1 limit=$2; shift 2
-  local start=$SECONDS
-  echo "=== $name"
-  timeout "$limit" "$@" 2>&1 | tee "$LOGS/$name.log"
-  local rc=${PIPESTATUS[0]}
-  local verdict=ok; [ "$rc" -eq 0 ] || { verdict="FAILED (exit $rc)"; status=1; }
-  SUMMARY+=("$name: $verdict in $((SECONDS - start)) s")
-  return "$rc"
-}
+# shellcheck source=scripts/gpu_steps.sh
+. scripts/gpu_steps.sh
 
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
 if ! step build 300 env ROSA_CUDA=ON "$PYTHON" -m pip install --no-build-isolation --no-deps -q .; then

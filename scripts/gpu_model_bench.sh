@@ -28,19 +28,9 @@ PYTHON=${PYTHON:-python3}
 LOGS=${OUT:-gpu_model_bench_logs}
 mkdir -p "$LOGS"
 export PYTHONUNBUFFERED=1
-declare -a SUMMARY=()
 started=$SECONDS
-
-step() {  # step NAME TIMEOUT_S COMMAND...: runs one step with a time limit, logs it, records the outcome
-  local name=$1 limit=$2; shift 2
-  local start=$SECONDS
-  echo "=== $name"
-  timeout "$limit" "$@" 2>&1 | tee "$LOGS/$name.log"
-  local rc=${PIPESTATUS[0]}
-  local verdict=ok; [ "$rc" -eq 0 ] || verdict="FAILED (exit $rc)"
-  SUMMARY+=("$name: $verdict in $((SECONDS - start)) s")
-  return "$rc"
-}
+# shellcheck source=scripts/gpu_steps.sh
+. scripts/gpu_steps.sh
 
 # 1. peft (and safetensors where missing) from the wheels carried in .whl/
 if ! "$PYTHON" -c "import peft" 2>/dev/null; then
