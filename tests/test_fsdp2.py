@@ -3,7 +3,6 @@ collection (the statistic reduced over the ranks as under DDP), mask broadcast, 
 merged mode switches to "spmm", since FSDP2 shards the frozen weight), and save_pretrained of the
 sharded model, whose adapter loads into an unsharded model and gives the same outputs."""
 
-import os
 import warnings
 
 import pytest
@@ -11,8 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from rosa_kernels import RosaLinear, RosaModel, apply_rosa
-from test_model import Net, data, ddp_config, free_port, rosa_layers_of, run_training
+from rosa_kernels import RosaModel, apply_rosa
+from test_model import Net, data, ddp_config, free_port, gloo_group, mask_tensors, rosa_layers_of, run_training
 
 try:
     from torch.distributed.fsdp import fully_shard
@@ -23,25 +22,26 @@ pytestmark = pytest.mark.skipif(fully_shard is None or not dist.is_available() o
                                 reason="needs torch.distributed with gloo and FSDP2 (fully_shard)")
 
 
+def shard(net):
+    """FSDP2 as users apply it: every RosaLinear, then the whole model."""
+    for layer in rosa_layers_of(net).values():
+        fully_shard(layer)
+    fully_shard(net)
+
+
 def fsdp2_worker(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         torch.manual_seed(0)
         model = RosaModel(Net(), ddp_config())
         net = model.base_model
-        for layer in rosa_layers_of(net).values():
-            fully_shard(layer)
-        fully_shard(net)
+        shard(net)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             losses = run_training(world, rank, net)
         mean_losses = torch.stack(losses)
         dist.all_reduce(mean_losses)
         modes = {name: layer.sparse_mode for name, layer in rosa_layers_of(net).items()}
-        masks = {f"{name}.{key}": getattr(layer, key).clone() for name, layer in rosa_layers_of(net).items()
-                 for key in ("row_offsets", "col_indices")}
+        masks = mask_tensors(net)
         model.save_pretrained(out + ".adapter")  # gathers the shards; rank 0 writes
         x, _ = data(11, n=8)
         outputs = net(x).detach()
@@ -51,8 +51,6 @@ def fsdp2_worker(rank, world, port, out):
                         "notices": [str(w.message) for w in caught if "sharded" in str(w.message)]}, out)
         else:
             torch.save({"masks": masks}, f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_fsdp2_two_cpu_processes_match_single_process(tmp_path):
@@ -82,14 +80,9 @@ def test_fsdp2_two_cpu_processes_match_single_process(tmp_path):
 def merged_then_sharded_worker(rank, world, port, out):
     """Masks set (and merged into W) before fully_shard: the first optimizer step puts W back in each
     rank's shard and switches to spmm; training then matches one process that keeps merging."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         net = sparse_net()
-        for layer in rosa_layers_of(net).values():
-            fully_shard(layer)
-        fully_shard(net)
+        shard(net)
         losses = sparse_training(world, rank, net)
         mean_losses = torch.stack(losses)
         dist.all_reduce(mean_losses)
@@ -100,8 +93,6 @@ def merged_then_sharded_worker(rank, world, port, out):
         if rank == 0:
             torch.save({"losses": (mean_losses / world).tolist(), "modes": modes, "weights": weights,
                         "outputs": outputs, "x": x}, out)
-    finally:
-        dist.destroy_process_group()
 
 
 def sparse_net():

@@ -1,5 +1,6 @@
 """The model-level API: targeting, the phase scheduler, saving/loading, merging, DDP."""
 
+import contextlib
 import json
 import os
 import socket
@@ -227,13 +228,15 @@ def ddp_config(collect_buffer="float32"):
                       collect_buffer=collect_buffer)
 
 
-def run_training(world, rank, model, collect_buffer="float32"):
+def run_training(world, rank, model, collect_buffer="float32", *, config=None, steps=DDP_STEPS):
+    """``steps`` steps through RoSA's life cycle (``config``, default ``ddp_config``) on this rank's
+    share of a global batch of 32; returns the losses."""
     x, y = data(7, n=64)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2, weight_decay=0.0)
-    scheduler = RosaScheduler(model.module if hasattr(model, "module") else model, ddp_config(collect_buffer),
-                              show_progress=False)
+    scheduler = RosaScheduler(model.module if hasattr(model, "module") else model,
+                              config if config is not None else ddp_config(collect_buffer), show_progress=False)
     losses = []
-    for step in range(DDP_STEPS):
+    for step in range(steps):
         i = (step * 32) % 64
         xb, yb = x[i:i + 32], y[i:i + 32]
         per = 32 // world
@@ -247,11 +250,20 @@ def run_training(world, rank, model, collect_buffer="float32"):
     return losses
 
 
-def ddp_worker(rank, world, port, out, collect_buffer):
+@contextlib.contextmanager
+def gloo_group(rank, world, port):
+    """This spawned process as rank ``rank`` of a gloo process group on localhost, one thread."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def ddp_worker(rank, world, port, out, collect_buffer):
+    with gloo_group(rank, world, port):
         torch.manual_seed(0)
         net = Net()
         apply_rosa(net, ddp_config(collect_buffer))
@@ -263,12 +275,16 @@ def ddp_worker(rank, world, port, out, collect_buffer):
             torch.save({"state": net.state_dict(), "losses": (mean_losses / world).tolist()}, out)
         else:
             torch.save({"state": net.state_dict()}, f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
 
 
 def rosa_layers_of(net):
     return {name: m for name, m in net.named_modules() if isinstance(m, RosaLinear)}
+
+
+def mask_tensors(net):
+    """Every RosaLinear's mask structure (row offsets, column indices), cloned, by state_dict key."""
+    return {f"{name}.{key}": getattr(layer, key).clone() for name, layer in rosa_layers_of(net).items()
+            for key in ("row_offsets", "col_indices")}
 
 
 def free_port():
