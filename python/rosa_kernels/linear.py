@@ -216,23 +216,23 @@ _MERGED_LAYERS: "weakref.WeakSet[RosaLinear]" = weakref.WeakSet()
 _COLLECTING_LAYERS: "weakref.WeakSet[RosaLinear]" = weakref.WeakSet()
 
 
-def _is_sharded(tensor) -> bool:
-    """True for a DTensor: a parameter that FSDP2 (``fully_shard``) shards across ranks."""
-    return _DTensor is not None and isinstance(tensor, _DTensor)
-
-
 try:
     from torch.distributed.tensor import DTensor as _DTensor
 except ImportError:  # torch without torch.distributed
     _DTensor = None
 
 
+def _is_sharded(tensor) -> bool:
+    """True for a DTensor: a parameter that FSDP2 (``fully_shard``) shards across ranks."""
+    return _DTensor is not None and isinstance(tensor, _DTensor)
+
+
 def _after_optimizer_step(optimizer, args, kwargs):
     changed = [layer for layer in _MERGED_LAYERS
                if layer._merged and layer._parameters["sparse_values"]._version != layer._merged_version]
-    sharded = [layer for layer in changed if _is_sharded(layer._parameters["weight"])]
-    for layer in sharded:  # sharded after the merge: leave the merged mode (below)
-        layer._leave_merged_mode_for_sharding()
+    for layer in changed:
+        if _is_sharded(layer._parameters["weight"]):  # sharded after the merge: leaves the merged mode
+            layer._leave_merged_mode_for_sharding()
     _scatter_layers([layer for layer in changed if layer._merged])
     for layer in list(_COLLECTING_LAYERS):
         layer.finish_collection_step()
