@@ -27,7 +27,7 @@ from torch import nn
 
 from . import masks as _masks
 from .csr import CSR, validate_csr
-from .linear import SPARSE_MODES, RosaLinear, check_hyperparameters
+from .linear import SPARSE_MODES, RosaLinear, _is_sharded, check_hyperparameters
 
 __all__ = [
     "RosaConfig",
@@ -752,7 +752,7 @@ def _check_adapter(saved_layers: dict, modules: dict[str, nn.Module], config: Ro
 
 def _full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor of an FSDP2-sharded parameter (a collective: every rank calls it), else itself."""
-    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+    return tensor.full_tensor() if _is_sharded(tensor) else tensor
 
 
 def get_rosa_model(model: nn.Module, config: RosaConfig | None = None, **overrides) -> RosaModel:
