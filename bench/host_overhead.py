@@ -331,7 +331,7 @@ def main(argv=None) -> dict:
             print(f"| {name} | {row['us']:.1f} | {row['us per layer']:.2f} |")
     if not args.skip_ops:
         out["ops"] = op_rows(device)
-        print(f"\n## public ops, 64 x 64, density 5%, 16 columns: median us per call")
+        print("\n## public ops, 64 x 64, density 5%, 16 columns: median us per call")
         print("| op | validate=False | validate=True | raw op | raw, below autograd |")
         print("|---|---|---|---|---|")
         for name, row in out["ops"].items():

@@ -266,14 +266,6 @@ def _notice_sharded_merge() -> None:
                       "RosaLinear layers use sparse_mode='spmm' (same results, an SpMM per step)", stacklevel=3)
 
 
-def _check_positive_int(value, name):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-    return int(value)
-
-
 def _check_features(value, name):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")

@@ -38,7 +38,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .linear import RosaLinear
 from .model import RosaConfig, get_rosa_model
 from .recipe import random_masks
 
