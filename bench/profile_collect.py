@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import statistics
 import sys
@@ -94,7 +95,47 @@ def life_cycle(case: model_step.ModelCase, clock: Clock, sparse_steps: int = 3, 
     return result
 
 
+def _labelled(owner, name: str, label: str):
+    """Wraps ``owner.name`` so that each call is a torch.profiler range ``label`` (bench only)."""
+    original = getattr(owner, name)
+
+    @functools.wraps(original)
+    def wrapper(*args, **kwargs):
+        with torch.profiler.record_function(label):
+            return original(*args, **kwargs)
+
+    setattr(owner, name, wrapper)
+    return owner, name, original
+
+
+def _label_stages():
+    """Profiler ranges around the stages of the collection and of mask selection; returns an undo list."""
+    from rosa_kernels import linear, masks, plan
+
+    targets = [(masks.GradientCollector, "add", "collect: GradientCollector.add (dW, encode, top-k)"),
+               (masks, "weight_gradient", "collect: weight_gradient (dW GEMM)"),
+               (masks, "_top_k_indices", "collect: top-k"),
+               (linear.RosaLinear, "select_mask", "select: RosaLinear.select_mask (all)"),
+               (masks, "mask_from_indices", "select: mask_from_indices"),
+               (masks, "broadcast_mask", "select: broadcast_mask"),
+               (linear, "validate_csr", "select: validate_csr"),
+               (linear.RosaLinear, "_build_derived", "select: _build_derived (transpose, flat, plan)"),
+               (plan.MaskPlan, "__init__", "select: MaskPlan"),
+               (linear.RosaLinear, "_merge", "select: _merge"),
+               (linear.RosaLinear, "mask", "select: RosaLinear.mask (copies)")]
+    return [_labelled(*target) for target in targets if hasattr(target[0], target[1])]
+
+
 def profiled(fn, device: torch.device, top: int):
+    undo = _label_stages()
+    try:
+        return _profiled(fn, device, top)
+    finally:
+        for owner, name, original in undo:
+            setattr(owner, name, original)
+
+
+def _profiled(fn, device: torch.device, top: int):
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -104,6 +145,10 @@ def profiled(fn, device: torch.device, top: int):
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(averages.table(sort_by=key, row_limit=top))
     print(averages.table(sort_by="cpu_time_total", row_limit=top))
+    stages = sorted((e for e in averages if e.key.startswith(("collect:", "select:"))), key=lambda e: -e.cpu_time_total)
+    for e in stages:
+        print(f"stage {e.key:60s} calls {e.count:5d}  host total {e.cpu_time_total / 1e3:9.2f} ms  "
+              f"device total {e.device_time_total / 1e3:9.2f} ms")
     syncs = sum(e.count for e in averages if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize",
                                                        "aten::_local_scalar_dense", "cudaMemcpyAsync"))
     print(f"host synchronizations (or device->host copies) in the profiled step: {syncs}")
