@@ -242,6 +242,11 @@ def test_save_pretrained_round_trip_and_merge_and_unload(tmp_path):
     unquantized.eval()
     assert not any(isinstance(layer, QRosaLinear) for layer in unquantized.rosa_layers().values())
     torch.testing.assert_close(unquantized(x), expected, rtol=1e-5, atol=1e-5)
+    # And back: the plain model's adapter into a fresh 4-bit model.
+    unquantized.save_pretrained(tmp_path / "plain")
+    again = RosaModel.from_pretrained(quantized_net(0), tmp_path / "plain")
+    again.eval()
+    torch.testing.assert_close(again(x), expected, rtol=1e-5, atol=1e-5)
     # merge_and_unload: plain, dequantized nn.Linear layers with W + S + scale B A.
     merged = model.merge_and_unload()
     assert not any(isinstance(m, (RosaLinear, bitsandbytes.nn.Linear4bit)) for m in merged.modules())
