@@ -118,7 +118,24 @@ def test_inputs_in_another_dtype_and_autocast_run_in_the_adapters_dtype():
         assert layer(x).dtype == torch.float32
 
 
-def stack(dtype=torch.float32):
+@needs_bnb
+def test_state_dict_holds_the_adapters_and_the_4bit_base():
+    layer = make_layer(40, 24, seed=1)
+    state = layer.state_dict()
+    assert {"lora_A", "lora_B", "sparse_values", "row_offsets", "row_indices", "col_indices", "has_mask",
+            "base_layer.weight", "base_layer.bias"} <= set(state)
+    assert state["base_layer.weight"].dtype == torch.uint8  # packed 4-bit, with its quantization state
+    # The adapters' entries load into a fresh layer over the same base (bitsandbytes loads its own).
+    fresh = make_layer(40, 24, seed=1, phase="warmup")
+    result = fresh.load_state_dict({k: v for k, v in state.items() if not k.startswith("base_layer.")}, strict=False)
+    assert not result.unexpected_keys and all(k.startswith("base_layer.") for k in result.missing_keys)
+    assert fresh.phase == "sparse"
+    x = torch.randn(3, 40)
+    layer.eval(), fresh.eval()
+    assert torch.equal(fresh(x), layer(x))
+
+
+def stack():
     """Two layers in a row: the first one's dY depends on the second one's (dequantized) W."""
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(32, 48), nn.Tanh(), nn.Linear(48, 16))
