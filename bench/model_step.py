@@ -16,6 +16,12 @@ bf16 on CUDA, float32 on the CPU. Methods (``METHODS``):
   then one optimizer step; on a model of its own), ``rosa-first-sparse`` (the first sparse steps).
 - ``*+compile``: ``torch.compile(model, mode="reduce-overhead")`` (CUDA graphs) of full, LoRA and
   RoSA, after their eager rows, on the same model and optimizer.
+- On a 4-bit base (``QUANTIZED``; every linear layer but ``lm_head`` a bitsandbytes ``Linear4bit``,
+  NF4 with double quantization, computing in the model's dtype: :func:`quantize_linears`, what
+  transformers' ``BitsAndBytesConfig(load_in_4bit=True, ...)`` loads): ``qlora`` (PEFT LoRA as
+  above: QLoRA), ``qrosa`` (RoSA as above in the sparse phase: QRoSA, ``sparse_mode="csr_add"``) and
+  ``qrosa-spmm`` (the same with ``sparse_mode="spmm"``). In the default methods only where
+  bitsandbytes imports (the ``qrosa`` extra).
 
 Per row: GPU time (CUDA events around each step, median; on the CPU the wall time), host time (CPU
 wall time to enqueue the step, ``perf_counter`` around it without synchronizing, median; equal to
@@ -48,12 +54,14 @@ from torch.utils.weak import WeakIdKeyDictionary
 import rosa_kernels
 
 BENCH_EXTRA = "pip install 'rosa_kernels[bench]' (transformers, peft, safetensors)"
+QROSA_EXTRA = "pip install 'rosa_kernels[qrosa]' (bitsandbytes)"
 PEFT_VERSION = "0.21.2"
 
 METHODS = ("full", "lora", "rosa")
 PHASES = ("rosa-warmup", "rosa-warmup-end", "rosa-collect", "rosa-collect-8", "rosa-first-sparse")
 COMPILED = ("full+compile", "lora+compile", "rosa+compile")
-ALL_METHODS = METHODS + PHASES + COMPILED
+QUANTIZED = ("qlora", "qrosa", "qrosa-spmm")
+ALL_METHODS = METHODS + PHASES + COMPILED + QUANTIZED
 METHOD_NAMES = {
     "full": "full FT", "lora": "PEFT LoRA", "rosa": "RoSA (sparse phase)",
     "rosa-warmup": "RoSA warm-up step (LoRA only)",
@@ -62,7 +70,9 @@ METHOD_NAMES = {
     "rosa-collect-8": "RoSA collection step, 8 micro-batches (ends with mask selection)",
     "rosa-first-sparse": "RoSA first sparse steps",
     "full+compile": "full FT, compiled", "lora+compile": "PEFT LoRA, compiled", "rosa+compile": "RoSA, compiled",
+    "qlora": "PEFT QLoRA (4-bit base)", "qrosa": "QRoSA (4-bit base, csr_add)", "qrosa-spmm": "QRoSA (4-bit base, spmm)",
 }
+QROSA_SPARSE_MODES = {"qrosa": "csr_add", "qrosa-spmm": "spmm"}
 
 RANK, ALPHA, DROPOUT, DENSITY = 16, 16.0, 0.05, 0.006
 LEARNING_RATE = 1e-5  # small: the random model must not diverge (NaNs would change the kernels' paths)
@@ -153,8 +163,10 @@ class Options:
 
 
 def missing_requirements(methods=ALL_METHODS) -> str | None:
-    """Why ``methods`` cannot run here (None: they can): every one needs transformers, LoRA's peft."""
-    needed = ["transformers"] + (["peft"] if any(m.startswith("lora") for m in methods) else [])
+    """Why ``methods`` cannot run here (None: they can): every one needs transformers, LoRA's peft,
+    the 4-bit bases bitsandbytes."""
+    needed = ["transformers"] + (["peft"] if any(m.startswith(("lora", "qlora")) for m in methods) else [])
+    needed += ["bitsandbytes"] if any(m in QUANTIZED for m in methods) else []
     missing = []
     for module in needed:
         try:
@@ -162,8 +174,16 @@ def missing_requirements(methods=ALL_METHODS) -> str | None:
         except ImportError:
             missing.append(module)
     if missing:
-        return f"the model-level benchmark needs {' and '.join(missing)}: {BENCH_EXTRA}"
+        extras = [BENCH_EXTRA] * (set(missing) != {"bitsandbytes"}) + [QROSA_EXTRA] * ("bitsandbytes" in missing)
+        return f"the model-level benchmark needs {' and '.join(missing)}: {'; '.join(extras)}"
     return None
+
+
+def default_methods() -> tuple[str, ...]:
+    """Every method, less the 4-bit ones where bitsandbytes does not import."""
+    if missing_requirements(["qrosa"]) is None:
+        return ALL_METHODS
+    return tuple(m for m in ALL_METHODS if m not in QUANTIZED)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,6 +202,23 @@ def build_model(case: ModelCase) -> torch.nn.Module:
     return model.train()
 
 
+def quantize_linears(model: torch.nn.Module) -> torch.nn.Module:
+    """Replaces every ``nn.Linear`` of ``model`` but the output layer by a bitsandbytes ``Linear4bit``
+    (NF4, double quantization, computing in the model's dtype; ``rosa_kernels.quantize_linear``), as
+    transformers' ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+    bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=...)`` loads a checkpoint (from_pretrained
+    cannot be used on a model built from a config), and marks the model as that loader does, so that
+    PEFT takes its 4-bit path. Returns ``model``."""
+    compute_dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    output_layer = model.get_output_embeddings()
+    for name, module in list(model.named_modules()):
+        if isinstance(module, torch.nn.Linear) and module is not output_layer:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, rosa_kernels.quantize_linear(module, compute_dtype=compute_dtype))
+    model.is_loaded_in_4bit = True
+    return model
+
+
 def rosa_config(**overrides) -> rosa_kernels.RosaConfig:
     kwargs = dict(rank=RANK, alpha=ALPHA, dropout=DROPOUT, density=DENSITY, target_modules="all-linear")
     kwargs.update(overrides)
@@ -189,7 +226,14 @@ def rosa_config(**overrides) -> rosa_kernels.RosaConfig:
 
 
 def wrap(model: torch.nn.Module, method: str, *, warmup_steps: int = 1, collect_steps: int = 1):
-    """(model to train, RoSA scheduler or None) for ``method`` (``full``, ``lora`` or ``rosa``)."""
+    """(model to train, RoSA scheduler or None) for ``method`` (``full``, ``lora``, ``rosa`` or one of
+    ``QUANTIZED``, which quantize ``model`` first)."""
+    if method == "qlora":
+        return wrap(quantize_linears(model), "lora")
+    if method in QROSA_SPARSE_MODES:
+        wrapped = rosa_kernels.get_rosa_model(quantize_linears(model), rosa_config(
+            warmup_steps=warmup_steps, collect_steps=collect_steps, sparse_mode=QROSA_SPARSE_MODES[method]))
+        return wrapped, wrapped.scheduler(show_progress=False)
     if method == "full":
         return model, None
     if method == "lora":
@@ -513,6 +557,23 @@ def run_case(case: ModelCase, methods=ALL_METHODS, options: Options | None = Non
             raise RuntimeError(f"RoSA is in phase {scheduler.phase!r} after its collection step, not 'sparse'")
 
     guarded(["rosa-collect-8"], rosa_collect_accumulated)
+
+    def quantized(method):
+        def body():
+            model, scheduler = wrap(build_model(case), method)
+            weights = weights_bytes(model, device)
+            trainer = Trainer(model, case, scheduler)
+            extra = {}
+            if scheduler is not None:  # QRoSA: its warm-up and collection steps, into the sparse phase
+                measure_steps(trainer, 2)
+                if scheduler.phase != "sparse":
+                    raise RuntimeError(f"QRoSA is in phase {scheduler.phase!r} after its collection step, not 'sparse'")
+                extra["phase"] = scheduler.phase
+            rows.append(_steady(trainer, case, method, weights, options, cpu_memory, **extra))
+        return body
+
+    for method in QUANTIZED:
+        guarded([method], quantized(method))
     rows += [failure_row(case, m, reason) for m, reason in skipped.items()]
     order = {m: i for i, m in enumerate(ALL_METHODS)}
     return sorted(rows, key=lambda r: order[r["method"]])
@@ -533,7 +594,7 @@ def environment(device) -> dict:
 
     info = dict(common.versions(device))
     info["cpu"] = common.device_name("cpu")
-    for module in ("transformers", "peft", "accelerate"):
+    for module in ("transformers", "peft", "accelerate", "bitsandbytes"):
         try:
             info[module] = __import__(module).__version__
         except ImportError:

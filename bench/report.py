@@ -436,6 +436,25 @@ def model_tables(results: dict) -> str:
             ]) + " |")
         lines.append("\nTargets (issue 11): RoSA compiles; its step ≤ 0.8x PEFT LoRA's and ≤ 1.0x full FT's, "
                      "each compiled the same way.")
+
+    quantized = [(key, methods) for key, methods in cells.items() if any(q in methods for q in model_step.QUANTIZED)]
+    if quantized:
+        lines += ["", "#### On a 4-bit base (bitsandbytes NF4, double quantization): PEFT QLoRA and QRoSA", "",
+                  "| model, tokens per step | PEFT QLoRA ms | QRoSA ms | QRoSA spmm ms | QRoSA / QLoRA (csr_add / spmm) | "
+                  "host ms QLoRA / QRoSA / spmm | above weights GiB QLoRA / QRoSA / spmm | "
+                  "with weights GiB QLoRA / QRoSA / spmm | QRoSA / QLoRA peak with weights (csr_add / spmm) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for (model, tokens), methods in quantized:
+            rows = [methods.get(m) for m in model_step.QUANTIZED]  # QLoRA, QRoSA csr_add, QRoSA spmm
+            t = [_value(r, "gpu_ms") for r in rows]
+            peaks = [_value(r, "peak_bytes") for r in rows]
+            lines.append("| " + " | ".join([
+                f"{model}, {tokens}", *(_time_cell(r) for r in rows), " / ".join(_div(v, t[0]) for v in t[1:]),
+                " / ".join(_ms(None if _value(r, "host_ms") is None else _value(r, "host_ms") / 1e3) for r in rows),
+                " / ".join(_gib(_value(r, "above_weights_bytes")) for r in rows),
+                " / ".join(_gib(v) for v in peaks), " / ".join(_div(v, peaks[0]) for v in peaks[1:]),
+            ]) + " |")
+        lines.append("\nTargets (issue 14): QRoSA's step ≤ 1.1x PEFT QLoRA's, its peak memory ≤ 1.0x QLoRA's.")
     lines.append("\nTargets (issue 11): RoSA / LoRA ≤ 0.5 at 2048 tokens and ≤ 0.6 at 8192; RoSA / full ≤ 1.0; "
                  "RoSA's peak above the weights ≤ 0.6x PEFT LoRA's.")
     return "\n".join(lines) + "\n"
@@ -458,6 +477,14 @@ def model_summary(results: dict) -> str:
                                  _div(t["rosa"], t["lora"]), _div(t["rosa"], t["full"]),
                                  _div(_value(methods.get("rosa"), "above_weights_bytes"),
                                       _value(methods.get("lora"), "above_weights_bytes")), compiled]))
+    for (model, tokens), methods in _model_cells(results["rows"]).items():
+        t = [_value(methods.get(m), "gpu_ms") for m in model_step.QUANTIZED]
+        if any(m in methods for m in model_step.QUANTIZED):
+            memory = [_value(methods.get(m), "peak_bytes") for m in model_step.QUANTIZED]
+            lines.append(f"{model}, {tokens}, 4-bit base | QLoRA {_ms(None if t[0] is None else t[0] / 1e3)} | "
+                         f"QRoSA csr_add / spmm {' / '.join(_ms(None if v is None else v / 1e3) for v in t[1:])} | "
+                         f"QRoSA/QLoRA {' / '.join(_div(v, t[0]) for v in t[1:])} | "
+                         f"peak QRoSA/QLoRA {' / '.join(_div(v, memory[0]) for v in memory[1:])}")
     failures = [r for r in results["rows"] if r.get("status") != "ok"]
     for row in failures:
         lines.append(f"not ok: {row['model']}, {row['tokens']}, {row['method']}: {row['status']}")
@@ -481,7 +508,7 @@ def run_model(args) -> dict:
                else list(model_step.GPU_BATCHES) if device == "cuda" else [model_step.CPU_BATCH])
     dtype = "bfloat16" if device == "cuda" else "float32"
     cases = [model_step.ModelCase(s, b, seq, dtype, device, args.model_kv_heads) for s in shapes for b in batches]
-    methods = tuple(args.model_methods.split(",")) if args.model_methods else model_step.ALL_METHODS
+    methods = tuple(args.model_methods.split(",")) if args.model_methods else model_step.default_methods()
     if args.no_compile or (device == "cpu" and not args.model_methods):  # CUDA graphs need a GPU
         methods = tuple(m for m in methods if m not in model_step.COMPILED)
     options = model_step.Options()

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The model training-step benchmark on one CUDA GPU, in one go (about 6-8 minutes on an H100):
-#   1. installs peft from .whl/ (no network needed; transformers must already be installed),
+#   1. installs peft (and bitsandbytes, when its wheel is there) from .whl/ (no network needed;
+#      transformers must already be installed),
 #   2. builds rosa_kernels with its CUDA kernels (pip install --no-build-isolation --no-deps .),
 #   3. runs `python bench/report.py --model --device cuda` (bench/model_step.py): full FT / PEFT LoRA /
-#      RoSA on HF Llama models, RoSA's phases, and torch.compile(mode="reduce-overhead") rows,
+#      RoSA on HF Llama models, RoSA's phases, torch.compile(mode="reduce-overhead") rows, and PEFT QLoRA /
+#      QRoSA on a 4-bit base where bitsandbytes imports,
 #   4. prints a short summary table LAST.
 # Writes $OUT/model/model_step.json and model_step.md (the Markdown tables) and logs to $OUT (or
 # ./gpu_model_bench_logs). Run from the repository root, with the peft wheel in .whl/:
@@ -11,7 +13,8 @@
 # Knobs (environment):
 #   MODEL_SHAPES    7b-slice,tinyllama (also: tiny)          MODEL_BATCHES  1,4 (sequences of 2048 per step)
 #   MODEL_METHODS   all of bench/model_step.py's ALL_METHODS: full,lora,rosa,rosa-warmup,rosa-warmup-end,
-#                   rosa-collect,rosa-collect-8,rosa-first-sparse,full+compile,lora+compile,rosa+compile
+#                   rosa-collect,rosa-collect-8,rosa-first-sparse,full+compile,lora+compile,rosa+compile,
+#                   qlora,qrosa,qrosa-spmm (the last three by default only where bitsandbytes imports)
 #   MODEL_COMPILE   the SHAPE:TOKENS cases that get the compiled rows (default 7b-slice:2048; "none": no
 #                   compiled rows; "all": every case). Compiled rows run after every eager row.
 #   MODEL_STEPS     WARMUP,TIMED,PHASE_TIMED steps per row (default 3,5,3: few steps to fit the budget)
@@ -37,6 +40,12 @@ if ! "$PYTHON" -c "import peft" 2>/dev/null; then
   wheels=(.whl/peft-*.whl)
   "$PYTHON" -c "import safetensors" 2>/dev/null || wheels+=(.whl/safetensors-*.whl)
   step install-peft 120 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "${wheels[@]}"
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+# bitsandbytes (QLoRA / QRoSA rows) from its wheel in .whl/, where there is one
+if ! "$PYTHON" -c "import bitsandbytes" 2>/dev/null && compgen -G ".whl/bitsandbytes-*.whl" >/dev/null; then
+  step install-bitsandbytes 120 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
+    .whl/bitsandbytes-*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 

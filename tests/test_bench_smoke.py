@@ -117,8 +117,11 @@ def test_model_tables_have_every_row():
         assert table.count(f"| {model_step.METHOD_NAMES[method]} |") == 2, method
     assert "failed: RuntimeError: These storage data ptrs are not allocated in pool" in table
     assert "CPU: some CPU" in table
+    # the 4-bit base: QLoRA 21, QRoSA 22 (csr_add) and 23 ms (spmm)
+    assert "| LLaMA-7B slice, 2048 | 21 | 22 | 23 | 1.05 / 1.10 |" in table
     summary = report.model_summary(results)
-    assert "not ok: LLaMA-7B slice, 2048, rosa+compile" in summary and summary.count("\n") == 4
+    assert "not ok: LLaMA-7B slice, 2048, rosa+compile" in summary and summary.count("\n") == 6
+    assert "LLaMA-7B slice, 8192, 4-bit base | QLoRA 21 | QRoSA csr_add / spmm 22 / 23 | QRoSA/QLoRA 1.05 / 1.10" in summary
 
 
 def test_model_step_skips_without_the_bench_extra(monkeypatch):
@@ -126,6 +129,14 @@ def test_model_step_skips_without_the_bench_extra(monkeypatch):
     rows = model_step.run_case(model_step.cpu_cases()[0], ("full", "lora"))
     assert [r["method"] for r in rows] == ["full", "lora"]
     assert all(r["status"].startswith("skipped") and "rosa_kernels[bench]" in r["status"] for r in rows)
+
+
+def test_model_step_4bit_methods_skip_without_bitsandbytes(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` now fails
+    assert not set(model_step.QUANTIZED) & set(model_step.default_methods())
+    rows = model_step.run_case(model_step.cpu_cases()[0], model_step.QUANTIZED)
+    assert [r["method"] for r in rows] == list(model_step.QUANTIZED)
+    assert all(r["status"].startswith("skipped") and "rosa_kernels[qrosa]" in r["status"] for r in rows)
 
 
 def test_model_step_without_peft_still_runs_full_and_rosa(monkeypatch):
@@ -149,12 +160,15 @@ def test_model_step_report_runs_every_method_on_cpu(tmp_path, capsys):
         torch.set_num_threads(threads)
     saved = json.loads((tmp_path / "model_step.json").read_text())
     rows = {r["method"]: r for r in saved["rows"]}
-    assert set(rows) == set(model_step.METHODS + model_step.PHASES)  # no CUDA graphs on the CPU
+    # no CUDA graphs on the CPU; QLoRA and QRoSA where bitsandbytes imports
+    assert set(rows) == set(model_step.METHODS + model_step.PHASES) | (
+        set(model_step.QUANTIZED) & set(model_step.default_methods()))
     for method, row in rows.items():
         assert row["status"] == "ok", (method, row["status"])
         assert row["gpu_ms"] > 0 and row["host_ms"] > 0
         assert row["peak_bytes"] > row["weights_bytes"] > 0 and row["above_weights_bytes"] > 0, method
     assert rows["rosa"]["phase"] == "sparse" and rows["rosa-warmup"]["phase"] == "warmup"
+    assert all(rows[m]["phase"] == "sparse" for m in ("qrosa", "qrosa-spmm") if m in rows)
     assert rows["rosa-collect-8"]["micro_batches"] == 8
     # full fine-tuning keeps gradients and AdamW state of every weight: above LoRA's and RoSA's
     assert rows["full"]["above_weights_bytes"] > rows["lora"]["above_weights_bytes"]

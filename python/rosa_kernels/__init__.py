@@ -28,6 +28,7 @@ from .linear import RosaLinear
 from .plan import MaskPlan
 from .masks import load_masks, save_masks, select_mask
 from .model import RosaConfig, RosaModel, RosaScheduler, apply_rosa, get_rosa_model, merge_and_unload
+from .qrosa import QRosaLinear, quantize_linear
 from .recipe import parameter_groups, random_masks, restart_optimizer
 
 __version__ = "0.1.0"
@@ -62,6 +63,8 @@ __all__ = [
     "csr_to_scipy",
     "csr_to_torch_sparse",
     "RosaLinear",
+    "QRosaLinear",
+    "quantize_linear",
     "MaskPlan",
     "select_mask",
     "save_masks",

@@ -29,7 +29,9 @@ How the sparse adapter enters the math (``sparse_mode``):
 - ``"spmm"``: ``X S^T`` and ``dY S`` by ``spmm`` with S's structure and its cached transpose.
 
 All three give the same result to rounding. Nothing in a training step synchronizes with the host;
-a mask is validated once, when it is set.
+a mask is validated once, when it is set. Over a frozen bitsandbytes 4-bit base (QRoSA),
+:class:`rosa_kernels.qrosa.QRosaLinear` dequantizes W in each forward and backward and uses
+``"csr_add"`` (into that transient) or ``"spmm"``.
 
 Host cost: in the common case (merged mode, and the LoRA-only warm-up) a layer's forward is one
 call of the registered op ``torch.ops.rosa_kernels.rosa_linear`` (``csrc/rosa_linear_ops.cpp``:
@@ -111,13 +113,19 @@ class _RosaFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_A, lora_B, values, row_offsets, row_indices, col_indices,
                 row_offsets_t, row_indices_t, col_indices_t, permutation, flat_indices,
                 plan_gather, plan_target, plan_row_offsets, plan_row_indices, plan_col_indices, plan_width,
-                plan_rest_nnz, pending, scale, dropout, mode, dense_grad):
+                plan_rest_nnz, pending, scale, dropout, mode, dense_grad, dense_base=None):
+        # A quantized base (QRoSA, rosa_kernels.qrosa): weight is None and dense_base(dtype) dequantizes
+        # W, here and again in backward: a transient of each call (as in QLoRA), never saved.
+        saved_weight = weight
+        if weight is None:
+            weight = dense_base(x.dtype)
         out_features, in_features = weight.shape
         x2d = x.reshape(-1, in_features)
         # mode: "nomask" (LoRA only), "merged" (the weight already holds W + S), "csr_add", "spmm".
         # The mask was validated when it was set: the raw ops skip the public wrappers' checks.
         if mode == "csr_add":
-            y = F.linear(x2d, _ops.csr_add(values, row_offsets, row_indices, col_indices, weight), bias)
+            y = F.linear(x2d, _weight_plus_sparse(values, row_offsets, row_indices, col_indices, weight,
+                                                  dense_base is not None), bias)
         else:
             y = F.linear(x2d, weight, bias)
         if mode == "spmm":
@@ -146,7 +154,8 @@ class _RosaFunction(torch.autograd.Function):
         if mode in ("csr_add", "spmm"):
             sparse = sparse + (values, row_offsets, row_indices, col_indices, row_offsets_t, row_indices_t,
                                col_indices_t, permutation)
-        ctx.save_for_backward(x2d, seed, h, weight, lora_A, lora_B, *sparse)
+        ctx.save_for_backward(x2d, seed, h, saved_weight, lora_A, lora_B, *sparse)
+        ctx.dense_base = dense_base
         # Not saved for backward: every backward of the step adds into it in place, which would
         # trip the saved-tensor version check of the other forwards of the same step.
         ctx.pending = pending
@@ -165,13 +174,17 @@ class _RosaFunction(torch.autograd.Function):
             (values, row_offsets, row_indices, col_indices, row_offsets_t, row_indices_t, col_indices_t,
              permutation) = mode_tensors
         in_features = x2d.shape[1]
-        dy2d = dy.reshape(-1, weight.shape[0])
+        dy2d = dy.reshape(-1, lora_B.shape[0])
         dx = d_lora_A = d_lora_B = d_values = None
         g = torch.mm(dy2d, lora_B)  # dY B: T x rank, shared by dX and dA
         if ctx.needs_input_grad[0]:
             # dX = dY (W + S) + scale / (1 - p) * ((dY B) A) ∘ keep
+            transient = weight is None
+            if transient:
+                weight = ctx.dense_base(dy2d.dtype)
             if mode == "csr_add":
-                dx = torch.mm(dy2d, _ops.csr_add(values, row_offsets, row_indices, col_indices, weight))
+                dx = torch.mm(dy2d, _weight_plus_sparse(values, row_offsets, row_indices, col_indices, weight,
+                                                        transient))
             else:
                 dx = torch.mm(dy2d, weight)
             if mode == "spmm":
@@ -206,7 +219,15 @@ class _RosaFunction(torch.autograd.Function):
                 d_values = _ops.sddmm(*grad_tensors, dy2d.t(), x2d.t())
         if ctx.pending is not None:
             _masks.accumulate_gradient(ctx.pending, dy2d, x2d)  # dW = dY^T X of the frozen base
-        return (dx, None, None, d_lora_A, d_lora_B, d_values) + (None,) * 20
+        return (dx, None, None, d_lora_A, d_lora_B, d_values) + (None,) * 21
+
+
+def _weight_plus_sparse(values, row_offsets, row_indices, col_indices, weight, transient):
+    """W + S by csr_add: into W itself when W is a transient (a dequantized base), else a new tensor."""
+    if transient:
+        _ops.csr_add_(values, row_offsets, row_indices, col_indices, weight)
+        return weight
+    return _ops.csr_add(values, row_offsets, row_indices, col_indices, weight)
 
 
 # Optimizer steps change sparse_values in place; merged layers re-scatter right after (eagerly,
@@ -304,6 +325,9 @@ class RosaLinear(nn.Module):
             or ``'dense'`` (see ``SPARSE_GRADS``). All give the same gradient to rounding.
     """
 
+    # False in rosa_kernels.qrosa.QRosaLinear, whose frozen base is a bitsandbytes 4-bit module.
+    _owns_base = True
+
     def __init__(self, in_features, out_features, bias=True, *, rank=16, density=0.006, alpha=16.0, dropout=0.05,
                  use_rslora=False, rule="fisher", sparse_mode="merged", sparse_grad="auto", device=None, dtype=None,
                  _init_base=True):
@@ -329,8 +353,9 @@ class RosaLinear(nn.Module):
         self.scale = self.alpha / (math.sqrt(self.rank) if use_rslora else self.rank) if self.rank else 0.0
         self.nnz = _masks.mask_count(out_features, in_features, self.density)
 
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
-        self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
+        if self._owns_base:  # a QRosaLinear's base is its 4-bit base_layer
+            self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
+            self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, **factory))
         self.sparse_values = nn.Parameter(torch.zeros(self.nnz, **factory))
@@ -363,7 +388,7 @@ class RosaLinear(nn.Module):
     def reset_parameters(self, init_base=True):
         """nn.Linear's init for W and b (when ``init_base``), PEFT's for LoRA: A kaiming-uniform, B zero."""
         with torch.no_grad():
-            if init_base:
+            if init_base and self._owns_base:
                 nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
                 if self.bias is not None:
                     bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
@@ -382,9 +407,18 @@ class RosaLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, rank=16, density=0.006, alpha=16.0, dropout=0.05, **kwargs):
-        """A RosaLinear whose frozen base is a copy of ``linear``'s weight and bias."""
+        """A RosaLinear whose frozen base is a copy of ``linear``'s weight and bias.
+
+        A bitsandbytes 4-bit ``Linear4bit`` is not copied: it becomes the frozen ``base_layer`` of a
+        :class:`rosa_kernels.qrosa.QRosaLinear` (QRoSA).
+        """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        from . import qrosa
+
+        if qrosa.is_quantized_linear(linear):
+            return qrosa.QRosaLinear.from_linear(linear, rank=rank, density=density, alpha=alpha, dropout=dropout,
+                                                 **kwargs)
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, rank=rank, density=density,
                     alpha=alpha, dropout=dropout, device=linear.weight.device, dtype=linear.weight.dtype,
                     _init_base=False, **kwargs)
@@ -450,7 +484,7 @@ class RosaLinear(nn.Module):
                 return self._apply_function(x, weight, bias, lora_A, lora_B, values, collecting, mode)
         return self._apply_function(x, weight, bias, lora_A, lora_B, values, collecting, mode)
 
-    def _apply_function(self, x, weight, bias, lora_A, lora_B, values, collecting, mode):
+    def _apply_function(self, x, weight, bias, lora_A, lora_B, values, collecting, mode, dense_base=None):
         buffers = self._buffers  # a dict lookup each, instead of nn.Module.__getattr__'s slower path
         return _RosaFunction.apply(
             x, weight, bias, lora_A, lora_B, values,
@@ -458,7 +492,7 @@ class RosaLinear(nn.Module):
             buffers["row_offsets_t"], buffers["row_indices_t"], buffers["col_indices_t"], buffers["permutation"],
             buffers["flat_indices"], *self._plan_parts(x, mode),
             self._collector if collecting else None,
-            self.scale, self.dropout if self.training else 0.0, mode, self.sparse_grad == "dense",
+            self.scale, self.dropout if self.training else 0.0, mode, self.sparse_grad == "dense", dense_base,
         )
 
     def _plan_parts(self, x, mode) -> tuple:
@@ -472,7 +506,7 @@ class RosaLinear(nn.Module):
         """The mask's MaskPlan on the layer's device (one host synchronization, when the mask is set
         or the layer moves; the plan's cost model decides per device)."""
         self._use_plan(MaskPlan(self.row_offsets, self.col_indices, self.out_features, self.in_features,
-                                dtype=self.weight.dtype, validate=False))
+                                dtype=self._adapter_dtype, validate=False))
 
     def _use_plan(self, plan: MaskPlan):
         # Only what planned_sddmm reads is kept (the plan's other index tensors would cost a few MB
@@ -481,7 +515,7 @@ class RosaLinear(nn.Module):
         small = target.numel() == 0 or int(self.out_features) * width + rest_nnz < 2**31 - 1
         self._grad_plan = ((gather, target.int() if small else target, *rest, width, rest_nnz) if width
                            else None)
-        self._grad_plan_key = (plan.device, self.weight.dtype)
+        self._grad_plan_key = (plan.device, self._adapter_dtype)
         self._update_grad_args()
 
     @property
@@ -577,6 +611,11 @@ class RosaLinear(nn.Module):
         self._merged = False
         _MERGED_LAYERS.discard(self)
 
+    @property
+    def _adapter_dtype(self) -> torch.dtype:
+        """The dtype of S (its dense form, its mask and plan) and of ``merge()``: the weight's here."""
+        return self.weight.dtype
+
     def base_weight(self) -> torch.Tensor:
         """The original frozen W (a copy when S is merged into ``weight``)."""
         if not self._merged:
@@ -601,7 +640,7 @@ class RosaLinear(nn.Module):
             self._collector.to(self.weight.device)
         if self._merged:
             self._scatter()
-        if self._grad_plan_key is not None and self._grad_plan_key != (self.weight.device, self.weight.dtype):
+        if self._grad_plan_key is not None and self._grad_plan_key != (self.weight.device, self._adapter_dtype):
             self._build_plan()
         self._update_grad_args()  # the buffers are new tensors
         return self
@@ -683,9 +722,9 @@ class RosaLinear(nn.Module):
         ``"one_pass"``), the exact top-k of that pass's float32 gradient, kept since then."""
         indices = self._collector.exact_indices() if self._collector is not None else None
         if indices is not None:
-            mask = _masks.mask_from_indices(indices, self.out_features, self.in_features, dtype=self.weight.dtype)
+            mask = _masks.mask_from_indices(indices, self.out_features, self.in_features, dtype=self._adapter_dtype)
         else:
-            mask = _masks.select_mask(self.statistic(), self.nnz, dtype=self.weight.dtype)
+            mask = _masks.select_mask(self.statistic(), self.nnz, dtype=self._adapter_dtype)
         self.set_mask(_masks.broadcast_mask(mask))
         return self.mask()
 
@@ -762,7 +801,7 @@ class RosaLinear(nn.Module):
 
     def sparse_delta(self) -> torch.Tensor:
         """S as a dense (out x in) tensor (zeros before a mask is set)."""
-        s = torch.zeros(self.out_features, self.in_features, dtype=self.weight.dtype, device=self.weight.device)
+        s = torch.zeros(self.out_features, self.in_features, dtype=self._adapter_dtype, device=self.weight.device)
         if self.phase == "sparse":
             s.view(-1).index_copy_(0, self.flat_indices, self.sparse_values.detach())
         return s
@@ -774,7 +813,7 @@ class RosaLinear(nn.Module):
     def merge(self) -> nn.Linear:
         """A plain ``nn.Linear`` with weight W + S + scale * B A (computed in float32)."""
         linear = nn.Linear(self.in_features, self.out_features, self.bias is not None,
-                           device=self.weight.device, dtype=self.weight.dtype)
+                           device=self.weight.device, dtype=self._adapter_dtype)
         with torch.no_grad():
             linear.weight.copy_(self.base_weight().float() + self.delta_weight())
             if self.bias is not None:

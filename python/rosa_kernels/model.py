@@ -28,6 +28,7 @@ from torch import nn
 from . import masks as _masks
 from .csr import CSR, validate_csr
 from .linear import SPARSE_MODES, RosaLinear, _is_sharded, check_hyperparameters
+from .qrosa import QUANTIZED_SPARSE_MODES, is_quantized_linear
 
 __all__ = [
     "RosaConfig",
@@ -117,14 +118,18 @@ def _matches(name: str, spec) -> bool:
 
 
 def find_target_modules(model: nn.Module, config: RosaConfig) -> list[str]:
-    """The names of the ``nn.Linear`` modules ``config`` targets (in ``named_modules`` order)."""
+    """The names of the ``nn.Linear`` modules ``config`` targets (in ``named_modules`` order), bitsandbytes'
+    4-bit ``Linear4bit`` included (QRoSA), the bases inside RosaLinear modules excluded."""
     output_layer = None
     if config.target_modules == "all-linear":
         get_output = getattr(model, "get_output_embeddings", None)
         output_layer = get_output() if callable(get_output) else None
-    names = []
+    names, adapted = [], ()
     for name, module in model.named_modules():
-        if not name or not isinstance(module, nn.Linear) or isinstance(module, RosaLinear):
+        if isinstance(module, RosaLinear):  # a QRosaLinear's base_layer is an nn.Linear inside it
+            adapted += (f"{name}." if name else "",)
+            continue
+        if not name or not isinstance(module, nn.Linear) or name.startswith(adapted):
             continue
         if config.target_modules == "all-linear":
             # As PEFT: every linear layer except the output (language-model head) layer.
@@ -147,6 +152,9 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def apply_rosa(model: nn.Module, config: RosaConfig | None = None, **overrides) -> dict[str, RosaLinear]:
     """Replaces the targeted ``nn.Linear`` modules of ``model`` by :class:`RosaLinear` (in place).
 
+    bitsandbytes ``Linear4bit`` targets become :class:`rosa_kernels.qrosa.QRosaLinear` around them
+    (QRoSA; the config's ``sparse_mode="merged"``, the default, means ``"csr_add"`` there).
+
     Every other parameter is frozen. Returns ``{name: RosaLinear}`` for the replaced modules.
     Keyword arguments override fields of ``config`` (or of the default config). The arguments are
     checked before anything changes: on an error the model is left as it was.
@@ -156,7 +164,12 @@ def apply_rosa(model: nn.Module, config: RosaConfig | None = None, **overrides) 
     if not names:
         raise ValueError(f"target_modules={config.target_modules!r} matches no nn.Linear module of the model")
     kwargs = config.layer_kwargs()
-    replaced = {name: RosaLinear.from_linear(model.get_submodule(name), **kwargs) for name in names}
+    # A 4-bit base (QRoSA) cannot hold W + S: there the default "merged" means QRosaLinear's default.
+    quantized_kwargs = {**kwargs, "sparse_mode": QUANTIZED_SPARSE_MODES[0]} if config.sparse_mode == "merged" else kwargs
+    replaced = {}
+    for name in names:
+        module = model.get_submodule(name)
+        replaced[name] = RosaLinear.from_linear(module, **(quantized_kwargs if is_quantized_linear(module) else kwargs))
     for p in model.parameters():
         p.requires_grad_(False)
     for name, layer in replaced.items():
