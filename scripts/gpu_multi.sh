@@ -16,6 +16,8 @@
 #                   GPUs must then be equal), auto is the package default (16-bit statistic)
 #   MULTI_STEPS     20 (steps in all)           MULTI_WARMUP  4 (RoSA's LoRA-only steps, then 1 collection)
 #   MULTI_BATCH     2 (sequences per step over all GPUs)      MULTI_SEQ  2048 (32 on the CPU)
+#   MULTI_SHARES    NPROC: the global batch's shares; each GPU runs MULTI_SHARES / NPROC micro-batches and
+#                   the 1-GPU reference all of them (NPROC=1 MULTI_SHARES=2: a smoke run on one GPU)
 #   SCRIPT_BUDGET   seconds for the whole script (default 560: a device call may run 10 minutes); the
 #                   reference gets 40% of what the build leaves, torchrun the rest less the comparison's
 #   SKIP_BUILD=1    use the rosa_kernels already installed;  PYTHON (default python3)
@@ -52,7 +54,7 @@ if '$device' == 'cuda':
 
 common=(--method "${MODEL_METHODS:-rosa,lora}" --collect-buffers "${MULTI_COLLECT_BUFFERS:-float32,auto}"
         --steps "${MULTI_STEPS:-20}" --warmup-steps "${MULTI_WARMUP:-4}" --global-batch "${MULTI_BATCH:-2}"
-        --shares "$nproc_" --device "$device")
+        --shares "${MULTI_SHARES:-$nproc_}" --device "$device")
 [ -n "${MULTI_SEQ:-}" ] && common+=(--seq "$MULTI_SEQ")
 [ "$device" = cpu ] && common+=(--threads 1)
 IFS=, read -r -a shapes <<< "${MODEL_SHAPES:-$([ "$device" = cpu ] && echo tiny || echo 7b-slice)}"
