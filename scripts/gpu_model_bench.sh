@@ -36,25 +36,12 @@ started=$SECONDS
 . scripts/gpu_steps.sh
 
 # 1. peft (and safetensors where missing) from the wheels carried in .whl/
-if ! "$PYTHON" -c "import peft" 2>/dev/null; then
-  wheels=(.whl/peft-*.whl)
-  "$PYTHON" -c "import safetensors" 2>/dev/null || wheels+=(.whl/safetensors-*.whl)
-  step install-peft 120 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "${wheels[@]}"
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-# bitsandbytes (QLoRA / QRoSA rows) from its wheel in .whl/, where there is one
-if ! "$PYTHON" -c "import bitsandbytes" 2>/dev/null && compgen -G ".whl/bitsandbytes-*.whl" >/dev/null; then
-  step install-bitsandbytes 120 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
-    .whl/bitsandbytes-*.whl
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
+install_peft
+install_bitsandbytes  # the QLoRA / QRoSA rows, where .whl/ holds its wheel
 
 # 2. rosa_kernels with the CUDA kernels
-export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
-if [ -z "${SKIP_BUILD:-}" ]; then
-  if ! step build 360 env ROSA_CUDA=ON "$PYTHON" -m pip install --no-build-isolation --no-deps -q .; then
-    printf '%s\n' "--- summary" "${SUMMARY[@]}"; exit 1
-  fi
+if ! build_rosa 360; then
+  printf '%s\n' "--- summary" "${SUMMARY[@]}"; exit 1
 fi
 # Import rosa_kernels from site-packages (the build), bench/ from the repository root.
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
