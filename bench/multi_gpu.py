@@ -35,9 +35,10 @@ shape of a rank's batch (the same kernels, so the same forward bit for bit), and
 gradient g0/2 + g1/2 rounds as the data-parallel average (g0 + g1)/2 does (halving is exact). RoSA's
 collection statistic does the same: with ``--collect-buffer float32`` (the default here) the
 reference sums the two halves' dW in float32 exactly as the all-reduce does, so the masks must be
-equal. With ``auto`` (the package default: a 16-bit accumulator under torch.distributed) each rank
+equal. With ``auto`` (the package default: a 16-bit accumulator under DDP) each rank
 rounds its dW before the sum and the reference rounds the sum, so a few entries at the top-k
-threshold may differ; the comparison then gives the overlap. The dropout masks: every rank draws
+threshold may differ; the comparison then gives the overlap (under FSDP2 the sharded collector sums
+the float32 dW over the ranks before it rounds). The dropout masks: every rank draws
 them from the same seeded generators (as any identically seeded data-parallel run does), so the
 reference restores the generators' state before each micro-batch, and micro-batch r draws what
 rank r draws. The step's loss is the mean over the shares (all-reduced over the ranks).
@@ -45,8 +46,8 @@ rank r draws. The step's loss is the mean over the shares (all-reduced over the 
 Recorded per step and rank: the loss, the GPU time (CUDA events around the step, after a barrier;
 CPU: wall time), the peak memory (``max_memory_allocated`` after ``reset_peak_memory_stats``) and,
 in the collection step, the bytes the layers' gradient statistic holds once the backward is done
-(``collect_buffer``'s accumulator: sharded or streamed, it would be a fraction of the weights; a
-full copy per rank shows as the weights' size times 2 or 4). At mask selection a SHA-256 of every
+(``collect_buffer``'s accumulator: under DDP a full copy per rank, the weights' count times 2 or 4
+bytes; under FSDP2 each rank keeps its share of the rows, 1/world of that). At mask selection a SHA-256 of every
 layer's mask (row offsets + column indices) on every rank; with ``--masks-dir`` rank 0 also saves
 the masks, so that ``--compare`` can give the overlap of masks that differ. Rank 0 writes one JSON
 per configuration into ``--out``: ``{method}[-{collect_buffer}]-{wrap}-x{world}.json``.

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from rosa_kernels import RosaModel, apply_rosa
+from rosa_kernels import RosaConfig, RosaModel, RosaScheduler, apply_rosa
 from test_model import Net, data, ddp_config, free_port, gloo_group, mask_tensors, rosa_layers_of, run_training
 
 try:
@@ -137,3 +137,66 @@ def test_fsdp2_after_the_merge_restores_w_and_matches_single_process(tmp_path):
         # the sharded weight holds the original W again (S lives in sparse_values only)
         torch.testing.assert_close(result["weights"][name], layer.base_weight(), rtol=0, atol=0)
     torch.testing.assert_close(net(result["x"]).detach(), result["outputs"], rtol=1e-4, atol=1e-5)
+
+
+def fisher_config(collect_buffer, collect_steps):
+    return RosaConfig(rank=2, density=0.1, warmup_steps=2, collect_steps=collect_steps, dropout=0.0, rule="fisher",
+                      collect_buffer=collect_buffer)
+
+
+def fisher_training(world, rank, net, config):
+    """Warm-up, collection and the first sparse step on this rank's share of a global batch of 32;
+    returns the collectors' (storage shape, bytes) per layer, read after the last collecting backward."""
+    x, y = data(7, n=64)
+    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=2e-2, weight_decay=0.0)
+    scheduler = RosaScheduler(net, config, show_progress=False)
+    storage = {}
+    for step in range(config.warmup_steps + config.collect_steps + 1):
+        per = 32 // world
+        xb, yb = x[step * 32 % 64:][rank * per:(rank + 1) * per], y[step * 32 % 64:][rank * per:(rank + 1) * per]
+        optimizer.zero_grad()
+        (net(xb) - yb).square().mean().backward()
+        optimizer.step()
+        if step == config.warmup_steps + config.collect_steps - 1:
+            storage = {name: (layer._collector.storage_shape, accumulator_bytes(layer._collector))
+                       for name, layer in rosa_layers_of(net).items()}
+        scheduler.step()
+    return storage
+
+
+def accumulator_bytes(collector):
+    return sum(t.numel() * t.element_size() for t in (collector.pending, collector.statistic) if t is not None)
+
+
+def sharded_fisher_worker(rank, world, port, out, collect_buffer, collect_steps):
+    with gloo_group(rank, world, port):
+        torch.manual_seed(0)
+        net = Net(hidden=15)  # 15 output rows: shards of 8 and 7 rows
+        apply_rosa(net, fisher_config(collect_buffer, collect_steps))
+        shard(net)
+        storage = fisher_training(world, rank, net, fisher_config(collect_buffer, collect_steps))
+        torch.save({"masks": mask_tensors(net), "storage": storage}, f"{out}.{rank}")
+
+
+@pytest.mark.parametrize("collect_buffer, collect_steps", [("auto", 1), ("float16", 2), ("float32", 2)])
+def test_fsdp2_shards_the_fisher_statistic_and_selects_the_single_process_masks(tmp_path, collect_buffer,
+                                                                                collect_steps):
+    """Under FSDP2 each rank keeps only its rows of the statistic (about half of it on 2 ranks), of
+    the gradient summed over the ranks at each backward, so the Fisher rule squares the whole global
+    batch's gradient at every step: the masks are those of one process with the global batch."""
+    out = str(tmp_path / "sharded.pt")
+    mp.start_processes(sharded_fisher_worker, args=(2, free_port(), out, collect_buffer, collect_steps), nprocs=2,
+                       join=True, start_method="spawn")
+    ranks = [torch.load(f"{out}.{rank}") for rank in range(2)]
+    torch.manual_seed(0)
+    net = Net(hidden=15)
+    apply_rosa(net, fisher_config(collect_buffer, collect_steps))
+    single_storage = fisher_training(1, 0, net, fisher_config(collect_buffer, collect_steps))
+    single = net.state_dict()
+    for rank, result in enumerate(ranks):
+        for key, value in result["masks"].items():
+            assert torch.equal(value, single[key]), (rank, key)
+        for name, (shape, nbytes) in result["storage"].items():
+            full_shape, full_bytes = single_storage[name]
+            assert shape == ((8 if rank == 0 else 7), full_shape[1]), (rank, name, shape)
+            assert nbytes < 0.6 * full_bytes, (rank, name, nbytes, full_bytes)

@@ -664,8 +664,10 @@ class RosaLinear(nn.Module):
         _masks.check_collect_buffer(collect_buffer)
         if rule is not None:
             self.rule = _masks.check_rule(rule)
+        # Under FSDP2 (a sharded weight) each rank keeps only its rows of the statistic.
         self._collector = _masks.GradientCollector((self.out_features, self.in_features), self.weight.device,
-                                                   self.rule, collect_buffer, self.nnz)
+                                                   self.rule, collect_buffer, self.nnz,
+                                                   shard=_is_sharded(self.weight))
         self.phase = "collect"
         _COLLECTING_LAYERS.add(self)
 
@@ -702,7 +704,8 @@ class RosaLinear(nn.Module):
         if self.phase == "sparse":
             raise ValueError("the mask is already set; a collection state loads into a layer without one")
         collector = _masks.GradientCollector.from_state_dict(state, (self.out_features, self.in_features),
-                                                              self.weight.device, self.nnz)
+                                                              self.weight.device, self.nnz,
+                                                              shard=_is_sharded(self.weight))
         self.rule = collector.rule
         self._collector = collector
         self.phase = "collect"
@@ -710,17 +713,25 @@ class RosaLinear(nn.Module):
 
     def statistic(self) -> torch.Tensor:
         """The collected statistic averaged over steps (and over ranks under torch.distributed), in
-        float32 (decoded from the 16-bit buffers where the layer keeps those)."""
+        float32 (decoded from the 16-bit buffers where the layer keeps those). Under FSDP2 the ranks'
+        rows are gathered: a collective, call it on every rank."""
         if self._collector is None:
             raise ValueError("no gradient statistic was collected: call start_collection() and train a step first")
-        return self._collector.mean_statistic()
+        return self._collector.full_statistic()
 
     def select_mask(self) -> CSR:
-        """Top-k of the collected statistic -> the mask (broadcast from rank 0); switches to ``"sparse"``.
+        """Top-k of the collected statistic -> the mask (broadcast from rank 0; under FSDP2 the ranks'
+        candidates are gathered instead); switches to ``"sparse"``.
 
         When the whole collection was one backward pass (``collect_buffer`` ``"auto"`` or
         ``"one_pass"``), the exact top-k of that pass's float32 gradient, kept since then."""
-        indices = self._collector.exact_indices() if self._collector is not None else None
+        collector = self._collector
+        if collector is not None and collector.rows is not None:  # sharded: the same top-k on every rank
+            mask = _masks.mask_from_indices(collector.sharded_top_indices(), self.out_features, self.in_features,
+                                            dtype=self.weight.dtype)
+            self.set_mask(mask)
+            return self.mask()
+        indices = collector.exact_indices() if collector is not None else None
         if indices is not None:
             mask = _masks.mask_from_indices(indices, self.out_features, self.in_features, dtype=self._adapter_dtype)
         else:

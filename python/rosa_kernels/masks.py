@@ -11,7 +11,9 @@ optimizer steps; the statistic sums over steps
 and is divided by the number of steps (and, under ``torch.distributed``, summed over the ranks and
 divided by the world size; with one collection step and the Fisher rule, RoSA's recipe, the step's
 gradient is averaged over the ranks before it is squared, so the mask is the one a single process
-with the whole global batch selects) before selection, which keeps the ``round(density * out * in)``
+with the whole global batch selects; under FSDP2 the collector is *sharded*: each backward's gradient
+is summed over the ranks at once and each rank keeps only its rows, see ``GradientCollector``) before
+selection, which keeps the ``round(density * out * in)``
 entries of largest magnitude. Where that statistic is kept is the collector's ``buffer``
 (``COLLECT_BUFFERS``): nothing is allocated before a layer's first collecting backward, and
 
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import secrets
 import warnings
@@ -128,6 +131,13 @@ def _distributed():
     return dist if dist.is_available() and dist.is_initialized() else None
 
 
+def _all_gather(output: torch.Tensor, tensor: torch.Tensor) -> None:
+    """``output`` = every rank's ``tensor``, concatenated along dimension 0 (rank order)."""
+    dist = _distributed()
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # the newer name first
+    gather(output, tensor)
+
+
 def reduce_statistic(statistic: torch.Tensor, steps: int) -> torch.Tensor:
     """The mean statistic over steps and, under ``torch.distributed``, over ranks (a new tensor)."""
     return _reduce_in_place(statistic.clone(), steps)
@@ -196,21 +206,47 @@ class GradientCollector:
       write so that the row's largest entry lies in [2^14, 2^15): float16's 11-bit significand for
       every entry within 2^-29 of its row's largest (bfloat16 has 8 bits);
     - ``top_indices``: the exact top-k flat indices (int64, unsorted) of the first backward's float32
-      ``dW`` (``'auto'`` and ``'one_pass'`` outside ``torch.distributed``);
+      ``dW`` (``'auto'`` and ``'one_pass'`` outside ``torch.distributed``, or sharded: this rank's
+      candidates, as flat indices of the whole layer);
+    - ``top_values``: sharded only, the values of those candidates (the ranks' candidates are merged
+      by value at selection);
     - ``steps`` (ended steps), ``backward_passes`` (all collecting backward passes) and
       ``pending_ended`` (``pending`` belongs to an ended step).
+
+    ``shard=True`` under ``torch.distributed`` (RosaLinear asks for it when FSDP2 shards its weight):
+    ``rows = (first, last)`` is this rank's even share of the rows; each backward all-reduces ``dW``
+    (a collective, every rank in the same layer order) and keeps those rows, so ``pending`` and
+    ``statistic`` are ``storage_shape`` = (last - first, in) and hold sums over the ranks;
+    :meth:`sharded_top_indices` and :meth:`full_statistic` are collectives too.
     """
 
-    def __init__(self, shape, device, rule: str = "fisher", buffer: str = "auto", nnz: int = 0):
+    def __init__(self, shape, device, rule: str = "fisher", buffer: str = "auto", nnz: int = 0, *,
+                 shard: bool = False):
         self.shape, self.device = tuple(int(s) for s in shape), torch.device(device)
         self.rule, self.buffer, self.nnz = check_rule(rule), check_collect_buffer(buffer), int(nnz)
-        self.pending = self.statistic = self.top_indices = None
+        self.pending = self.statistic = self.top_indices = self.top_values = None
         self.pending_scale = self.statistic_scale = None
         self.steps = self.backward_passes = 0
         self.pending_ended = False
-        if self.buffer == "one_pass" and _distributed() is not None:
+        # Sharded (FSDP2): this rank keeps rows [first, last) of the statistic, of the gradient summed
+        # over the ranks at each backward; selection merges the ranks' top-k candidates.
+        self.rows = None
+        dist = _distributed()
+        if shard and dist is not None and dist.get_world_size() > 1:
+            m, world = self.shape[0], dist.get_world_size()
+            per_rank = -(-m // world)
+            first = min(m, dist.get_rank() * per_rank)
+            self.rows = (first, min(m, first + per_rank))
+        elif self.buffer == "one_pass" and dist is not None:
             warnings.warn("collect_buffer='one_pass' under torch.distributed: the statistic is summed over ranks, "
                           "so the layer keeps the float16 accumulator instead", stacklevel=3)
+
+    @property
+    def storage_shape(self) -> tuple[int, int]:
+        """The shape of ``pending`` and ``statistic``: the layer's, or this rank's rows when sharded."""
+        if self.rows is None:
+            return self.shape
+        return (self.rows[1] - self.rows[0], self.shape[1])
 
     @property
     def _dtype(self):
@@ -224,7 +260,8 @@ class GradientCollector:
 
     def memory_bytes(self) -> int:
         """Bytes held now (the buffers, their scales and ``top_indices``)."""
-        tensors = (self.pending, self.statistic, self.pending_scale, self.statistic_scale, self.top_indices)
+        tensors = (self.pending, self.statistic, self.pending_scale, self.statistic_scale, self.top_indices,
+                   self.top_values)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def _encode(self, total: torch.Tensor, tensor, scale):
@@ -238,7 +275,7 @@ class GradientCollector:
             scale = torch.bitwise_left_shift(biased, 23).view(torch.float32)
             total = total.div_(scale)
         if tensor is None:
-            tensor = torch.empty(self.shape, dtype=self._dtype, device=self.device)
+            tensor = torch.empty(self.storage_shape, dtype=self._dtype, device=self.device)
         tensor.copy_(total)
         return tensor, scale
 
@@ -256,26 +293,27 @@ class GradientCollector:
         # One pass (exact): the top-k of the float32 dW under the 'fisher' and 'mean' rules alike,
         # valid while this stays the collection's only backward. Under torch.distributed the
         # statistic is a sum over ranks, which the per-rank dW cannot rank: the accumulator decides.
-        exact_pass = self.buffer in ("auto", "one_pass") and _distributed() is None
+        # (Sharded, the gradient is summed over the ranks first: its top-k ranks the statistic.)
+        exact_pass = self.buffer in ("auto", "one_pass") and (_distributed() is None or self.rows is not None)
         keep_accumulator = not (self.buffer == "one_pass" and exact_pass)
         if not keep_accumulator and self.backward_passes > 1:
             raise RuntimeError("collect_buffer='one_pass' takes exactly one collecting backward pass (one step, no "
                                "gradient accumulation); use collect_buffer='auto' or 'float16' for more")
-        if self.buffer == "float32":
+        if self.buffer == "float32" and self.rows is None:
             if self.pending is None:
                 self.pending = torch.zeros(self.shape, dtype=torch.float32, device=self.device)
             self.pending.addmm_(dY2d.t().float(), X2d.float())
             return
-        if self.buffer == "host":
-            dW = weight_gradient(dY2d, X2d)
+        dW = self._rows_of(weight_gradient(dY2d, X2d))
+        if self.buffer in ("host", "float32"):
             if self.pending is None:
-                pinned = self.device.type == "cuda"
-                self.pending = torch.empty(self.shape, dtype=torch.float32, device="cpu", pin_memory=pinned)
+                pinned = self.buffer == "host" and self.device.type == "cuda"
+                self.pending = torch.empty(self.storage_shape, dtype=torch.float32, device=self._storage_device,
+                                           pin_memory=pinned)
                 self.pending.copy_(dW)
             else:
-                self.pending.add_(dW.cpu())
+                self.pending.add_(dW.to(self._storage_device))
             return
-        dW = weight_gradient(dY2d, X2d)
         if keep_accumulator:
             if self.pending is not None:
                 # The sum in float32, rounded once into the 16-bit accumulator.
@@ -287,7 +325,20 @@ class GradientCollector:
             if self.pending_scale is not None:
                 dW.mul_(self.pending_scale)  # undoes the encoding's division by powers of two, exactly
         first = exact_pass and self.backward_passes == 1
-        self.top_indices = _top_k_indices(dW.abs_().view(-1), self.nnz) if first else None
+        self.top_indices = self.top_values = None
+        if first and self.rows is None:
+            self.top_indices = _top_k_indices(dW.abs_().view(-1), self.nnz)
+        elif first:
+            flat = dW.abs_().view(-1)
+            self.top_values, local = torch.topk(flat, min(self.nnz, flat.numel()), sorted=False)
+            self.top_indices = local + self.rows[0] * self.shape[1]
+
+    def _rows_of(self, dW: torch.Tensor) -> torch.Tensor:
+        """``dW`` itself, or, sharded, this rank's rows of its sum over the ranks (a collective)."""
+        if self.rows is None:
+            return dW
+        _distributed().all_reduce(dW)
+        return dW[self.rows[0]:self.rows[1]]
 
     def end_step(self) -> None:
         """Ends an optimizer step (the step's gradient stays in ``pending`` until the next one's)."""
@@ -330,10 +381,53 @@ class GradientCollector:
         return gradient.mul_(gradient) if self.rule == "fisher" else gradient
 
     def exact_indices(self):
-        """The exact top-k flat indices when the whole collection was one backward pass, else None."""
-        if self.top_indices is not None and self.backward_passes == 1 and self.steps <= 1:
+        """The exact top-k flat indices when the whole collection was one backward pass, else None
+        (sharded: see :meth:`sharded_top_indices`)."""
+        if self.rows is None and self.top_indices is not None and self.backward_passes == 1 and self.steps <= 1:
             return self.top_indices
         return None
+
+    def sharded_top_indices(self) -> torch.Tensor:
+        """Sharded: the flat indices of the layer's top-k, the same on every rank (a collective).
+
+        Each rank takes the top-k of its rows (the exact float32 one of the first backward when
+        that was the whole collection, else of its rows of :meth:`mean_statistic`); the ranks'
+        candidates are gathered and their top-k taken, which is the top-k of the whole statistic:
+        every entry of it is among the top-k of its own rows."""
+        if self.rows is None:
+            raise ValueError("the collector is not sharded")
+        if self.top_indices is not None and self.backward_passes == 1 and self.steps <= 1:
+            values, indices = self.top_values, self.top_indices
+        else:
+            flat = self.mean_statistic().abs_().view(-1)
+            values, local = torch.topk(flat, min(self.nnz, flat.numel()), sorted=False)
+            indices = local + self.rows[0] * self.shape[1]
+        dist = _distributed()
+        # Every rank sends nnz candidates (padded with -inf, never chosen: the ranks hold >= nnz in all).
+        padded_values = torch.full((self.nnz,), -math.inf, dtype=torch.float32, device=self.device)
+        padded_indices = torch.zeros(self.nnz, dtype=torch.int64, device=self.device)
+        padded_values[:values.numel()] = values
+        padded_indices[:indices.numel()] = indices
+        world = dist.get_world_size()
+        all_values = torch.empty(world * self.nnz, dtype=torch.float32, device=self.device)
+        all_indices = torch.empty(world * self.nnz, dtype=torch.int64, device=self.device)
+        _all_gather(all_values, padded_values)
+        _all_gather(all_indices, padded_indices)
+        return all_indices[torch.topk(all_values, self.nnz, sorted=False).indices]
+
+    def full_statistic(self) -> torch.Tensor:
+        """:meth:`mean_statistic` of the whole layer: sharded, the ranks' rows gathered (a
+        collective; a float32 tensor the layer's size on every rank)."""
+        if self.rows is None:
+            return self.mean_statistic()
+        dist = _distributed()
+        world, (m, n) = dist.get_world_size(), self.shape
+        per_rank = -(-m // world)
+        mine = torch.zeros(per_rank, n, dtype=torch.float32, device=self.device)
+        mine[:self.rows[1] - self.rows[0]] = self.mean_statistic()
+        gathered = torch.empty(world * per_rank, n, dtype=torch.float32, device=self.device)
+        _all_gather(gathered, mine)
+        return gathered[:m]
 
     def mean_statistic(self) -> torch.Tensor:
         """The statistic averaged over steps (and ranks under ``torch.distributed``): a new float32
@@ -346,6 +440,16 @@ class GradientCollector:
         if self.pending is None and self.statistic is None and self.backward_passes > 0:
             raise ValueError("collect_buffer='one_pass' keeps only the top-k indices, not the statistic")
         dist = _distributed()
+        if self.rows is not None:
+            # Sharded: every step's gradient is already the sum over the ranks (so each step squares the
+            # whole global batch's gradient); the mean gradient is that sum over the world size.
+            world = dist.get_world_size()
+            result = self._step_term() if self.pending_ended else None
+            if self.statistic is not None:
+                result = self._stored_statistic() if result is None else result.add_(self._stored_statistic())
+            if result is None:
+                result = torch.zeros(self.storage_shape, dtype=torch.float32, device=self.device)
+            return result.to(self.device).div_(max(1, self.steps) * (world * world if self.rule == "fisher" else world))
         if dist is not None and self.rule == "fisher" and self.pending_ended and self.statistic is None \
                 and self.steps == 1:
             # One collection step (RoSA's recipe) under torch.distributed: the square of the gradient
@@ -365,8 +469,9 @@ class GradientCollector:
             result = torch.zeros(self.shape, dtype=torch.float32, device=self.device)
         return _reduce_in_place(result.to(self.device), self.steps)
 
-    _TENSORS = ("pending", "pending_scale", "statistic", "statistic_scale", "top_indices")
+    _TENSORS = ("pending", "pending_scale", "statistic", "statistic_scale", "top_indices", "top_values")
     _KEYS = ("rule", "collect_buffer", "steps", "backward_passes", "pending_ended") + _TENSORS
+    _OPTIONAL = ("top_values",)  # absent from the states of earlier versions (unsharded: always None)
 
     def state_dict(self) -> dict:
         """The whole collection state (tensors are the live ones, ``None`` where not allocated)."""
@@ -375,26 +480,30 @@ class GradientCollector:
         return {**state, **{name: getattr(self, name) for name in self._TENSORS}}
 
     @classmethod
-    def from_state_dict(cls, state: dict, shape, device, nnz: int) -> "GradientCollector":
+    def from_state_dict(cls, state: dict, shape, device, nnz: int, *, shard: bool = False) -> "GradientCollector":
         """A collector holding :meth:`state_dict`'s state (copied to ``device``); a state that does not
-        fit (keys, rule, buffer, counts, or a tensor's shape or dtype) raises ``ValueError``."""
-        if not isinstance(state, dict) or set(state) != set(cls._KEYS):
+        fit (keys, rule, buffer, counts, or a tensor's shape or dtype: a sharded state loads into the
+        same sharding only) raises ``ValueError``."""
+        if not isinstance(state, dict) or not set(cls._KEYS) - set(cls._OPTIONAL) <= set(state) <= set(cls._KEYS):
             found = sorted(state) if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"collection state must have the keys {sorted(cls._KEYS)}; got {found}")
-        collector = cls(shape, device, state["rule"], state["collect_buffer"], nnz)
+        state = {"top_values": None, **state}
+        collector = cls(shape, device, state["rule"], state["collect_buffer"], nnz, shard=shard)
         for key in ("steps", "backward_passes"):
             value = state[key]
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"collection state {key} must be an int >= 0, got {value!r}")
         if not isinstance(state["pending_ended"], bool):
             raise ValueError(f"collection state pending_ended must be a bool, got {state['pending_ended']!r}")
-        m, n = collector.shape
+        m, n = collector.storage_shape
         row_scale = collector._dtype == torch.float16
-        expected = {"pending": (collector.shape, collector._dtype),
-                    "statistic": (collector.shape, collector._dtype),
+        candidates = (min(collector.nnz, m * n),)
+        expected = {"pending": ((m, n), collector._dtype),
+                    "statistic": ((m, n), collector._dtype),
                     "pending_scale": ((m, 1), torch.float32) if row_scale else None,
                     "statistic_scale": ((m, 1), torch.float32) if row_scale else None,
-                    "top_indices": ((min(collector.nnz, m * n),), torch.int64)}
+                    "top_indices": (candidates, torch.int64),
+                    "top_values": (candidates, torch.float32) if collector.rows is not None else None}
         for name in cls._TENSORS:
             t = state[name]
             if t is None:
@@ -418,7 +527,7 @@ class GradientCollector:
 
     def to(self, device) -> "GradientCollector":
         self.device = torch.device(device)
-        for name in ("pending", "statistic", "pending_scale", "statistic_scale", "top_indices"):
+        for name in self._TENSORS:
             if self.buffer == "host" and name in ("pending", "statistic"):
                 continue
             tensor = getattr(self, name)
