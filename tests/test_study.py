@@ -71,8 +71,8 @@ def test_the_study_runs_every_arm_end_to_end(model_dir, tmp_path):
     (tmp_path / "pairs.json").write_text(json.dumps(pairs))
     out = tmp_path / "out"
     study.main(["--device", "cpu", "--model-dir", str(model_dir), "--pairs", str(tmp_path / "pairs.json"),
-                "--budgets", "1", "--seeds", "2", "--steps", "2", "--warmup-steps", "1", "--batch", "4",
-                "--query-len", "16", "--code-len", "24", "--eval-pairs", "24", "--validation-pairs", "16",
+                "--budgets", "1", "--seeds", "2", "--steps", "1", "--warmup-steps", "1", "--batch", "4",
+                "--query-len", "16", "--code-len", "16", "--eval-pairs", "16", "--validation-pairs", "8",
                 "--lr-grid", "full=5e-5;lora=1e-3,2e-3;rosa=1e-3;spa=1e-3;rosa-random=1e-3/5e-4",
                 "--out", str(out)])
     state = json.loads((out / "study.json").read_text())
@@ -82,9 +82,9 @@ def test_the_study_runs_every_arm_end_to_end(model_dir, tmp_path):
     budget = runs[("lora", 0)]["trainable_params"]
     assert all(runs[(arm, 0)]["trainable_params"] == budget for arm in ("rosa", "spa", "rosa-random"))
     # the recipe: warm-up, one collection step, the restart, then --steps steps; SpA collects at once
-    assert runs[("rosa", 0)]["steps"] == 1 + 1 + 2 and runs[("rosa", 0)]["mask_step"] == 2
-    assert runs[("spa", 0)]["steps"] == 1 + 2 and runs[("spa", 0)]["mask_step"] == 1
-    assert runs[("lora", 0)]["steps"] == 2 and runs[("lora", 0)]["mask_step"] is None
+    assert runs[("rosa", 0)]["steps"] == 1 + 1 + 1 and runs[("rosa", 0)]["mask_step"] == 2
+    assert runs[("spa", 0)]["steps"] == 1 + 1 and runs[("spa", 0)]["mask_step"] == 1
+    assert runs[("lora", 0)]["steps"] == 1 and runs[("lora", 0)]["mask_step"] is None
     assert runs[("rosa-random", 1)]["sparse_lr"] == 5e-4
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in state["runs"])
     table = (out / "study.md").read_text()

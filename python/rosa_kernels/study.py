@@ -49,6 +49,7 @@ import shutil
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -314,8 +315,6 @@ def run_study(args) -> dict:
     device = torch.device(args.device)
     if device.type == "cuda" and args.precision == "tf32":
         torch.set_float32_matmul_precision("high")
-    if device.type == "cpu":
-        torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     pairs = json.loads(Path(args.pairs).read_text()) if args.pairs else demo.stdlib_pairs()
     parts = splits(pairs, args)
     tokenizer, base = load_model(args, device)
@@ -340,7 +339,7 @@ def run_study(args) -> dict:
                        "test": accuracy(pretrained, data["test"]).item()},
         "plans": {str(b): {arm: {k: v for k, v in arm_plan(arm, b, layers).items() if k != "ranks"}
                            for arm in arms} for b in budgets},
-        "selection": [], "runs": [], "skipped": [], "chosen_lr": {},
+        "selection": [], "runs": [], "skipped": [], "errors": [], "chosen_lr": {},
     }
     del pretrained
     out = Path(args.out)
@@ -362,7 +361,13 @@ def run_study(args) -> dict:
             log(f"skipped (time budget): {label}")
             return None
         plan = arm_plan(arm, budget, layers)
-        result = train_run(base, arm, plan, lr, seed, data[train], data[score], args, device)
+        try:
+            result = train_run(base, arm, plan, lr, seed, data[train], data[score], args, device)
+        except Exception as error:  # noqa: BLE001 - one failed run must not lose the others (one GPU call)
+            state["errors"].append(f"{label}: {error!r}")
+            log(f"FAILED: {label}:\n{traceback.format_exc()}")
+            write_json(out / "study.json", state)
+            return None
         result["budget"] = budget
         durations.setdefault(arm, []).append(result["run_seconds"])
         state["selection" if kind == "select" else "runs"].append(result)
@@ -512,6 +517,8 @@ def report(state) -> str:
             sparse = f" ({r['sparse_lr']:.3g})" if r["sparse_lr"] is not None else ""
             lines.append(f"| {r['arm']} | {'any' if r['arm'] == 'full' else r['budget']} | {r['lr']:g}{sparse} | "
                          f"{r['accuracy']:.3f} | {'yes' if picked else ''} |")
+    if state.get("errors"):
+        lines += ["", f"Failed runs ({len(state['errors'])}): " + "; ".join(state["errors"])]
     if state["skipped"]:
         lines += ["", f"Skipped for the time budget ({len(state['skipped'])} runs): " + "; ".join(state["skipped"])]
     return "\n".join(lines)
@@ -527,12 +534,15 @@ def plot(state, path) -> bool:
         return False
     grouped = cells(state)
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for arm in ("lora", "rosa", "spa", "rosa-random"):
+    ticks = {}
+    for shift, arm in enumerate(("lora", "rosa", "spa", "rosa-random")):
         points = sorted((b, [r["accuracy"] for r in runs], runs[0]["trainable_params"])
                         for (a, b), runs in grouped.items() if a == arm)
         if points:
+            ticks.update({params: budget for budget, _, params in points})
             stats = [mean_sd(acc) for _, acc, _ in points]
-            ax.errorbar([p[2] for p in points], [m for m, _ in stats], yerr=[0 if math.isnan(s) else s for _, s in stats],
+            x = [params * 1.03 ** (shift - 1.5) for _, _, params in points]  # side by side at each budget
+            ax.errorbar(x, [m for m, _ in stats], yerr=[0 if math.isnan(s) else s for _, s in stats],
                         marker="o", capsize=3, label=arm)
     full = [r["accuracy"] for (a, _), runs in grouped.items() if a == "full" for r in runs]
     if full:
@@ -543,7 +553,9 @@ def plot(state, path) -> bool:
     ax.axhline(state["pretrained"]["test"], color="gray", ls="--", lw=1,
                label=f"pretrained ({state['pretrained']['test']:.3f})")
     ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters (LoRA rank " + state["options"]["budgets"].replace(",", ", ") + " budgets)")
+    ax.set_xticks(list(ticks), [f"rank {b}\n{n:,}" for n, b in ticks.items()])
+    ax.minorticks_off()
+    ax.set_xlabel("trainable parameters (budget: LoRA rank)")
     ax.set_ylabel("test accuracy@1 (mean ± sd over seeds)")
     ax.set_title("all-MiniLM-L6-v2, stdlib docstring -> code, equal budgets")
     ax.legend(fontsize=8)
