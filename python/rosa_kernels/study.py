@@ -351,8 +351,12 @@ def run_study(args) -> dict:
     durations: dict[str, list[float]] = {}
 
     def time_left_for(arm) -> bool:
-        estimate = max(durations.get(arm) or [d for ds in durations.values() for d in ds] or [0.0])
-        return time.perf_counter() - started + estimate <= args.time_budget
+        """False from the first run that would overrun the time budget on (so seeds stay balanced)."""
+        if not state["skipped"]:
+            estimate = max(durations.get(arm) or [d for ds in durations.values() for d in ds] or [0.0])
+            if time.perf_counter() - started + estimate <= args.time_budget:
+                return True
+        return False
 
     def run(kind, arm, budget, lr, seed, train, score):
         label = f"{kind} {arm} budget {budget} lr {lr[0]:g}{'/' + format(lr[1], 'g') if lr[1] else ''} seed {seed}"
@@ -404,7 +408,7 @@ def run_study(args) -> dict:
                     continue
                 lr = chosen(arm, budget)
                 if lr is None:
-                    state["skipped"].append(f"test {arm} budget {budget} seed {seed} (no lr chosen)")
+                    state["errors"].append(f"test {arm} budget {budget} seed {seed}: no lr chosen")
                     continue
                 run("test", arm, budget, lr, seed, "train", "test")
     state["elapsed_s"] = time.perf_counter() - started
