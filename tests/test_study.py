@@ -70,11 +70,16 @@ def test_the_study_runs_every_arm_end_to_end(model_dir, tmp_path):
     pairs = demo.stdlib_pairs(root=sysconfig.get_paths()["stdlib"] + "/email")  # ~200 pairs: seconds
     (tmp_path / "pairs.json").write_text(json.dumps(pairs))
     out = tmp_path / "out"
-    study.main(["--device", "cpu", "--model-dir", str(model_dir), "--pairs", str(tmp_path / "pairs.json"),
-                "--budgets", "1", "--seeds", "2", "--steps", "1", "--warmup-steps", "1", "--batch", "4",
-                "--query-len", "16", "--code-len", "16", "--eval-pairs", "16", "--validation-pairs", "8",
-                "--lr-grid", "full=5e-5;lora=1e-3,2e-3;rosa=1e-3;spa=1e-3;rosa-random=1e-3/5e-4",
-                "--out", str(out)])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: one thread is as fast, and much faster on a busy machine
+    try:
+        study.main(["--device", "cpu", "--model-dir", str(model_dir), "--pairs", str(tmp_path / "pairs.json"),
+                    "--budgets", "1", "--seeds", "2", "--steps", "1", "--warmup-steps", "1", "--batch", "4",
+                    "--query-len", "16", "--code-len", "16", "--eval-pairs", "16", "--validation-pairs", "8",
+                    "--lr-grid", "full=5e-5;lora=1e-3,2e-3;rosa=1e-3;spa=1e-3;rosa-random=1e-3/5e-4",
+                    "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
     state = json.loads((out / "study.json").read_text())
     assert [(r["arm"], r["lr"]) for r in state["selection"]] == [("lora", 1e-3), ("lora", 2e-3)]
     runs = {(r["arm"], r["seed"]): r for r in state["runs"]}
