@@ -200,7 +200,7 @@ def prepare(model, arm, plan, lr, args, seed):
     import rosa_kernels
     from rosa_kernels.model import rosa_layers
 
-    lr, sparse_lr = lr
+    sparse_lr, lr = _sparse_lr(arm, lr, args), lr[0]
     steps = args.steps + args.extra_steps  # full and LoRA
     if arm == "full":
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -224,8 +224,6 @@ def prepare(model, arm, plan, lr, args, seed):
     for layer in rosa_layers(model).values():  # each apply_rosa froze what the one before adapted
         for p in (layer.lora_A, layer.lora_B, layer.sparse_values):
             p.requires_grad_(True)
-    if sparse_lr is None:
-        sparse_lr = lr if arm == "spa" else lr * args.sparse_ratio
     optimizer = torch.optim.AdamW(rosa_kernels.parameter_groups(model, lora_lr=lr, sparse_lr=sparse_lr))
     schedule = lr_schedule(optimizer, args.steps)
     selector = functools.partial(rosa_kernels.random_masks, seed=seed) if arm == "rosa-random" else None
@@ -286,6 +284,7 @@ def train_run(base, arm, plan, lr, seed, train: Pairs, score: Pairs, args, devic
 
 
 def _sparse_lr(arm, lr, args):
+    """The sparse adapter's lr of a grid entry ``(lr, sparse lr or None)``; None without a sparse adapter."""
     if arm not in MASK_ARMS:
         return None
     if lr[1] is not None:
@@ -480,7 +479,8 @@ def report(state) -> str:
              f"{opts['steps']} steps of {opts['batch']} pairs (+{opts['warmup_steps']} warm-up + 1 collection for "
              f"RoSA), sequences {opts['query_len']}/{opts['code_len']}"
              f"{', ' + opts['precision'] if opts['device'].startswith('cuda') else ''}; "
-             f"{state.get('elapsed_s', math.nan):.0f} s in all. Pretrained accuracy@1: test "
+             f"{format(state['elapsed_s'], '.0f') + ' s in all' if 'elapsed_s' in state else 'cut short'}. "
+             f"Pretrained accuracy@1: test "
              f"{state['pretrained']['test']:.3f}, validation {state['pretrained']['validation']:.3f}.", "",
              f"| budget | arm | trainable params | lr (sparse lr) | steps | test accuracy@1 | seeds | final loss | "
              f"wall time (s) | {memory} |", "|---|---|---|---|---|---|---|---|---|---|"]
