@@ -193,6 +193,20 @@ def test_report_runs_the_in_depth_tools(capsys):
     assert "| RosaLinear merged |" in out and "| nn.Linear (full) |" in out
 
 
+def test_profile_collect_runs_on_the_tiny_model(capsys):
+    pytest.importorskip("transformers", reason="the collection profile builds the benchmark's HF Llama model")
+    threads = torch.get_num_threads()
+    try:
+        result = report.main(["--profile-collect", "--device", "cpu", "--models", "1", "--top", "3"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    collection = result["results"][0]["collection"]
+    assert set(collection) == {"forward+backward", "optimizer", "scheduler.step", "step"}
+    assert "model 1:" in out and "stage select: RosaLinear.select_mask (all)" in out
+    assert "stage collect: GradientCollector.add" in out
+
+
 def test_collect_memory_runs_on_a_tiny_configuration(capsys):
     from bench import collect_memory
 
