@@ -123,6 +123,25 @@ def _auto_threshold_count(counts: torch.Tensor, m: int, nnz: int, element_size: 
     return nnz + 1 if best == 0 else int(distinct[best - 1])
 
 
+def _count(indices: torch.Tensor, size: int) -> torch.Tensor:
+    """``bincount(indices, minlength=size)`` (int64) without a host synchronization."""
+    return torch.zeros(size, dtype=torch.long, device=indices.device).index_add_(0, indices, torch.ones_like(indices))
+
+
+_NONZERO_STATIC = [True]  # whether torch.nonzero_static works here
+
+
+def _positions(condition: torch.Tensor, count: int) -> torch.Tensor:
+    """The ascending positions where the 1-D ``condition`` holds, ``count`` of them (known on the host:
+    no synchronization where ``nonzero_static`` exists for the device)."""
+    if _NONZERO_STATIC[0]:
+        try:
+            return torch.nonzero_static(condition, size=count).flatten()
+        except (AttributeError, NotImplementedError, RuntimeError):
+            _NONZERO_STATIC[0] = False
+    return condition.nonzero().flatten()
+
+
 def _check_hot_fill(hot_fill):
     if isinstance(hot_fill, str):
         if hot_fill != "auto":
@@ -197,18 +216,23 @@ class MaskPlan:
         cols = col_indices.long()
         rows = torch.repeat_interleave(torch.arange(m, device=device), (row_offsets[1:] - row_offsets[:-1]).long(),
                                        output_size=nnz)
-        counts = torch.bincount(cols, minlength=n) if nnz else torch.zeros(n, dtype=torch.long, device=device)
+        # The column counts by a scatter-add (bincount would synchronize to size its output), then
+        # one synchronization: they go to the host, where J, |J| and J's nonzero count are decided,
+        # so that nothing below synchronizes again (a plan is built per layer when the masks are
+        # selected: every synchronization there was a measured cost, docs/benchmarks.md).
+        counts = _count(cols, n)
+        host_counts = counts.cpu()
         if hot_fill == "auto":
-            # One synchronization: the column counts go to the host for the model's scan. The model
-            # is measured on a GPU only; elsewhere everything stays in the remainder (the raw ops).
-            threshold = (_auto_threshold_count(counts.cpu(), m, nnz, torch.empty((), dtype=dtype).element_size())
+            # The model is measured on a GPU only; elsewhere everything stays in the remainder (the raw ops).
+            threshold = (_auto_threshold_count(host_counts, m, nnz, torch.empty((), dtype=dtype).element_size())
                          if device.type == "cuda" else nnz + 1)
             self.hot_fill = min(1.0, threshold / m) if m and threshold <= nnz else math.inf
-            hot = counts >= threshold
+            hot = host_counts >= threshold
         else:
             self.hot_fill = hot_fill
-            hot = (counts > 0) & (counts >= hot_fill * m)
-        self.hot_columns = hot.nonzero().flatten()
+            hot = (host_counts > 0) & (host_counts >= hot_fill * m)
+        hot_nnz = int(host_counts[hot].sum())
+        self.hot_columns = hot.nonzero().flatten().to(device)
         h = self.hot_columns.shape[0]
         # cuBLAS takes its tensor-core paths only when leading dimensions are multiples of 16 bytes:
         # with an odd |J| the GEMM ran 2.5-3.6x slower on the H200 (docs/benchmarks.md). So G and
@@ -227,15 +251,15 @@ class MaskPlan:
         slot_of_column[self.hot_columns] = torch.arange(h, device=device)
         slots = slot_of_column[cols]
         is_hot = slots >= 0
-        self.hot_positions = is_hot.nonzero().flatten()
+        self.hot_positions = _positions(is_hot, hot_nnz)
         self.hot_rows = rows[self.hot_positions]
         self.hot_slots = slots[self.hot_positions]
         # Positions ascend, so the remainder stays row-sorted with ascending columns in each row.
-        self.rest_positions = (~is_hot).nonzero().flatten()
-        rest_nnz = self.rest_positions.shape[0]
+        rest_nnz = nnz - hot_nnz
+        self.rest_positions = _positions(~is_hot, rest_nnz)
         rest_offsets = torch.zeros(m + 1, dtype=torch.int32, device=device)
         if rest_nnz:
-            rest_offsets[1:] = torch.cumsum(torch.bincount(rows[self.rest_positions], minlength=m), 0)
+            rest_offsets[1:] = torch.cumsum(_count(rows[self.rest_positions], m), 0)
         self.rest_row_offsets = rest_offsets
         self.rest_row_indices = row_order(rest_offsets)
         self.rest_col_indices = col_indices[self.rest_positions].contiguous()
