@@ -80,15 +80,13 @@ def train(model, steps, x, y, scheduler=None, lr=2e-2):
     return losses
 
 
-def test_scheduler_life_cycle_and_loss_falls():
-    torch.manual_seed(0)
-    model = get_rosa_model(Net(), RosaConfig(rank=2, density=0.1, warmup_steps=3, collect_steps=2, dropout=0.0))
-    scheduler = model.scheduler(show_progress=True)
+def train_phases(model, scheduler, steps=40):
+    """``steps`` steps of AdamW on the first 32 samples of ``data(0)`` through ``scheduler``: the
+    phase at each step and the losses."""
     x, y = data(0)
-    phases = []
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
-    losses = []
-    for step in range(40):
+    phases, losses = [], []
+    for _ in range(steps):
         phases.append(scheduler.phase)
         loss = (model(x[:32]) - y[:32]).square().mean()
         optimizer.zero_grad()
@@ -96,6 +94,14 @@ def test_scheduler_life_cycle_and_loss_falls():
         optimizer.step()
         scheduler.step()
         losses.append(loss.item())
+    return phases, losses
+
+
+def test_scheduler_life_cycle_and_loss_falls():
+    torch.manual_seed(0)
+    model = get_rosa_model(Net(), RosaConfig(rank=2, density=0.1, warmup_steps=3, collect_steps=2, dropout=0.0))
+    scheduler = model.scheduler(show_progress=True)
+    phases, losses = train_phases(model, scheduler)
     assert phases[:6] == ["warmup"] * 3 + ["collect"] * 2 + ["sparse"]
     assert set(scheduler.masks) == set(model.layer_names)
     assert losses[-1] < 0.5 * losses[0]

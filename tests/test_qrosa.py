@@ -15,7 +15,7 @@ from rosa_kernels.dropout import draw_seed, keep_mask
 from rosa_kernels.model import find_target_modules
 from rosa_kernels.qrosa import QRosaLinear, quantize_linear
 
-from test_model import Net, data, train
+from test_model import Net, data, train, train_phases
 from test_rosa_linear import assert_close, random_mask, reference
 
 try:
@@ -209,18 +209,7 @@ def test_life_cycle_on_a_4bit_model_and_loss_falls(sparse_mode):
     assert trainable == {f"base_model.{n}.{p}" for n in layers for p in ("lora_A", "lora_B", "sparse_values")}
     # The bases inside the wrappers are not targets again.
     assert find_target_modules(model.base_model, model.config) == []
-    scheduler = model.scheduler(show_progress=False)
-    x, y = data(0)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
-    phases, losses = [], []
-    for _ in range(40):
-        phases.append(scheduler.phase)
-        loss = (model(x[:32]) - y[:32]).square().mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        losses.append(loss.item())
+    phases, losses = train_phases(model, model.scheduler(show_progress=False))
     assert phases[:5] == ["warmup"] * 3 + ["collect", "sparse"]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < 0.5 * losses[0]
