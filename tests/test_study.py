@@ -95,3 +95,12 @@ def test_the_study_runs_every_arm_end_to_end(model_dir, tmp_path):
     table = (out / "study.md").read_text()
     for claim in ("RoSA ≥ LoRA", "RoSA > SpA", "Fisher masks > random masks"):
         assert f"| 1 | {claim} |" in table
+
+
+def test_the_demo_forwards_its_arguments_without_methods():
+    # The driver runs each method in a subprocess with its own arguments minus --methods, in either form.
+    from rosa_kernels.demo import _without_option
+
+    argv = ["--steps", "3", "--methods", "lora,rosa", "--out", "x", "--methods=full"]
+    assert _without_option(argv, "--methods") == ["--steps", "3", "--out", "x"]
+    assert _without_option(["--methods"], "--methods") == []

@@ -327,6 +327,19 @@ def plot(results, path):
     return True
 
 
+def _without_option(argv, option):
+    """``argv`` without ``option`` and its value (``--option VALUE`` or ``--option=VALUE``)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(option + "="):
+            kept.append(arg)
+    return kept
+
+
 def main(argv=None):
     argv = list(argv if argv is not None else sys.argv[1:])
     if "--study" in argv:
@@ -379,7 +392,7 @@ def main(argv=None):
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    forwarded = [a for a in argv if not a.startswith("--methods")]
+    forwarded = _without_option(argv, "--methods")
     results = []
     total = time.perf_counter()
     pairs_path = out / "pairs.json"
