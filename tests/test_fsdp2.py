@@ -178,7 +178,8 @@ def sharded_fisher_worker(rank, world, port, out, collect_buffer, collect_steps)
         torch.save({"masks": mask_tensors(net), "storage": storage}, f"{out}.{rank}")
 
 
-@pytest.mark.parametrize("collect_buffer, collect_steps", [("auto", 1), ("float16", 2), ("float32", 2)])
+@pytest.mark.parametrize("collect_buffer, collect_steps",
+                         [("auto", 1), ("one_pass", 1), ("float16", 2), ("float32", 2)])
 def test_fsdp2_shards_the_fisher_statistic_and_selects_the_single_process_masks(tmp_path, collect_buffer,
                                                                                 collect_steps):
     """Under FSDP2 each rank keeps only its rows of the statistic (about half of it on 2 ranks), of
@@ -199,4 +200,4 @@ def test_fsdp2_shards_the_fisher_statistic_and_selects_the_single_process_masks(
         for name, (shape, nbytes) in result["storage"].items():
             full_shape, full_bytes = single_storage[name]
             assert shape == ((8 if rank == 0 else 7), full_shape[1]), (rank, name, shape)
-            assert nbytes < 0.6 * full_bytes, (rank, name, nbytes, full_bytes)
+            assert nbytes <= 0.6 * full_bytes, (rank, name, nbytes, full_bytes)
