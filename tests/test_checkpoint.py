@@ -212,3 +212,37 @@ def test_resume_mid_collection_with_other_options(tmp_path, overrides):
     model.load_checkpoint(tmp_path / "checkpoint.pt", optimizer, scheduler)
     rest = train(model, optimizer, scheduler, STOPS["collect"], TOTAL_STEPS)
     assert_same_run(first + rest, final_state(model), expected_losses, expected_state)
+
+
+def per_rank_checkpoint_worker(rank, world, port, out):
+    """2 gloo ranks, stopped mid-collection: each rank saves its own checkpoint file; each resumes from
+    its own, and loading another rank's (or a one-process run loading one) is a clear error."""
+    import torch.distributed as dist
+    from test_model import gloo_group
+
+    with gloo_group(rank, world, port):
+        model, optimizer, scheduler = build()
+        train(model, optimizer, scheduler, 0, STOPS["collect"])
+        model.save_checkpoint(f"{out}.rank{rank}", optimizer, scheduler)
+        dist.barrier()
+        fresh, fresh_optimizer, fresh_scheduler = build()
+        other = f"{out}.rank{1 - rank}"
+        with pytest.raises(ValueError, match=f"rank {1 - rank} of 2, but this is rank {rank} of 2"):
+            fresh.load_checkpoint(other, fresh_optimizer, fresh_scheduler)
+        fresh.load_checkpoint(f"{out}.rank{rank}", fresh_optimizer, fresh_scheduler)
+        assert {layer.phase for layer in fresh.rosa_layers().values()} == {"collect"}
+
+
+def test_a_collection_checkpoint_resumes_on_its_own_rank_only(tmp_path):
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+    from test_model import free_port
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("needs torch.distributed with gloo")
+    out = str(tmp_path / "run.pt")
+    mp.start_processes(per_rank_checkpoint_worker, args=(2, free_port(), out), nprocs=2, join=True,
+                       start_method="spawn")
+    model, optimizer, scheduler = build()
+    with pytest.raises(ValueError, match="collection state of rank 0 of 2, but this is one process"):
+        model.load_checkpoint(out + ".rank0", optimizer, scheduler)

@@ -459,6 +459,9 @@ class RosaModel(nn.Module):
             "phases": {name: layer.phase for name, layer in layers.items()},
             "adapter": {k: v.detach().cpu() for k, v in self.adapter_state().items()},
             "collection": collection,
+            # A collection state is this rank's own (its gradients; under FSDP2 its rows): it resumes
+            # only on the same rank of the same world size (load_checkpoint_state checks).
+            "collection_rank": _rank_and_world() if collection else None,
             "trainable": {name: p.detach().cpu() for name, p in self.named_parameters()
                           if p.requires_grad and id(p) not in rosa_parameters},
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
@@ -489,6 +492,15 @@ class RosaModel(nn.Module):
         checked = _check_adapter({n: tuple(v) for n, v in state["layers"].items()}, layers, saved_config,
                                  state["adapter"], source)
         phases = state["phases"]
+        saved_rank = state.get("collection_rank")
+        if state["collection"] and (saved_rank is not None or _rank_and_world() is not None) \
+                and saved_rank != _rank_and_world():
+            def where(rank_world):
+                return "one process" if rank_world is None else f"rank {rank_world[0]} of {rank_world[1]}"
+
+            raise ValueError(f"the checkpoint holds the collection state of {where(saved_rank)}, but this is "
+                             f"{where(_rank_and_world())}: during the collection each rank's statistic is its own, "
+                             f"so each rank saves and loads its own checkpoint file (docs/rosa_linear.md)")
         unknown = sorted(set(state["collection"]) - set(layers))
         if unknown:
             raise ValueError(f"the checkpoint holds collection states of layers this model does not adapt: {unknown}")
@@ -761,6 +773,15 @@ def _check_adapter(saved_layers: dict, modules: dict[str, nn.Module], config: Ro
                        (out_features, in_features))
         checked[name] = (tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"], mask)
     return checked
+
+
+def _rank_and_world():
+    """``[rank, world size]`` under an initialized ``torch.distributed`` of more than one process, else None."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return [dist.get_rank(), dist.get_world_size()]
+    return None
 
 
 def _full_tensor(tensor: torch.Tensor) -> torch.Tensor:
