@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, run on a CUDA machine from the repository root (under 10 minutes):
-#   1. builds rosa_kernels with its CUDA kernels (pip install --no-build-isolation --no-deps .),
+#   1. installs peft and bitsandbytes from .whl/ when carried there, and builds rosa_kernels with its
+#      CUDA kernels (pip install --no-build-isolation --no-deps .),
 #   2. runs the whole test suite on the GPU,
 #   3. runs compute-sanitizer --tool memcheck over the tests marked `sanitizer`,
 #   4. prints the GPU benchmark table (bench/report.py),
@@ -15,6 +16,9 @@ mkdir -p "$LOGS"
 export PYTHONUNBUFFERED=1
 # shellcheck source=scripts/gpu_steps.sh
 . scripts/gpu_steps.sh
+# peft and bitsandbytes from the wheels in .whl/ where they are carried (else their tests skip)
+install_peft
+install_bitsandbytes
 
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
 if ! step build 300 env ROSA_CUDA=ON "$PYTHON" -m pip install --no-build-isolation --no-deps -q .; then

@@ -16,7 +16,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...
 }
 
 install_peft() {  # peft (and safetensors where missing) from the wheels carried in .whl/, unless importable
-  if ! "$PYTHON" -c "import peft" 2>/dev/null; then
+  if ! "$PYTHON" -c "import peft" 2>/dev/null && compgen -G ".whl/peft-*.whl" >/dev/null; then
     local wheels=(.whl/peft-*.whl)
     "$PYTHON" -c "import safetensors" 2>/dev/null || wheels+=(.whl/safetensors-*.whl)
     step install-peft 120 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "${wheels[@]}"
