@@ -208,6 +208,11 @@ def _ms(seconds) -> str:
     return "n/a" if seconds is None else f"{seconds * 1e3:.3g}"
 
 
+def _ms_of(milliseconds) -> str:
+    """A row's millisecond value as :func:`_ms` prints times ("n/a" when missing)."""
+    return _ms(None if milliseconds is None else milliseconds / 1e3)
+
+
 def _ratio(value) -> str:
     return "n/a" if value is None else f"{value:.2f}x"
 
@@ -389,7 +394,7 @@ def model_tables(results: dict) -> str:
         lines.append("| " + " | ".join([
             f"{model}, {tokens}", _time_cell(full), _time_cell(lora), _time_cell(rosa),
             _div(t["rosa"], t["lora"]), _div(t["rosa"], t["full"]),
-            " / ".join(_ms(None if _value(r, "host_ms") is None else _value(r, "host_ms") / 1e3)
+            " / ".join(_ms_of(_value(r, "host_ms"))
                        for r in (full, lora, rosa)),
             " / ".join(_gib(_value(r, "above_weights_bytes")) for r in (full, lora, rosa)),
             _div(_value(rosa, "above_weights_bytes"), _value(lora, "above_weights_bytes")),
@@ -409,7 +414,7 @@ def model_tables(results: dict) -> str:
                     continue
                 lines.append("| " + " | ".join([
                     f"{model}, {tokens}", model_step.METHOD_NAMES[name], _time_cell(row),
-                    _ms(None if _value(row, "host_ms") is None else _value(row, "host_ms") / 1e3),
+                    _ms_of(_value(row, "host_ms")),
                     _gib(_value(row, "above_weights_bytes")), _gib(_value(row, "peak_bytes")),
                     _div(_value(row, "peak_bytes"), _value(lora, "peak_bytes")),
                     _div(_value(row, "gpu_ms"), _value(rosa, "gpu_ms")), row.get("note", "") or "",
@@ -430,7 +435,7 @@ def model_tables(results: dict) -> str:
             lines.append("| " + " | ".join([
                 f"{model}, {tokens}", *(_time_cell(r) for r in rows), _div(t[2], t[1]), _div(t[2], t[0]),
                 " / ".join(_div(c, _value(e, "gpu_ms")) for c, e in zip(t, eager)),
-                " / ".join(_ms(None if _value(r, "host_ms") is None else _value(r, "host_ms") / 1e3) for r in rows),
+                " / ".join(_ms_of(_value(r, "host_ms")) for r in rows),
                 " / ".join("n/a" if _value(r, "compile_s") is None else f"{_value(r, 'compile_s'):.0f}"
                            for r in rows),
             ]) + " |")
@@ -450,7 +455,7 @@ def model_tables(results: dict) -> str:
             peaks = [_value(r, "peak_bytes") for r in rows]
             lines.append("| " + " | ".join([
                 f"{model}, {tokens}", *(_time_cell(r) for r in rows), " / ".join(_div(v, t[0]) for v in t[1:]),
-                " / ".join(_ms(None if _value(r, "host_ms") is None else _value(r, "host_ms") / 1e3) for r in rows),
+                " / ".join(_ms_of(_value(r, "host_ms")) for r in rows),
                 " / ".join(_gib(_value(r, "above_weights_bytes")) for r in rows),
                 " / ".join(_gib(v) for v in peaks), " / ".join(_div(v, peaks[0]) for v in peaks[1:]),
             ]) + " |")
@@ -466,23 +471,23 @@ def model_summary(results: dict) -> str:
 
     lines = ["model, tokens | full ms | LoRA ms | RoSA ms | RoSA/LoRA | RoSA/full | mem RoSA/LoRA | compiled "
              "full/LoRA/RoSA ms"]
-    for (model, tokens), methods in _model_cells(results["rows"]).items():
+    cells = _model_cells(results["rows"])
+    for (model, tokens), methods in cells.items():
         t = {m: _value(methods.get(m), "gpu_ms") for m in model_step.ALL_METHODS}
         compiled = " / ".join(("skip" if methods[f"{m}+compile"]["status"].startswith("skipped") else "fail")
                               if methods.get(f"{m}+compile") is not None and t[f"{m}+compile"] is None
-                              else _ms(None if t[f"{m}+compile"] is None else t[f"{m}+compile"] / 1e3)
+                              else _ms_of(t[f"{m}+compile"])
                               for m in model_step.METHODS)
-        lines.append(" | ".join([f"{model}, {tokens}", *(_ms(None if t[m] is None else t[m] / 1e3)
-                                                          for m in model_step.METHODS),
+        lines.append(" | ".join([f"{model}, {tokens}", *(_ms_of(t[m]) for m in model_step.METHODS),
                                  _div(t["rosa"], t["lora"]), _div(t["rosa"], t["full"]),
                                  _div(_value(methods.get("rosa"), "above_weights_bytes"),
                                       _value(methods.get("lora"), "above_weights_bytes")), compiled]))
-    for (model, tokens), methods in _model_cells(results["rows"]).items():
+    for (model, tokens), methods in cells.items():
         t = [_value(methods.get(m), "gpu_ms") for m in model_step.QUANTIZED]
         if any(m in methods for m in model_step.QUANTIZED):
             memory = [_value(methods.get(m), "peak_bytes") for m in model_step.QUANTIZED]
-            lines.append(f"{model}, {tokens}, 4-bit base | QLoRA {_ms(None if t[0] is None else t[0] / 1e3)} | "
-                         f"QRoSA csr_add / spmm {' / '.join(_ms(None if v is None else v / 1e3) for v in t[1:])} | "
+            lines.append(f"{model}, {tokens}, 4-bit base | QLoRA {_ms_of(t[0])} | "
+                         f"QRoSA csr_add / spmm {' / '.join(_ms_of(v) for v in t[1:])} | "
                          f"QRoSA/QLoRA {' / '.join(_div(v, t[0]) for v in t[1:])} | "
                          f"peak QRoSA/QLoRA {' / '.join(_div(v, memory[0]) for v in memory[1:])}")
     failures = [r for r in results["rows"] if r.get("status") != "ok"]
