@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from rosa_kernels import RosaConfig, RosaModel, RosaScheduler, apply_rosa
+from rosa_kernels import RosaConfig, RosaModel, apply_rosa
 from test_model import Net, data, ddp_config, free_port, gloo_group, mask_tensors, rosa_layers_of, run_training
 
 try:
@@ -147,20 +147,15 @@ def fisher_config(collect_buffer, collect_steps):
 def fisher_training(world, rank, net, config):
     """Warm-up, collection and the first sparse step on this rank's share of a global batch of 32;
     returns the collectors' (storage shape, bytes) per layer, read after the last collecting backward."""
-    x, y = data(7, n=64)
-    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=2e-2, weight_decay=0.0)
-    scheduler = RosaScheduler(net, config, show_progress=False)
+    last_collecting = config.warmup_steps + config.collect_steps - 1
     storage = {}
-    for step in range(config.warmup_steps + config.collect_steps + 1):
-        per = 32 // world
-        xb, yb = x[step * 32 % 64:][rank * per:(rank + 1) * per], y[step * 32 % 64:][rank * per:(rank + 1) * per]
-        optimizer.zero_grad()
-        (net(xb) - yb).square().mean().backward()
-        optimizer.step()
-        if step == config.warmup_steps + config.collect_steps - 1:
-            storage = {name: (layer._collector.storage_shape, accumulator_bytes(layer._collector))
-                       for name, layer in rosa_layers_of(net).items()}
-        scheduler.step()
+
+    def capture(step):
+        if step == last_collecting:
+            storage.update({name: (layer._collector.storage_shape, accumulator_bytes(layer._collector))
+                            for name, layer in rosa_layers_of(net).items()})
+
+    run_training(world, rank, net, config=config, steps=last_collecting + 2, before_scheduler_step=capture)
     return storage
 
 

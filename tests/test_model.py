@@ -234,9 +234,11 @@ def ddp_config(collect_buffer="float32"):
                       collect_buffer=collect_buffer)
 
 
-def run_training(world, rank, model, collect_buffer="float32", *, config=None, steps=DDP_STEPS):
+def run_training(world, rank, model, collect_buffer="float32", *, config=None, steps=DDP_STEPS,
+                 before_scheduler_step=None):
     """``steps`` steps through RoSA's life cycle (``config``, default ``ddp_config``) on this rank's
-    share of a global batch of 32; returns the losses."""
+    share of a global batch of 32; returns the losses. ``before_scheduler_step(step)``, when given,
+    runs after each optimizer step, before the scheduler's."""
     x, y = data(7, n=64)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2, weight_decay=0.0)
     scheduler = RosaScheduler(model.module if hasattr(model, "module") else model,
@@ -251,6 +253,8 @@ def run_training(world, rank, model, collect_buffer="float32", *, config=None, s
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        if before_scheduler_step is not None:
+            before_scheduler_step(step)
         scheduler.step()
         losses.append(loss.detach())
     return losses
