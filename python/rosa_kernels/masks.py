@@ -233,13 +233,16 @@ class GradientCollector:
         self.rows = None
         dist = _distributed()
         if shard and dist is not None and dist.get_world_size() > 1:
-            m, world = self.shape[0], dist.get_world_size()
-            per_rank = -(-m // world)
+            m, per_rank = self.shape[0], self._rows_per_rank()
             first = min(m, dist.get_rank() * per_rank)
             self.rows = (first, min(m, first + per_rank))
         elif self.buffer == "one_pass" and dist is not None:
             warnings.warn("collect_buffer='one_pass' under torch.distributed: the statistic is summed over ranks, "
                           "so the layer keeps the float16 accumulator instead", stacklevel=3)
+
+    def _rows_per_rank(self) -> int:
+        """Sharded: the rows of each rank's share (the last ranks may hold fewer, or none)."""
+        return -(-self.shape[0] // _distributed().get_world_size())
 
     @property
     def storage_shape(self) -> tuple[int, int]:
@@ -420,9 +423,7 @@ class GradientCollector:
         collective; a float32 tensor the layer's size on every rank)."""
         if self.rows is None:
             return self.mean_statistic()
-        dist = _distributed()
-        world, (m, n) = dist.get_world_size(), self.shape
-        per_rank = -(-m // world)
+        world, (m, n), per_rank = _distributed().get_world_size(), self.shape, self._rows_per_rank()
         mine = torch.zeros(per_rank, n, dtype=torch.float32, device=self.device)
         mine[:self.rows[1] - self.rows[0]] = self.mean_statistic()
         gathered = torch.empty(world * per_rank, n, dtype=torch.float32, device=self.device)
@@ -444,12 +445,8 @@ class GradientCollector:
             # Sharded: every step's gradient is already the sum over the ranks (so each step squares the
             # whole global batch's gradient); the mean gradient is that sum over the world size.
             world = dist.get_world_size()
-            result = self._step_term() if self.pending_ended else None
-            if self.statistic is not None:
-                result = self._stored_statistic() if result is None else result.add_(self._stored_statistic())
-            if result is None:
-                result = torch.zeros(self.storage_shape, dtype=torch.float32, device=self.device)
-            return result.to(self.device).div_(max(1, self.steps) * (world * world if self.rule == "fisher" else world))
+            return self._summed_statistic().div_(max(1, self.steps) * (world * world if self.rule == "fisher"
+                                                                       else world))
         if dist is not None and self.rule == "fisher" and self.pending_ended and self.statistic is None \
                 and self.steps == 1:
             # One collection step (RoSA's recipe) under torch.distributed: the square of the gradient
@@ -460,14 +457,17 @@ class GradientCollector:
             dist.all_reduce(gradient, op=dist.ReduceOp.SUM)
             gradient.div_(dist.get_world_size())
             return gradient.mul_(gradient)
-        result = None
-        if self.pending_ended:
-            result = self._step_term()
+        return _reduce_in_place(self._summed_statistic(), self.steps)
+
+    def _summed_statistic(self) -> torch.Tensor:
+        """The ended steps' statistic summed (this rank's rows when sharded), a new float32 tensor on
+        the layer's device."""
+        result = self._step_term() if self.pending_ended else None
         if self.statistic is not None:
             result = self._stored_statistic() if result is None else result.add_(self._stored_statistic())
         if result is None:  # every step ended without a backward
-            result = torch.zeros(self.shape, dtype=torch.float32, device=self.device)
-        return _reduce_in_place(result.to(self.device), self.steps)
+            result = torch.zeros(self.storage_shape, dtype=torch.float32, device=self.device)
+        return result.to(self.device)
 
     _TENSORS = ("pending", "pending_scale", "statistic", "statistic_scale", "top_indices", "top_values")
     _KEYS = ("rule", "collect_buffer", "steps", "backward_passes", "pending_ended") + _TENSORS
