@@ -726,17 +726,16 @@ class RosaLinear(nn.Module):
         When the whole collection was one backward pass (``collect_buffer`` ``"auto"`` or
         ``"one_pass"``), the exact top-k of that pass's float32 gradient, kept since then."""
         collector = self._collector
-        if collector is not None and collector.rows is not None:  # sharded: the same top-k on every rank
-            mask = _masks.mask_from_indices(collector.sharded_top_indices(), self.out_features, self.in_features,
-                                            dtype=self.weight.dtype)
-            self._set_selected_mask(mask)
-            return self.mask()
-        indices = collector.exact_indices() if collector is not None else None
+        sharded = collector is not None and collector.rows is not None
+        if sharded:  # the same top-k on every rank: nothing to broadcast
+            indices = collector.sharded_top_indices()
+        else:
+            indices = collector.exact_indices() if collector is not None else None
         if indices is not None:
             mask = _masks.mask_from_indices(indices, self.out_features, self.in_features, dtype=self._adapter_dtype)
         else:
             mask = _masks.select_mask(self.statistic(), self.nnz, dtype=self._adapter_dtype)
-        self._set_selected_mask(_masks.broadcast_mask(mask))
+        self._set_selected_mask(mask if sharded else _masks.broadcast_mask(mask))
         return self.mask()
 
     def _set_selected_mask(self, mask: CSR) -> None:
