@@ -777,9 +777,8 @@ def _check_adapter(saved_layers: dict, modules: dict[str, nn.Module], config: Ro
 
 def _rank_and_world():
     """``[rank, world size]`` under an initialized ``torch.distributed`` of more than one process, else None."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    dist = _masks._distributed()
+    if dist is not None and dist.get_world_size() > 1:
         return [dist.get_rank(), dist.get_world_size()]
     return None
 
