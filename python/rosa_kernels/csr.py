@@ -267,10 +267,16 @@ class CSR(NamedTuple):
         return CSR(values, self.row_offsets.to(device), self.row_indices.to(device), self.col_indices.to(device), self.shape)
 
 
+def index_counts(indices: torch.Tensor, size: int) -> torch.Tensor:
+    """``bincount(indices, minlength=size)`` (int64) without a host synchronization (bincount reads
+    the largest index to size its output); ``indices`` are int64 in [0, size)."""
+    return torch.zeros(size, dtype=torch.long, device=indices.device).index_add_(0, indices, torch.ones_like(indices))
+
+
 def _from_rows_cols(rows, cols, values, shape) -> CSR:
-    """CSR from row-major-sorted coordinate lists."""
+    """CSR from row-major-sorted coordinate lists (int64 ``rows``), built on their device."""
     m, n = shape
-    counts = torch.bincount(rows, minlength=m) if rows.numel() else torch.zeros(m, dtype=torch.long, device=rows.device)
+    counts = index_counts(rows, m)
     row_offsets = torch.zeros(m + 1, dtype=torch.int32, device=rows.device)
     row_offsets[1:] = torch.cumsum(counts, 0).to(torch.int32)
     return CSR(values, row_offsets, row_order(row_offsets), cols.to(torch.int32), (m, n))

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-from .csr import CSR, row_order, validate_csr
+from .csr import CSR, _from_rows_cols, validate_csr
 
 __all__ = [
     "RULES",
@@ -177,17 +177,10 @@ def _top_k_indices(flat: torch.Tensor, nnz: int) -> torch.Tensor:
 def mask_from_indices(flat_indices: torch.Tensor, m: int, n: int, *, dtype=torch.float32) -> CSR:
     """The row-sorted CSR (zero values) of an m x n mask from its distinct row-major flat indices
     (any order), built on their device without host synchronization."""
-    nnz = flat_indices.numel()
-    device = flat_indices.device
     chosen = torch.sort(flat_indices.long()).values
     rows = torch.div(chosen, n, rounding_mode="floor")
-    cols = (chosen - rows * n).to(torch.int32)
-    counts = torch.zeros(m, dtype=torch.int64, device=device)
-    counts.scatter_add_(0, rows, torch.ones_like(rows))
-    row_offsets = torch.zeros(m + 1, dtype=torch.int32, device=device)
-    row_offsets[1:] = torch.cumsum(counts, 0).to(torch.int32)
-    values = torch.zeros(nnz, dtype=dtype, device=device)
-    return CSR(values, row_offsets, row_order(row_offsets), cols, (m, n))
+    values = torch.zeros(chosen.numel(), dtype=dtype, device=chosen.device)
+    return _from_rows_cols(rows, chosen - rows * n, values, (m, n))
 
 
 class GradientCollector:

@@ -54,6 +54,7 @@ import torch
 from . import _C  # noqa: F401  (loading the extension registers the ops)
 from .csr import (
     CSR,
+    index_counts,
     check_same_device,
     check_same_dtype,
     check_size,
@@ -121,11 +122,6 @@ def _auto_threshold_count(counts: torch.Tensor, m: int, nnz: int, element_size: 
     seconds = planned_seconds(m, hot_columns, rest_nnz, 1, element_size=element_size)
     best = int(torch.argmin(seconds))  # the first minimum: the fewest hot columns among equals
     return nnz + 1 if best == 0 else int(distinct[best - 1])
-
-
-def _count(indices: torch.Tensor, size: int) -> torch.Tensor:
-    """``bincount(indices, minlength=size)`` (int64) without a host synchronization."""
-    return torch.zeros(size, dtype=torch.long, device=indices.device).index_add_(0, indices, torch.ones_like(indices))
 
 
 _NONZERO_STATIC = [True]  # whether torch.nonzero_static works here
@@ -220,7 +216,7 @@ class MaskPlan:
         # one synchronization: they go to the host, where J, |J| and J's nonzero count are decided,
         # so that nothing below synchronizes again (a plan is built per layer when the masks are
         # selected: every synchronization there was a measured cost, docs/benchmarks.md).
-        counts = _count(cols, n)
+        counts = index_counts(cols, n)
         host_counts = counts.cpu()
         if hot_fill == "auto":
             # The model is measured on a GPU only; elsewhere everything stays in the remainder (the raw ops).
@@ -259,7 +255,7 @@ class MaskPlan:
         self.rest_positions = _positions(~is_hot, rest_nnz)
         rest_offsets = torch.zeros(m + 1, dtype=torch.int32, device=device)
         if rest_nnz:
-            rest_offsets[1:] = torch.cumsum(_count(rows[self.rest_positions], m), 0)
+            rest_offsets[1:] = torch.cumsum(index_counts(rows[self.rest_positions], m), 0)
         self.rest_row_offsets = rest_offsets
         self.rest_row_indices = row_order(rest_offsets)
         self.rest_col_indices = col_indices[self.rest_positions].contiguous()
