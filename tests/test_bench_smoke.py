@@ -207,6 +207,27 @@ def test_profile_collect_runs_on_the_tiny_model(capsys):
     assert "stage collect: GradientCollector.add" in out
 
 
+def test_profile_step_runs_on_the_tiny_model(capsys):
+    pytest.importorskip("transformers", reason="the step profile builds the benchmark's HF Llama model")
+    from bench import profile_step
+
+    threads = torch.get_num_threads()
+    try:
+        result = report.main(["--profile-step", "--device", "cpu", "--methods", "full,rosa-warmup,rosa", "--top", "2"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert set(result["classes"]) == {"full", "rosa-warmup", "rosa"}
+    for classes in result["classes"].values():
+        assert classes["matrix products"] > 0
+    assert "| matrix products |" in out and "## rosa:" in out
+    assert profile_step.kernel_class("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "matrix products"
+    assert profile_step.kernel_class("void rosa_kernels::sddmm_kernel<bf16>") == "rosa_kernels"
+    assert profile_step.kernel_class("flash_bwd_kernel") == "attention"
+    assert profile_step.kernel_class("void at::native::multi_tensor_apply_kernel<Adam>") == "optimizer"
+    assert profile_step.kernel_class("void at::native::vectorized_elementwise_kernel<4, add>") == profile_step.OTHER
+
+
 def test_collect_memory_runs_on_a_tiny_configuration(capsys):
     from bench import collect_memory
 
