@@ -38,3 +38,24 @@ def test_rosa_finds_and_learns_the_planted_sparse_update(one_thread):
         assert recall >= 10 * density, f"seed {seed}: Fisher mask recall {recall:.3f} < 10x density {density:.4f}"
     # A random mask finds S* at chance: its recall is about its density.
     assert statistics.mean(random["recall"]) <= 3 * statistics.mean(random["density"])
+
+
+def test_the_demo_chooses_each_arms_learning_rate_on_a_seed_of_its_own():
+    from rosa_kernels.demo import choose_mechanism_lrs
+    from rosa_kernels.mechanism import DEFAULT_LRS
+
+    calls = []
+
+    def experiment(*, seeds, lrs):  # held-out loss: lowest at scale 0.25 for lora, at 1 for the others, NaN at 4
+        calls.append(seeds)
+        scale = lrs["rosa"][0] / DEFAULT_LRS["rosa"][0]
+        loss = {"lora": abs(scale - 0.25)}
+        return {arm: {"loss": [float("nan") if scale == 4 else loss.get(arm, abs(scale - 1))]} for arm in DEFAULT_LRS}
+
+    lrs, choice = choose_mechanism_lrs(experiment, [4.0, 1.0, 0.25])
+    assert calls == [(100,)] * 3, "the choice must run on seed 100 only"
+    assert lrs["lora"] == tuple(0.25 * v for v in DEFAULT_LRS["lora"]) and choice["lora"][0] == 0.25
+    for arm in ("rosa", "spa", "rosa_random"):
+        assert lrs[arm] == DEFAULT_LRS[arm] and choice[arm][0] == 1.0, arm
+    lrs, choice = choose_mechanism_lrs(experiment, [0.5])  # one scale: no choice, no runs
+    assert choice == {} and lrs["rosa"] == tuple(0.5 * v for v in DEFAULT_LRS["rosa"]) and len(calls) == 3
