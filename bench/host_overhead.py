@@ -37,6 +37,8 @@ collection backward (``collect_buffer="auto"``: the exact top-k is kept), over N
 modest size) in merged mode: the wall time per layer (median over rounds, each on a freshly
 collected model) and the ops one layer's selection issues, counted below autograd by a
 ``TorchDispatchMode`` (views apart) and as torch.profiler's ``aten::`` events (nested ones included).
+``--select-as-gpu`` lets the plans decide their hot columns by the GPU's cost model on the CPU too
+(``rosa_kernels.plan._MODELLED_DEVICE_TYPES``), so the ops counted are the ones a GPU's selection issues.
 
 Unless ``--skip-ops``: the public raw ops' host cost (64 x 64, 5% density, 16 columns): the Python
 wrapper with ``validate=False`` / ``True``, the raw ``torch.ops.rosa_kernels`` call, and the raw
@@ -262,14 +264,18 @@ def scatter_rows(device, layers=154, size=64, reps=201, module=None) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def collected_layers(layers: int, m: int, n: int, device, dtype, density: float, tokens: int = 8) -> torch.nn.ModuleList:
-    """``layers`` merged RosaLinear layers (m x n) after one collection backward: ready to select."""
+def collected_layers(layers: int, m: int, n: int, device, dtype, density: float,
+                     tokens: int = 8) -> torch.nn.ModuleList:
+    """``layers`` merged RosaLinear layers (m x n) after one collection backward: ready to select.
+    The inputs have RoSA's outlier channels (DESIGN.md's ``rosa`` recipe), so the masks crowd into
+    a few columns."""
     torch.manual_seed(0)
     model = torch.nn.ModuleList(rosa_kernels.RosaLinear(n, m, bias=False, rank=4, density=density, dropout=0.0,
                                                         device=device, dtype=dtype) for _ in range(layers))
     for layer in model:
         layer.start_collection(collect_buffer="auto")
-    x = torch.randn(tokens, n, device=device, dtype=dtype)
+    x = torch.randn(tokens, n) * torch.exp(2.5 * torch.randn(n))
+    x = x.to(device=device, dtype=dtype)
     sum(layer(x).square().sum() for layer in model).backward()
     return model
 
@@ -350,6 +356,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--compare-linear", help="also time the RosaLinear of this linear.py (e.g. an older commit's)")
     parser.add_argument("--select-layers", type=int, default=56, help="layers whose mask selection is timed (0: skip)")
     parser.add_argument("--select-shape", default="512,1376,0.006", help="M,N[,DENSITY] of those layers")
+    parser.add_argument("--select-as-gpu", action="store_true",
+                        help="plans decide their hot columns as on a GPU (the GPU's ops, counted on the CPU)")
     args = parser.parse_args(argv)
     compared = load_linear_module(args.compare_linear) if args.compare_linear else None
     torch.set_num_threads(args.threads)
@@ -382,13 +390,16 @@ def main(argv=None) -> dict:
         for name, row in out["scatter"].items():
             print(f"| {name} | {row['us']:.1f} | {row['us per layer']:.2f} |")
     if args.select_layers:
+        if args.select_as_gpu:
+            rosa_kernels.plan._MODELLED_DEVICE_TYPES = ("cuda", "cpu")
         m, n, *select_density = args.select_shape.split(",")
         row = out["selection"] = selection_rows(device, args.select_layers, int(m), int(n),
                                                 float(select_density[0]) if select_density else 0.006)
         print(f"\n## mask selection (select_masks) of {row['layers']} merged {m}x{n} layers, density {row['density']}")
         print("| ms | ms per layer | ops per layer (below autograd) | aten:: profiler events per layer |")
         print("|---|---|---|---|")
-        print(f"| {row['ms']:.1f} | {row['ms per layer']:.3f} | {row['ops per layer']} | {row['aten events per layer']} |")
+        print(f"| {row['ms']:.1f} | {row['ms per layer']:.3f} | {row['ops per layer']} | "
+              f"{row['aten events per layer']} |")
         if args.show_ops:
             print(f"selection of one layer: {' '.join(row['op names'])}")
     if not args.skip_ops:

@@ -178,8 +178,7 @@ Plan mask_plan(const at::Tensor& row_offsets_in, const at::Tensor& col_indices_i
 
   const auto long_options = row_offsets.options().dtype(at::kLong);
   const int64_t rest_nnz = nnz - hot_nnz;
-  const auto row_counts = (row_offsets.narrow(0, 1, m) - row_offsets.narrow(0, 0, m)).to(at::kLong);
-  const auto rows = at::repeat_interleave(row_counts, std::optional<int64_t>(nnz));  // each nonzero's row
+  const auto long_offsets = row_offsets.to(at::kLong);
   // J, its position slot_of_column[j] in J (or -1), and the nonzeros in J's columns.
   at::Tensor hot_columns, rest_positions, hot_positions, hot_rows, hot_slots;
   if (h == 0) {
@@ -204,13 +203,14 @@ Plan mask_plan(const at::Tensor& row_offsets_in, const at::Tensor& col_indices_i
                        "the columns with >= min_count = ", min_count, " nonzeros (", counted_columns,
                        ") and their nonzeros (", counted_nnz, "), got ", h, " and ", hot_nnz);
     }
-    hot_rows = rows.index_select(0, hot_positions);
+    // The row of position p: the last row starting at or before p (rows may be empty).
+    hot_rows = at::searchsorted(long_offsets, hot_positions, /*out_int32=*/false, /*right=*/true).sub_(1);
     hot_slots = slots.index_select(0, hot_positions);
     rest_positions = positions(is_hot.logical_not(), rest_nnz);
   }
-  // Positions ascend, so the remainder stays row-sorted with ascending columns in each row.
-  const auto rest_rows = rows.index_select(0, rest_positions);
-  const auto rest_row_offsets = at::searchsorted(rest_rows, at::arange(m + 1, long_options), /*out_int32=*/true);
+  // Positions ascend, so the remainder stays row-sorted with ascending columns in each row: its
+  // offsets count the remainder's positions before each row's first position.
+  const auto rest_row_offsets = at::searchsorted(rest_positions, long_offsets, /*out_int32=*/true);
   const auto rest_col_indices = col_indices.index_select(0, rest_positions);
 
   // target[p]: where nonzero p lives in [G or A_hot (m x width, row-major) | remainder (rest_nnz)].

@@ -409,3 +409,80 @@ def test_selected_mask_buffers_are_the_python_construction(sparse_mode, device):
     for name in ("row_offsets", "row_indices", "col_indices", "row_offsets_t", "row_indices_t", "col_indices_t",
                  "permutation", "flat_indices"):
         assert_identical(getattr(other, name), getattr(layer, name), name)
+
+
+@pytest.fixture
+def modelled_cpu(monkeypatch):
+    """hot_fill="auto" decides on the CPU as on a GPU (the cost model), so its path runs here."""
+    monkeypatch.setattr(rosa_kernels.plan, "_MODELLED_DEVICE_TYPES", ("cuda", "cpu"))
+
+
+def collected_model(shapes, device, dtype=torch.float32):
+    torch.manual_seed(3)
+    model = torch.nn.ModuleList(RosaLinear(n, m, rank=2, density=density, dropout=0.0, device=device, dtype=dtype)
+                                for m, n, density in shapes)
+    for layer in model:
+        layer.start_collection(collect_buffer="auto")
+    # RoSA-like gradients: a few input channels dominate, so the masks have hot columns.
+    for layer in model:
+        x = torch.randn(6, layer.in_features, device=device, dtype=dtype)
+        x = x * torch.exp(2.5 * torch.randn(layer.in_features, device=device, dtype=dtype))
+        layer(x).square().sum().backward()
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_selected_plans_are_the_python_construction(modelled_cpu, dtype, device):
+    shapes = [(40, 64, 0.05), (17, 23, 0.2), (64, 40, 0.02), (8, 300, 0.1)]
+    model = collected_model(shapes, device, dtype)
+    indices = [layer._collector.exact_indices().clone() for layer in model]
+    masks = rosa_kernels.model.select_masks(model)  # every layer's host decision from one copy of the counts
+    assert list(masks) == [str(i) for i in range(len(shapes))]
+    planned = 0
+    for layer, flat in zip(model, indices):
+        m, n = layer.out_features, layer.in_features
+        structure = reference_structure(flat, m, n)
+        counts = index_counts(structure.col_indices.long(), n)
+        hot, _ = reference_hot(counts, m, structure.col_indices.shape[0], "auto", dtype.itemsize)
+        width, expected = reference_plan(structure.row_offsets, structure.col_indices, m, n, hot)
+        if not width:
+            assert layer._grad_plan is None
+            continue
+        planned += 1
+        gather, target, offsets, rows, cols, plan_width, rest_nnz = layer._grad_plan
+        assert (plan_width, rest_nnz) == (width, expected["rest_positions"].numel())
+        assert_identical(target, expected["target"].int())
+        for actual, name in ((gather, "_gather"), (offsets, "rest_row_offsets"), (rows, "rest_row_indices"),
+                             (cols, "rest_col_indices")):
+            assert_identical(actual, expected[name], name)
+        # The same parts as the layer's own selection, which copies its counts to the host itself.
+        single = collected_model([(m, n, layer.density)], device, dtype)[0]
+        single._collector.top_indices = flat.clone()
+        single.select_mask()
+        for a, b in zip(single._grad_plan, layer._grad_plan):
+            assert (a is None and b is None) or (a == b if isinstance(a, int) else torch.equal(a, b))
+    assert planned >= 2
+
+
+def test_mask_plan_auto_is_the_python_construction_on_a_modelled_device(modelled_cpu, gen):
+    for m, n, flat in plan_cases(gen):
+        structure = mask_structure(flat, m, n)
+        for dtype in (torch.bfloat16, torch.float32):
+            counts = index_counts(structure.col_indices.long(), n)
+            hot, expected_fill = reference_hot(counts, m, structure.col_indices.shape[0], "auto", dtype.itemsize)
+            width, expected = reference_plan(structure.row_offsets, structure.col_indices, m, n, hot)
+            plan = MaskPlan(structure.row_offsets, structure.col_indices, m, n, dtype=dtype)
+            assert plan.hot_fill == expected_fill and plan._width == width
+            for name, tensor in expected.items():
+                assert_identical(getattr(plan, name), tensor, name)
+
+
+def test_host_copies_copy_once_per_device(device):
+    from rosa_kernels.plan import host_copies
+
+    tensors = [torch.arange(5, device=device), torch.arange(0, device=device), torch.arange(3, device=device) * 7,
+               torch.tensor([4, 2])]
+    copies = host_copies(tensors)
+    assert all(c.device.type == "cpu" for c in copies)
+    for c, t in zip(copies, tensors):
+        assert torch.equal(c, t.cpu())

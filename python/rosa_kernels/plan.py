@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import NamedTuple
 
 import torch
 
@@ -120,6 +121,90 @@ def hot_column_choice(host_counts: torch.Tensor, m: int, hot_fill, element_size:
     costs = _COSTS[2 if element_size <= 2 else 4]
     return _ops.plan_hot_columns(host_counts, m, None if hot_fill == "auto" else hot_fill,
                                  [costs[key] for key in _COST_KEYS])
+
+
+# "auto" applies the cost model on these device types (it was fitted to GPU measurements); elsewhere
+# it keeps every nonzero in the remainder and needs no column counts. (Tests add "cpu", to run a
+# GPU's decisions on the CPU.)
+_MODELLED_DEVICE_TYPES = ("cuda",)
+
+
+def needs_column_counts(device: torch.device, hot_fill=DEFAULT_HOT_FILL) -> bool:
+    """Whether a plan on ``device`` decides its hot columns from the column counts (a host copy)."""
+    return hot_fill != "auto" or device.type in _MODELLED_DEVICE_TYPES
+
+
+class _Decision(NamedTuple):
+    hot_fill: float  # the threshold used (for "auto": the chosen one, inf for none)
+    column_counts: torch.Tensor | None  # (n,) on the structure's device; None when not needed
+    min_count: int  # J = the columns with >= min_count nonzeros
+    hot_column_count: int  # |J|
+    hot_nnz: int
+    width: int  # the GEMM's width: |J| padded to a multiple of 8 (|J| when J is empty or every column)
+
+
+def _decide(col_indices, m: int, n: int, hot_fill, dtype: torch.dtype, column_counts=None,
+            host_counts=None) -> _Decision:
+    """The plan's hot columns J, decided on the host from the column counts (``host_counts``, their
+    host copy, when the caller has it; else one synchronization copies them)."""
+    nnz = col_indices.shape[0]
+    counts = None
+    if not needs_column_counts(col_indices.device, hot_fill):
+        min_count, h, hot_nnz = nnz + 1, 0, 0
+    else:
+        if column_counts is None:
+            # A scatter-add count (bincount would synchronize to size its output).
+            counts = index_counts(col_indices.long(), n)
+        else:
+            counts = check_tensor(column_counts, "column_counts")  # the ops check the rest
+        if host_counts is None:
+            # The one synchronization: the counts go to the host, where J, |J| and J's nonzero
+            # count are decided, so that building the plan's tensors needs none (a plan is built
+            # per layer when the masks are selected: every synchronization there was a measured
+            # cost, docs/benchmarks.md).
+            host_counts = counts.cpu()
+        min_count, h, hot_nnz = hot_column_choice(host_counts, m, hot_fill, dtype.itemsize)
+    if hot_fill == "auto":
+        hot_fill = min(1.0, min_count / m) if m and min_count <= nnz else math.inf
+    # cuBLAS takes its tensor-core paths only when leading dimensions are multiples of 16 bytes:
+    # with an odd |J| the GEMM ran 2.5-3.6x slower on the H200 (docs/benchmarks.md). So G and
+    # A_hot get width = |J| rounded up to a multiple of 8, the extra columns gathering copies of
+    # J's first column: their products are never read, and A_hot's extra columns stay zero.
+    # When J is every column, the operands are used as they are (no gather at all).
+    width = h if h in (0, n) else -(-h // _WIDTH_MULTIPLE) * _WIDTH_MULTIPLE
+    return _Decision(hot_fill, counts, min_count, h, hot_nnz, width)
+
+
+def sddmm_parts_of(row_offsets, col_indices, m: int, n: int, *, dtype: torch.dtype, column_counts=None,
+                   host_counts=None):
+    """``MaskPlan(row_offsets, col_indices, m, n, dtype=dtype, validate=False,
+    column_counts=column_counts).sddmm_parts()`` without building the rest of the plan, or None when
+    the plan has no hot column (then it is the raw SDDMM). For a validated int32 structure;
+    ``host_counts``: the column counts' host copy, when the caller made it (RosaLinear copies every
+    layer's at once)."""
+    decision = _decide(col_indices, m, n, DEFAULT_HOT_FILL, dtype, column_counts, host_counts)
+    if not decision.width:
+        return None
+    _, gather, target, rest_row_offsets, rest_row_indices, rest_col_indices, *_ = \
+        _ops.mask_plan(row_offsets, col_indices, n, *decision[1:])
+    return (gather, target, rest_row_offsets, rest_row_indices, rest_col_indices, decision.width,
+            col_indices.shape[0] - decision.hot_nnz)
+
+
+def host_copies(tensors: list) -> list:
+    """The host copies of 1-D ``tensors`` of one dtype: one copy (one synchronization) per device for
+    all of them, instead of one each."""
+    copies = list(tensors)
+    by_device = {}
+    for i, t in enumerate(tensors):
+        if t.device.type != "cpu":
+            by_device.setdefault(t.device, []).append(i)
+    for positions in by_device.values():
+        parts = [tensors[i] for i in positions]
+        host = (torch.cat(parts) if len(parts) > 1 else parts[0]).cpu()
+        for i, copy in zip(positions, host.split([t.shape[0] for t in parts])):
+            copies[i] = copy
+    return copies
 
 
 @torch.library.register_fake("rosa_kernels::mask_plan")
@@ -208,37 +293,13 @@ class MaskPlan:
         self.nnz = nnz
         self.device = device
 
-        if hot_fill == "auto" and device.type != "cuda":
-            # The model is measured on a GPU only; elsewhere everything stays in the remainder (the
-            # raw ops), which needs no column counts.
-            counts, (min_count, h, hot_nnz) = None, (nnz + 1, 0, 0)
-        else:
-            if column_counts is None:
-                # A scatter-add count (bincount would synchronize to size its output).
-                counts = index_counts(col_indices.long(), n)
-            else:
-                counts = check_tensor(column_counts, "column_counts")  # the ops check the rest
-            # The one synchronization: the counts go to the host, where J, |J| and J's nonzero count
-            # are decided, so that building the plan's tensors needs none (a plan is built per layer
-            # when the masks are selected: every synchronization there was a measured cost,
-            # docs/benchmarks.md).
-            min_count, h, hot_nnz = hot_column_choice(counts.cpu(), m, hot_fill,
-                                                      torch.empty((), dtype=dtype).element_size())
-        if hot_fill == "auto":
-            self.hot_fill = min(1.0, min_count / m) if m and min_count <= nnz else math.inf
-        else:
-            self.hot_fill = hot_fill
-        # cuBLAS takes its tensor-core paths only when leading dimensions are multiples of 16 bytes:
-        # with an odd |J| the GEMM ran 2.5-3.6x slower on the H200 (docs/benchmarks.md). So G and
-        # A_hot get width = |J| rounded up to a multiple of 8, the extra columns gathering copies of
-        # J's first column: their products are never read, and A_hot's extra columns stay zero.
-        # When J is every column, the operands are used as they are (no gather at all).
-        self._width = h if h in (0, n) else -(-h // _WIDTH_MULTIPLE) * _WIDTH_MULTIPLE
+        decision = _decide(col_indices, m, n, hot_fill, dtype, column_counts)
+        self.hot_fill, self._width = decision.hot_fill, decision.width
         # Positions ascend, so the remainder stays row-sorted with ascending columns in each row;
         # target[p] is where nonzero p lives in [G or A_hot (m x width, row-major) | remainder].
         (self.hot_columns, self._gather, self.target, self.rest_row_offsets, self.rest_row_indices,
          self.rest_col_indices, self.hot_positions, self.hot_rows, self.hot_slots, self.rest_positions) = \
-            _ops.mask_plan(row_offsets, col_indices, n, counts, min_count, h, hot_nnz, self._width)
+            _ops.mask_plan(row_offsets, col_indices, n, *decision[1:])
         self._buffers = {}  # dtype -> zeroed [A_hot | rest values] buffer of spmm without autograd
 
     @classmethod
