@@ -3,6 +3,7 @@ post-optimizer-step re-scatter of merged RosaLinear layers (issue 11, item 2), a
 
     python bench/report.py --host-overhead [--device cpu|cuda] [--shape 64,16] [--layers 154]
         [--skip-ops] [--show-ops] [--compare-linear FILE] [--budget S] [--json FILE]
+        [--select-layers 56] [--select-shape 512,1376,0.006]
     (or python -m bench.host_overhead ...)
 
 **Method.** A layer step is ``x.grad = None``, the parameters' ``.grad = None`` and
@@ -30,6 +31,15 @@ no value changed (an optimizer step over other parameters).
 commit's: ``git show REV:python/rosa_kernels/linear.py > /tmp/linear_old.py``) in the same process
 on the same build, for before/after numbers that share the machine's state.
 
+``--select-layers N`` (0: skip) times mask selection, ``rosa_kernels.select_masks`` after one
+collection backward (``collect_buffer="auto"``: the exact top-k is kept), over N layers of
+``--select-shape`` (``M,N[,DENSITY]``; default 512,1376,0.006: a LLaMA-shaped MLP projection at a
+modest size) in merged mode: the wall time per layer (median over rounds, each on a freshly
+collected model) and the ops one layer's selection issues, counted below autograd by a
+``TorchDispatchMode`` (views apart) and as torch.profiler's ``aten::`` events (nested ones included).
+``--select-as-gpu`` lets the plans decide their hot columns by the GPU's cost model on the CPU too
+(``rosa_kernels.plan._MODELLED_DEVICE_TYPES``), so the ops counted are the ones a GPU's selection issues.
+
 Unless ``--skip-ops``: the public raw ops' host cost (64 x 64, 5% density, 16 columns): the Python
 wrapper with ``validate=False`` / ``True``, the raw ``torch.ops.rosa_kernels`` call, and the raw
 call below the autograd key, next to ``torch.mm`` of the same size.
@@ -51,6 +61,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import rosa_kernels  # noqa: E402
+from rosa_kernels.model import select_masks  # noqa: E402
 from bench.common import LoraLinear  # noqa: E402
 
 _ops = torch.ops.rosa_kernels
@@ -249,6 +260,51 @@ def scatter_rows(device, layers=154, size=64, reps=201, module=None) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# Mask selection
+# ----------------------------------------------------------------------------------------------
+
+
+def collected_layers(layers: int, m: int, n: int, device, dtype, density: float,
+                     tokens: int = 8) -> torch.nn.ModuleList:
+    """``layers`` merged RosaLinear layers (m x n) after one collection backward: ready to select.
+    The inputs have RoSA's outlier channels (DESIGN.md's ``rosa`` recipe), so the masks crowd into
+    a few columns."""
+    torch.manual_seed(0)
+    model = torch.nn.ModuleList(rosa_kernels.RosaLinear(n, m, bias=False, rank=4, density=density, dropout=0.0,
+                                                        device=device, dtype=dtype) for _ in range(layers))
+    for layer in model:
+        layer.start_collection(collect_buffer="auto")
+    x = torch.randn(tokens, n) * torch.exp(2.5 * torch.randn(n))
+    x = x.to(device=device, dtype=dtype)
+    sum(layer(x).square().sum() for layer in model).backward()
+    return model
+
+
+def selection_rows(device, layers=56, m=512, n=1376, density=0.006, rounds=5) -> dict:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    counter = _CountOps()
+    model = collected_layers(1, m, n, device, dtype, density)
+    with counter:
+        select_masks(model)
+    model = collected_layers(1, m, n, device, dtype, density)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        select_masks(model)
+    aten_events = sum(e.name.startswith("aten::") for e in prof.events())
+    samples = []
+    for _ in range(rounds):
+        model = collected_layers(layers, m, n, device, dtype, density)
+        _sync(device)
+        begin = time.perf_counter()
+        select_masks(model)
+        _sync(device)
+        samples.append(time.perf_counter() - begin)
+        assert all(layer.phase == "sparse" for layer in model)
+    ms = statistics.median(samples) * 1e3
+    return {"layers": layers, "shape": [m, n], "density": density, "ms": ms, "ms per layer": ms / layers,
+            "ops per layer": len(counter.ops), "aten events per layer": aten_events, "op names": counter.ops}
+
+
+# ----------------------------------------------------------------------------------------------
 # The raw ops
 # ----------------------------------------------------------------------------------------------
 
@@ -298,6 +354,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--show-ops", action="store_true", help="list the ops each layer step dispatches")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--compare-linear", help="also time the RosaLinear of this linear.py (e.g. an older commit's)")
+    parser.add_argument("--select-layers", type=int, default=56, help="layers whose mask selection is timed (0: skip)")
+    parser.add_argument("--select-shape", default="512,1376,0.006", help="M,N[,DENSITY] of those layers")
+    parser.add_argument("--select-as-gpu", action="store_true",
+                        help="plans decide their hot columns as on a GPU (the GPU's ops, counted on the CPU)")
     args = parser.parse_args(argv)
     compared = load_linear_module(args.compare_linear) if args.compare_linear else None
     torch.set_num_threads(args.threads)
@@ -329,6 +389,19 @@ def main(argv=None) -> dict:
         print("|---|---|---|")
         for name, row in out["scatter"].items():
             print(f"| {name} | {row['us']:.1f} | {row['us per layer']:.2f} |")
+    if args.select_layers:
+        if args.select_as_gpu:
+            rosa_kernels.plan._MODELLED_DEVICE_TYPES = ("cuda", "cpu")
+        m, n, *select_density = args.select_shape.split(",")
+        row = out["selection"] = selection_rows(device, args.select_layers, int(m), int(n),
+                                                float(select_density[0]) if select_density else 0.006)
+        print(f"\n## mask selection (select_masks) of {row['layers']} merged {m}x{n} layers, density {row['density']}")
+        print("| ms | ms per layer | ops per layer (below autograd) | aten:: profiler events per layer |")
+        print("|---|---|---|---|")
+        print(f"| {row['ms']:.1f} | {row['ms per layer']:.3f} | {row['ops per layer']} | "
+              f"{row['aten events per layer']} |")
+        if args.show_ops:
+            print(f"selection of one layer: {' '.join(row['op names'])}")
     if not args.skip_ops:
         out["ops"] = op_rows(device)
         print("\n## public ops, 64 x 64, density 5%, 16 columns: median us per call")

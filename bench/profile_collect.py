@@ -115,14 +115,14 @@ def _label_stages():
     targets = [(masks.GradientCollector, "add", "collect: GradientCollector.add (dW, encode, top-k)"),
                (masks, "weight_gradient", "collect: weight_gradient (dW GEMM)"),
                (masks, "_top_k_indices", "collect: top-k"),
-               (linear.RosaLinear, "select_mask", "select: RosaLinear.select_mask (all)"),
-               (masks, "mask_from_indices", "select: mask_from_indices"),
-               (masks, "broadcast_mask", "select: broadcast_mask"),
-               (linear, "validate_csr", "select: validate_csr"),
-               (linear.RosaLinear, "_build_derived", "select: _build_derived (transpose, flat, plan)"),
-               (plan.MaskPlan, "__init__", "select: MaskPlan"),
+               (linear, "select_masks_of", "select: select_masks_of (all)"),
+               (linear.RosaLinear, "_select_structure", "select: RosaLinear._select_structure (top-k to merge)"),
+               (masks, "mask_structure", "select: mask_structure (CSR, transpose, flat positions)"),
+               (masks, "broadcast_indices", "select: broadcast_indices"),
                (linear.RosaLinear, "_merge", "select: _merge"),
-               (linear.RosaLinear, "mask", "select: RosaLinear.mask (copies)")]
+               (plan, "host_copies", "select: host copies of the column counts"),
+               (plan, "sddmm_parts_of", "select: the plans (host decision, mask_plan)"),
+               (plan, "hot_column_choice", "select: the plans' host decision")]
     return [_labelled(*target) for target in targets if hasattr(target[0], target[1])]
 
 

@@ -203,7 +203,7 @@ def test_profile_collect_runs_on_the_tiny_model(capsys):
     out = capsys.readouterr().out
     collection = result["results"][0]["collection"]
     assert set(collection) == {"forward+backward", "optimizer", "scheduler.step", "step"}
-    assert "model 1:" in out and "stage select: RosaLinear.select_mask (all)" in out
+    assert "model 1:" in out and "stage select: select_masks_of (all)" in out
     assert "stage collect: GradientCollector.add" in out
 
 

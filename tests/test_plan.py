@@ -9,7 +9,7 @@ import torch
 
 import rosa_kernels
 from rosa_kernels import CSR, MaskPlan, csr_from_mask
-from rosa_kernels.plan import _auto_threshold_count, planned_seconds
+from rosa_kernels.plan import hot_column_choice, planned_seconds
 from rosa_kernels.testing import rosa_mask, uniform_mask
 from reference import DTYPE_IDS, DTYPES, TOLERANCE, assert_close, f64, randn, random_csr, scipy64
 
@@ -185,9 +185,8 @@ def auto_split(mask: CSR, dtype=torch.bfloat16):
     """(|J|, remainder nnz) that hot_fill="auto" picks on a GPU for this mask."""
     m, n = mask.shape
     counts = torch.bincount(mask.col_indices.long(), minlength=n)
-    threshold = _auto_threshold_count(counts, m, mask.nnz, torch.empty((), dtype=dtype).element_size())
-    hot = counts >= threshold
-    return int(hot.sum()), mask.nnz - int(counts[hot].sum())
+    _, hot_columns, hot_nnz = hot_column_choice(counts, m, "auto", torch.empty((), dtype=dtype).element_size())
+    return hot_columns, mask.nnz - hot_nnz
 
 
 def test_auto_follows_the_cost_model():

@@ -108,7 +108,7 @@ def test_planned_sparse_grad_matches_float64_reference(device, hot_fill, dropout
     from rosa_kernels import MaskPlan
 
     layer = make_layer(40, 24, dtype=torch.float64, device=device, seed=6, dropout=dropout)
-    layer._use_plan(MaskPlan(layer.row_offsets, layer.col_indices, 24, 40, hot_fill=hot_fill))
+    layer._use_plan(MaskPlan(layer.row_offsets, layer.col_indices, 24, 40, hot_fill=hot_fill).sddmm_parts())
     assert layer._plan_parts(torch.empty(1, device=device), "merged")[5] > 0 or hot_fill == 1.0
     x = torch.randn(3, 11, 40, dtype=torch.float64, device=device, requires_grad=True)
     dy = torch.randn(3, 11, 24, dtype=torch.float64, device=device)
@@ -547,7 +547,7 @@ def test_torch_compile_fullgraph_with_a_planned_sparse_grad():
     model = two_layer_model("merged", "merged", with_masks=True)
     for layer in model[::2]:
         layer._use_plan(MaskPlan(layer.row_offsets, layer.col_indices, layer.out_features, layer.in_features,
-                                 hot_fill=0.0))
+                                 hot_fill=0.0).sddmm_parts())
     model.eval()  # no dropout: the eager and compiled steps see the same function
     x = torch.randn(2, 3, 16)
     model(x).square().mean().backward()

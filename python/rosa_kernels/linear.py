@@ -53,10 +53,10 @@ import torch.optim.optimizer as _optimizer
 from torch import nn
 
 from . import masks as _masks
-from .csr import CSR, csr_from_mask, row_order, validate_csr
+from . import plan as _plan
+from .csr import CSR, csr_from_mask, validate_csr
 from .dropout import draw_seed
-from .plan import MaskPlan, planned_sddmm
-from .ops import csr_transpose
+from .plan import planned_sddmm
 
 _ops = torch.ops.rosa_kernels
 
@@ -74,6 +74,9 @@ _NO_PLAN = (None, None, None, None, None, 0, 0)
 _NO_MASK_GRAD = ([], "none", 0, 0)
 _rosa_linear = _ops.rosa_linear.default
 _merged_scatter = _ops.merged_scatter_.default
+# The buffers that hold a mask's structures (rosa_kernels.masks.MaskStructure's first fields).
+_STRUCTURE_BUFFERS = ("row_offsets", "row_indices", "col_indices", "row_offsets_t", "row_indices_t", "col_indices_t",
+                      "permutation", "flat_indices")
 
 
 def _register_fake_kernels() -> None:
@@ -274,6 +277,26 @@ def _scatter_layers(layers) -> None:
                     [b["base_values"] for b in buffers], values)
     for layer, v in zip(layers, values):
         layer.__dict__["_merged_version"] = v._version  # nn.Module.__setattr__ cost ~2 us a layer
+
+
+def select_masks_of(layers) -> list[CSR]:
+    """:meth:`RosaLinear.select_mask` of each layer, in order (every rank in the same order: the
+    selection's collectives follow it), returning the masks.
+
+    Each layer's plan decides its hot columns on the host from the mask's column counts: their
+    host copies are made once for all the layers (one synchronization per device), not once per
+    layer, so the GPU runs every layer's selection without the host waiting in between."""
+    chosen, masks, counts = [], [], []
+    for layer in layers:  # may be a progress bar's iterator: once
+        mask, column_counts = layer._select_structure()
+        chosen.append(layer)
+        masks.append(mask)
+        counts.append(column_counts)
+    needed = [_plan.needs_column_counts(c.device) for c in counts]
+    host = iter(_plan.host_copies([c for c, need in zip(counts, needed) if need]))
+    for layer, column_counts, need in zip(chosen, counts, needed):
+        layer._build_plan(column_counts, next(host) if need else None)
+    return masks
 
 
 _SHARDED_NOTICE_GIVEN = False
@@ -502,20 +525,27 @@ class RosaLinear(nn.Module):
             return _NO_PLAN
         return parts
 
-    def _build_plan(self):
-        """The mask's MaskPlan on the layer's device (one host synchronization, when the mask is set
-        or the layer moves; the plan's cost model decides per device)."""
-        self._use_plan(MaskPlan(self.row_offsets, self.col_indices, self.out_features, self.in_features,
-                                dtype=self._adapter_dtype, validate=False))
+    def _build_plan(self, column_counts=None, host_counts=None):
+        """The parts of the mask's MaskPlan that dS needs, on the layer's device (when the mask is set
+        or the layer moves; the plan's cost model decides per device, from a host copy of the
+        column counts: ``host_counts`` when given, else one host synchronization). ``column_counts``:
+        the mask's nonzeros per column, read off the transpose's offsets when not given."""
+        if column_counts is None:
+            column_counts = self.row_offsets_t[1:] - self.row_offsets_t[:-1]
+        self._use_plan(_plan.sddmm_parts_of(self.row_offsets, self.col_indices, self.out_features, self.in_features,
+                                            dtype=self._adapter_dtype, column_counts=column_counts,
+                                            host_counts=host_counts))
 
-    def _use_plan(self, plan: MaskPlan):
+    def _use_plan(self, parts):
+        """Keeps a plan's ``MaskPlan.sddmm_parts()`` for dS (None or width 0: the plan is the SDDMM)."""
         # Only what planned_sddmm reads is kept (the plan's other index tensors would cost a few MB
         # per layer); the gather index as int32, which index_select takes as well.
-        gather, target, *rest, width, rest_nnz = plan.sddmm_parts()
-        small = target.numel() == 0 or int(self.out_features) * width + rest_nnz < 2**31 - 1
-        self._grad_plan = ((gather, target.int() if small else target, *rest, width, rest_nnz) if width
-                           else None)
-        self._grad_plan_key = (plan.device, self._adapter_dtype)
+        self._grad_plan = None
+        if parts is not None and parts[5]:
+            gather, target, *rest, width, rest_nnz = parts
+            small = target.numel() == 0 or int(self.out_features) * width + rest_nnz < 2**31 - 1
+            self._grad_plan = (gather, target.int() if small else target, *rest, width, rest_nnz)
+        self._grad_plan_key = (self.row_offsets.device, self._adapter_dtype)
         self._update_grad_args()
 
     @property
@@ -581,7 +611,7 @@ class RosaLinear(nn.Module):
             self._sparse_mode = "spmm"
             return
         with torch.no_grad():
-            self.base_values.copy_(self.weight.view(-1)[self.flat_indices])
+            torch.index_select(self.weight.view(-1), 0, self.flat_indices, out=self.base_values)
         self._merged = True
         _MERGED_LAYERS.add(self)
         self._scatter()
@@ -720,30 +750,36 @@ class RosaLinear(nn.Module):
         return self._collector.full_statistic()
 
     def select_mask(self) -> CSR:
-        """Top-k of the collected statistic -> the mask (broadcast from rank 0; under FSDP2 the ranks'
-        candidates are gathered instead); switches to ``"sparse"``.
+        """Top-k of the collected statistic -> the mask (rank 0's top-k broadcast; under FSDP2 the
+        ranks' candidates are gathered instead); switches to ``"sparse"``.
 
         When the whole collection was one backward pass (``collect_buffer`` ``"auto"`` or
-        ``"one_pass"``), the exact top-k of that pass's float32 gradient, kept since then."""
+        ``"one_pass"``), the exact top-k of that pass's float32 gradient, kept since then.
+        ``rosa_kernels.model.select_masks`` selects many layers' masks at once (see
+        :func:`select_masks_of`)."""
+        return select_masks_of([self])[0]
+
+    def _select_structure(self) -> tuple[CSR, torch.Tensor]:
+        """:meth:`select_mask` but the plan: ``(mask, column counts)`` (see :func:`select_masks_of`).
+
+        The top-k's positions are distinct by construction, so they are not validated: one op
+        (``rosa_kernels.masks.mask_structure``) builds every structure the layer keeps from them,
+        on the device (mask selection's per-layer host cost was most of the collection step's
+        time)."""
         collector = self._collector
-        sharded = collector is not None and collector.rows is not None
-        if sharded:  # the same top-k on every rank: nothing to broadcast
+        if collector is not None and collector.rows is not None:  # sharded: the same top-k on every rank
             indices = collector.sharded_top_indices()
         else:
             indices = collector.exact_indices() if collector is not None else None
-        if indices is not None:
-            mask = _masks.mask_from_indices(indices, self.out_features, self.in_features, dtype=self._adapter_dtype)
-        else:
-            mask = _masks.select_mask(self.statistic(), self.nnz, dtype=self._adapter_dtype)
-        self._set_selected_mask(mask if sharded else _masks.broadcast_mask(mask))
-        return self.mask()
-
-    def _set_selected_mask(self, mask: CSR) -> None:
-        """:meth:`set_mask` for a mask selected here (distinct top-k positions made into a CSR on the
-        device, or rank 0's copy of one): valid by construction, so not validated again (the
-        validation's host synchronization and ~20 ops per layer were a measured part of the
-        collection step's time)."""
-        self._install_mask(mask.row_offsets, mask.col_indices, mask.row_indices)
+            if indices is None:
+                indices = _masks.top_k_indices(self.statistic(), self.nnz)
+            indices = _masks.broadcast_indices(indices)
+        shape = (self.out_features, self.in_features)
+        structure = _masks.mask_structure(indices, *shape, validate=False)
+        self._install_mask(structure, build_plan=False)
+        mask = CSR(self.sparse_values.detach().clone(), structure.row_offsets, structure.row_indices,
+                   structure.col_indices, shape)
+        return mask, structure.column_counts
 
     def set_mask(self, mask):
         """Fixes the sparse adapter's mask and enters the ``"sparse"`` phase with ``S = 0``.
@@ -770,18 +806,35 @@ class RosaLinear(nn.Module):
             mask.row_offsets.to(device), mask.col_indices.to(device), shape[0], shape[1], self.nnz,
             mask.row_indices.to(device),
         )
-        self._install_mask(row_offsets, col_indices, row_indices)
+        self._install_mask(self._structure_of(row_offsets, col_indices, row_indices))
 
-    def _install_mask(self, row_offsets, col_indices, row_indices):
+    def _structure_of(self, row_offsets, col_indices, row_indices) -> _masks.MaskStructure:
+        """The structures the layer keeps for a validated CSR, whose row_indices it keeps as given."""
+        flat_indices = _masks.csr_flat_indices(row_offsets, col_indices, self.in_features)
+        structure = _masks.mask_structure(flat_indices, self.out_features, self.in_features, validate=False)
+        return structure._replace(row_indices=row_indices)
+
+    def _install_mask(self, structure: _masks.MaskStructure, build_plan: bool = True):
+        """A new mask (``S = 0``), then :meth:`_use_structure`."""
         if self._merged:
             self._unmerge()
         with torch.no_grad():
-            self.row_offsets.copy_(row_offsets)
-            self.col_indices.copy_(col_indices)
-            self.row_indices.copy_(row_indices)
             self.has_mask.fill_(True)
             self.sparse_values.zero_()
-        self._build_derived()
+        self._use_structure(structure, build_plan)
+
+    def _use_structure(self, structure: _masks.MaskStructure, build_plan: bool = True):
+        """Keeps the mask's structures (the CSR, its transpose and the flat positions, all fixed
+        while the mask is) in the buffers, builds its plan (unless the caller builds it later:
+        until then dS takes the SDDMM) and enters the ``"sparse"`` phase."""
+        with torch.no_grad():
+            buffers = self._buffers
+            torch._foreach_copy_([buffers[name] for name in _STRUCTURE_BUFFERS],
+                                 list(structure[:len(_STRUCTURE_BUFFERS)]))
+        if build_plan:
+            self._build_plan(structure.column_counts)
+        else:
+            self._use_plan(None)
         self._end_collection()
         self.phase = "sparse"
         if self._sparse_mode == "merged":
@@ -790,24 +843,6 @@ class RosaLinear(nn.Module):
     def _end_collection(self):
         self._collector = None
         _COLLECTING_LAYERS.discard(self)
-
-    @torch.no_grad()
-    def _build_derived(self):
-        """The transposed structure and the flat positions, both fixed while the mask is."""
-        m, n = self.out_features, self.in_features
-        # Only the structure is needed (sparse_values may be a DTensor shard under FSDP2).
-        placeholder = torch.zeros(self.nnz, dtype=torch.float32, device=self.row_offsets.device)
-        _, offsets_t, cols_t, permutation = csr_transpose(
-            placeholder, self.row_offsets, self.col_indices, m, n, return_permutation=True, validate=False,
-        )
-        self.row_offsets_t.copy_(offsets_t)
-        self.col_indices_t.copy_(cols_t)
-        self.permutation.copy_(permutation)
-        self.row_indices_t.copy_(row_order(offsets_t))
-        counts = (self.row_offsets[1:] - self.row_offsets[:-1]).long()
-        rows = torch.repeat_interleave(torch.arange(m, device=counts.device), counts, output_size=self.nnz)
-        self.flat_indices.copy_(rows * n + self.col_indices.long())
-        self._build_plan()
 
     def mask(self) -> CSR | None:
         """The mask as a CSR whose values are a copy of the sparse values (None before one is set)."""
@@ -864,10 +899,6 @@ class RosaLinear(nn.Module):
         if bool(self.has_mask):
             validate_csr(self.row_offsets, self.col_indices, self.out_features, self.in_features, self.nnz,
                          self.row_indices)
-            self._build_derived()
-            self._end_collection()
-            self.phase = "sparse"
-            if self._sparse_mode == "merged":
-                self._merge()
+            self._use_structure(self._structure_of(self.row_offsets, self.col_indices, self.row_indices))
         elif self.phase == "sparse":
             self.phase = "warmup"

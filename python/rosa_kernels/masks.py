@@ -28,8 +28,10 @@ entries of largest magnitude. Where that statistic is kept is the collector's ``
 - ``'host'``: the same float32 accumulator in (pinned) host memory: nothing kept on the device, but
   each backward copies the layer's ``dW`` to the host and adds it there (synchronously).
 
-Selection runs on the statistic's device: a ``topk``, a sort of the flat indices, and a device-side
-count + scan for the row offsets, so nothing goes to the host.
+Selection runs on the statistic's device: a ``topk``, then one op, ``mask_structure``
+(``csrc/mask_structure_ops.cpp``), builds from the top-k's flat indices everything a layer keeps
+per mask (the CSR, its transpose, the sorted flat indices and the column counts) with sizes known
+from the shapes alone, so nothing goes to the host.
 
 Masks can be saved and loaded on their own (:func:`save_masks` / :func:`load_masks`) as
 safetensors files holding int32 CSR structures. Saves are atomic (:func:`atomic_write`).
@@ -44,10 +46,12 @@ import os
 import secrets
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
-from .csr import CSR, _from_rows_cols, validate_csr
+from . import _C  # noqa: F401  (loading the extension registers the ops)
+from .csr import CSR, _rows_of, check_size, check_tensor, validate_csr
 
 __all__ = [
     "RULES",
@@ -59,8 +63,12 @@ __all__ = [
     "accumulate_statistic",
     "reduce_statistic",
     "select_mask",
+    "top_k_indices",
     "mask_from_indices",
+    "mask_structure",
+    "MaskStructure",
     "broadcast_mask",
+    "broadcast_indices",
     "save_masks",
     "load_masks",
     "save_safetensors",
@@ -68,6 +76,8 @@ __all__ = [
     "load_safetensors",
     "atomic_write",
 ]
+
+_ops = torch.ops.rosa_kernels
 
 RULES = ("fisher", "mean")
 COLLECT_BUFFERS = ("auto", "one_pass", "float16", "bfloat16", "float32", "host")
@@ -155,16 +165,20 @@ def _reduce_in_place(result: torch.Tensor, steps: int) -> torch.Tensor:
 def select_mask(statistic: torch.Tensor, nnz: int, *, dtype=torch.float32) -> CSR:
     """The ``nnz`` entries of largest ``|statistic|`` as a row-sorted CSR with zero values.
 
-    Runs on the statistic's device without host synchronization: the flat indices of the top-k are
-    sorted (row-major order is CSR order), and the row offsets are a scatter-add count followed by a
-    cumulative sum.
+    Runs on the statistic's device without host synchronization (a ``topk``, then
+    :func:`mask_structure`).
     """
     if statistic.dim() != 2:
         raise ValueError(f"statistic must be 2-D, got shape {tuple(statistic.shape)}")
     m, n = statistic.shape
     if not 0 <= nnz <= m * n:
         raise ValueError(f"nnz must lie in [0, {m * n}], got {nnz}")
-    return mask_from_indices(_top_k_indices(statistic.detach().abs().flatten(), nnz), m, n, dtype=dtype)
+    return mask_from_indices(top_k_indices(statistic, nnz), m, n, dtype=dtype)
+
+
+def top_k_indices(statistic: torch.Tensor, nnz: int) -> torch.Tensor:
+    """The flat positions of the ``nnz`` entries of largest ``|statistic|`` (int64, unsorted)."""
+    return _top_k_indices(statistic.detach().abs().flatten(), nnz)
 
 
 def _top_k_indices(flat: torch.Tensor, nnz: int) -> torch.Tensor:
@@ -174,13 +188,75 @@ def _top_k_indices(flat: torch.Tensor, nnz: int) -> torch.Tensor:
     return torch.arange(flat.numel(), device=flat.device)
 
 
+class MaskStructure(NamedTuple):
+    """What :func:`mask_structure` builds for an m x n mask with nnz nonzeros (all on one device).
+
+    ``row_offsets`` (m + 1,), ``row_indices`` (m,) (:func:`~rosa_kernels.row_order`) and
+    ``col_indices`` (nnz,): the row-sorted CSR; ``row_offsets_t`` (n + 1,), ``row_indices_t`` (n,),
+    ``col_indices_t`` (nnz,) and ``permutation`` (nnz,): its n x m transpose as
+    ``csr_transpose(..., return_permutation=True)`` gives it, ``values_t = values[permutation]``
+    (all int32); ``flat_indices`` (nnz,) the row-major positions ``i * n + j`` in CSR (ascending)
+    order (int64) and ``column_counts`` (n,) the nonzeros per column (int32)."""
+
+    row_offsets: torch.Tensor
+    row_indices: torch.Tensor
+    col_indices: torch.Tensor
+    row_offsets_t: torch.Tensor
+    row_indices_t: torch.Tensor
+    col_indices_t: torch.Tensor
+    permutation: torch.Tensor
+    flat_indices: torch.Tensor
+    column_counts: torch.Tensor
+
+
+def mask_structure(flat_indices: torch.Tensor, m: int, n: int, *, validate: bool = True) -> MaskStructure:
+    """The :class:`MaskStructure` of an m x n mask from its distinct row-major flat indices
+    ``i * n + j`` (int64 or int32, any order, e.g. a top-k's indices), built by one op on their
+    device without host synchronization.
+
+    With ``validate`` the indices are checked to lie in ``[0, m * n)`` and be distinct (on a GPU one
+    synchronization; the CPU op always checks them). Unchecked bad indices on a GPU give an
+    unspecified structure (clamped into range: nothing is indexed out of bounds).
+    Raises ``TypeError`` / ``ValueError`` naming the argument.
+    """
+    check_tensor(flat_indices, "flat_indices")
+    m, n = check_size(m, "m"), check_size(n, "n")
+    if not isinstance(validate, bool):
+        raise TypeError(f"validate must be a bool, got {type(validate).__name__}")
+    structure = MaskStructure(*_ops.mask_structure(flat_indices, m, n))
+    if validate and flat_indices.device.type != "cpu" and flat_indices.numel():
+        # Before the op's clamp: the range of the input; after its sort: repeats.
+        lowest, highest = torch.aminmax(flat_indices)
+        chosen = structure.flat_indices
+        low, high, repeated = torch.stack([lowest < 0, highest >= m * n, (chosen[1:] == chosen[:-1]).any()]).tolist()
+        if low or high:
+            raise ValueError(f"flat_indices must lie in [0, m * n = {m * n}), got values in "
+                             f"[{int(lowest)}, {int(highest)}]")
+        if repeated:
+            raise ValueError("flat_indices must be distinct, got a position twice")
+    return structure
+
+
 def mask_from_indices(flat_indices: torch.Tensor, m: int, n: int, *, dtype=torch.float32) -> CSR:
     """The row-sorted CSR (zero values) of an m x n mask from its distinct row-major flat indices
-    (any order), built on their device without host synchronization."""
-    chosen = torch.sort(flat_indices.long()).values
-    rows = torch.div(chosen, n, rounding_mode="floor")
-    values = torch.zeros(chosen.numel(), dtype=dtype, device=chosen.device)
-    return _from_rows_cols(rows, chosen - rows * n, values, (m, n))
+    (any order), built on their device without host synchronization (:func:`mask_structure`)."""
+    structure = mask_structure(flat_indices, m, n, validate=False)
+    values = torch.zeros(structure.col_indices.shape[0], dtype=dtype, device=structure.col_indices.device)
+    return CSR(values, structure.row_offsets, structure.row_indices, structure.col_indices, (m, n))
+
+
+def csr_flat_indices(row_offsets: torch.Tensor, col_indices: torch.Tensor, n: int) -> torch.Tensor:
+    """The row-major flat positions ``i * n + j`` (int64) of a CSR structure's nonzeros, in its order."""
+    return _rows_of(row_offsets, col_indices.shape[0]) * n + col_indices.long()
+
+
+@torch.library.register_fake("rosa_kernels::mask_structure")
+def _mask_structure_fake(flat_indices, m, n):
+    nnz = flat_indices.shape[0]
+    index = {"dtype": torch.int32, "device": flat_indices.device}
+    return (torch.empty(m + 1, **index), torch.empty(m, **index), torch.empty(nnz, **index),
+            torch.empty(n + 1, **index), torch.empty(n, **index), torch.empty(nnz, **index), torch.empty(nnz, **index),
+            torch.empty(nnz, dtype=torch.int64, device=flat_indices.device), torch.empty(n, **index))
 
 
 class GradientCollector:
@@ -537,6 +613,15 @@ def broadcast_mask(mask: CSR, src: int = 0) -> CSR:
     for t in (mask.row_offsets, mask.row_indices, mask.col_indices):
         dist.broadcast(t, src)
     return mask
+
+
+def broadcast_indices(flat_indices: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Under ``torch.distributed``, every rank receives rank ``src``'s flat mask indices (in place; one
+    collective, where :func:`broadcast_mask` takes three); else a no-op."""
+    dist = _distributed()
+    if dist is not None:
+        dist.broadcast(flat_indices, src)
+    return flat_indices
 
 
 # ----------------------------------------------------------------------------------------------

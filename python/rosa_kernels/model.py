@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import linear as _linear
 from . import masks as _masks
 from .csr import CSR, validate_csr
 from .linear import SPARSE_MODES, RosaLinear, _is_sharded, check_hyperparameters
@@ -233,12 +234,13 @@ def start_collection(model: nn.Module, rule: str | None = None, collect_buffer: 
 
 
 def select_masks(model: nn.Module, *, show_progress: bool | None = None, reset_adapters: bool = False) -> dict[str, CSR]:
-    """Selects every layer's mask from its collected statistic (all ranks in the same order)."""
+    """Selects every layer's mask from its collected statistic (all ranks in the same order; the
+    plans' host decisions take one host synchronization for all layers: ``linear.select_masks_of``)."""
     layers = rosa_layers(model)
-    result = {}
-    for name, layer in progress(layers.items(), len(layers), "RoSA mask selection", show_progress):
-        result[name] = layer.select_mask()
-        if reset_adapters:
+    shown = progress(layers.values(), len(layers), "RoSA mask selection", show_progress)
+    result = dict(zip(layers, _linear.select_masks_of(shown)))
+    if reset_adapters:
+        for layer in layers.values():
             layer.reset_adapters()
     return result
 

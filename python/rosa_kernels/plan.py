@@ -15,8 +15,10 @@ Both parts land in one buffer ``[G (m x width) | remainder (nnz_rest)]`` (width:
 a multiple of 8, so cuBLAS's tensor-core paths apply) and one index ``target``
 (nnz,) maps each original nonzero position ``p`` to its slot there: SDDMM's result is the gather
 ``buffer[target]``; SpMM builds ``[A_hot | remainder values]`` with the scatter
-``buffer[target] = values``. A plan costs one pass of host synchronizations when it is built and
-none per call.
+``buffer[target] = values``. A plan costs one host synchronization when it is built (a copy of the
+column counts, from which the host decides ``J``; none on a CPU with ``"auto"``) and none per call.
+Building it is two ops (``csrc/mask_plan_ops.cpp``): ``plan_hot_columns`` decides ``J`` on the host,
+``mask_plan`` builds the index tensors on the structure's device.
 
 How ``J`` is chosen (``hot_fill``):
 
@@ -48,6 +50,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import NamedTuple
 
 import torch
 
@@ -58,8 +61,8 @@ from .csr import (
     check_same_device,
     check_same_dtype,
     check_size,
+    check_tensor,
     check_values_tensor,
-    row_order,
     validate_csr,
 )
 
@@ -80,6 +83,7 @@ DEFAULT_HOT_FILL = "auto"
 #   gemm_per_row_column: a multiply-add per row x column of J (tensor cores for 16-bit)
 #   rest_fixed:          the remainder kernel's setup (staging, token splits, launches)
 #   rest_per_nonzero:    a multiply-add per remainder nonzero
+_COST_KEYS = ("gemm_fixed", "gemm_per_row", "gemm_per_row_column", "rest_fixed", "rest_per_nonzero")
 _COSTS = {
     2: {"gemm_fixed": 5e-9, "gemm_per_row": 0.6e-12, "gemm_per_row_column": 2.3e-15,
         "rest_fixed": 24e-9, "rest_per_nonzero": 0.37e-12},
@@ -105,37 +109,115 @@ def planned_seconds(m: int, hot_columns, rest_nnz, tokens: int, *, element_size:
     return float(seconds) if seconds.dim() == 0 else seconds
 
 
-def _auto_threshold_count(counts: torch.Tensor, m: int, nnz: int, element_size: int) -> int:
-    """The smallest column count c such that J = {columns with >= c nonzeros} minimizes the model.
+def hot_column_choice(host_counts: torch.Tensor, m: int, hot_fill, element_size: int) -> tuple[int, int, int]:
+    """``(min_count, |J|, J's nonzero count)``: J = the columns with >= ``min_count`` nonzeros, for the
+    column counts ``host_counts`` (n,) on the host (``min_count`` = nnz + 1 when J is empty).
 
-    Candidates are "no hot column" and, for each distinct count c, all columns with >= c nonzeros
-    (ties go together). Returns ``nnz + 1`` (more than any column holds) when the remainder alone
-    is cheapest. ``counts`` (n,) is on the host.
+    ``hot_fill`` a number: the non-empty columns with fill >= ``hot_fill``. ``"auto"``: the
+    threshold that minimizes :func:`planned_seconds` (for ``element_size``-byte operands) among "no
+    hot column" and, for each distinct count c, all columns with >= c nonzeros (ties go together);
+    the first minimum, i.e. the fewest hot columns among equals. One op (``plan_hot_columns``).
     """
-    nonempty = counts[counts > 0]
-    if nonempty.numel() == 0:
-        return nnz + 1
-    distinct, multiplicity = torch.unique(nonempty, sorted=True, return_counts=True)
-    distinct, multiplicity = distinct.flip(0), multiplicity.flip(0)  # largest count first
-    hot_columns = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(multiplicity, 0)])
-    rest_nnz = nnz - torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(distinct * multiplicity, 0)])
-    seconds = planned_seconds(m, hot_columns, rest_nnz, 1, element_size=element_size)
-    best = int(torch.argmin(seconds))  # the first minimum: the fewest hot columns among equals
-    return nnz + 1 if best == 0 else int(distinct[best - 1])
+    costs = _COSTS[2 if element_size <= 2 else 4]
+    return _ops.plan_hot_columns(host_counts, m, None if hot_fill == "auto" else hot_fill,
+                                 [costs[key] for key in _COST_KEYS])
 
 
-_NONZERO_STATIC = [True]  # whether torch.nonzero_static works here
+# "auto" applies the cost model on these device types (it was fitted to GPU measurements); elsewhere
+# it keeps every nonzero in the remainder and needs no column counts. (Tests add "cpu", to run a
+# GPU's decisions on the CPU.)
+_MODELLED_DEVICE_TYPES = ("cuda",)
 
 
-def _positions(condition: torch.Tensor, count: int) -> torch.Tensor:
-    """The ascending positions where the 1-D ``condition`` holds, ``count`` of them (known on the host:
-    no synchronization where ``nonzero_static`` exists for the device)."""
-    if _NONZERO_STATIC[0]:
-        try:
-            return torch.nonzero_static(condition, size=count).flatten()
-        except (AttributeError, NotImplementedError, RuntimeError):
-            _NONZERO_STATIC[0] = False
-    return condition.nonzero().flatten()
+def needs_column_counts(device: torch.device, hot_fill=DEFAULT_HOT_FILL) -> bool:
+    """Whether a plan on ``device`` decides its hot columns from the column counts (a host copy)."""
+    return hot_fill != "auto" or device.type in _MODELLED_DEVICE_TYPES
+
+
+class _Decision(NamedTuple):
+    hot_fill: float  # the threshold used (for "auto": the chosen one, inf for none)
+    column_counts: torch.Tensor | None  # (n,) on the structure's device; None when not needed
+    min_count: int  # J = the columns with >= min_count nonzeros
+    hot_column_count: int  # |J|
+    hot_nnz: int
+    width: int  # the GEMM's width: |J| padded to a multiple of 8 (|J| when J is empty or every column)
+
+
+def _decide(col_indices, m: int, n: int, hot_fill, dtype: torch.dtype, column_counts=None,
+            host_counts=None) -> _Decision:
+    """The plan's hot columns J, decided on the host from the column counts (``host_counts``, their
+    host copy, when the caller has it; else one synchronization copies them)."""
+    nnz = col_indices.shape[0]
+    counts = None
+    if not needs_column_counts(col_indices.device, hot_fill):
+        min_count, h, hot_nnz = nnz + 1, 0, 0
+    else:
+        if column_counts is None:
+            # A scatter-add count (bincount would synchronize to size its output).
+            counts = index_counts(col_indices.long(), n)
+        else:
+            counts = check_tensor(column_counts, "column_counts")  # the ops check the rest
+        if host_counts is None:
+            # The one synchronization: the counts go to the host, where J, |J| and J's nonzero
+            # count are decided, so that building the plan's tensors needs none (a plan is built
+            # per layer when the masks are selected: every synchronization there was a measured
+            # cost, docs/benchmarks.md).
+            host_counts = counts.cpu()
+        min_count, h, hot_nnz = hot_column_choice(host_counts, m, hot_fill, dtype.itemsize)
+    if hot_fill == "auto":
+        hot_fill = min(1.0, min_count / m) if m and min_count <= nnz else math.inf
+    # cuBLAS takes its tensor-core paths only when leading dimensions are multiples of 16 bytes:
+    # with an odd |J| the GEMM ran 2.5-3.6x slower on the H200 (docs/benchmarks.md). So G and
+    # A_hot get width = |J| rounded up to a multiple of 8, the extra columns gathering copies of
+    # J's first column: their products are never read, and A_hot's extra columns stay zero.
+    # When J is every column, the operands are used as they are (no gather at all).
+    width = h if h in (0, n) else -(-h // _WIDTH_MULTIPLE) * _WIDTH_MULTIPLE
+    return _Decision(hot_fill, counts, min_count, h, hot_nnz, width)
+
+
+def sddmm_parts_of(row_offsets, col_indices, m: int, n: int, *, dtype: torch.dtype, column_counts=None,
+                   host_counts=None):
+    """``MaskPlan(row_offsets, col_indices, m, n, dtype=dtype, validate=False,
+    column_counts=column_counts).sddmm_parts()`` without building the rest of the plan, or None when
+    the plan has no hot column (then it is the raw SDDMM). For a validated int32 structure;
+    ``host_counts``: the column counts' host copy, when the caller made it (RosaLinear copies every
+    layer's at once)."""
+    decision = _decide(col_indices, m, n, DEFAULT_HOT_FILL, dtype, column_counts, host_counts)
+    if not decision.width:
+        return None
+    _, gather, target, rest_row_offsets, rest_row_indices, rest_col_indices, *_ = \
+        _ops.mask_plan(row_offsets, col_indices, n, *decision[1:])
+    return (gather, target, rest_row_offsets, rest_row_indices, rest_col_indices, decision.width,
+            col_indices.shape[0] - decision.hot_nnz)
+
+
+def host_copies(tensors: list) -> list:
+    """The host copies of 1-D ``tensors`` of one dtype: one copy (one synchronization) per device for
+    all of them, instead of one each."""
+    copies = list(tensors)
+    by_device = {}
+    for i, t in enumerate(tensors):
+        if t.device.type != "cpu":
+            by_device.setdefault(t.device, []).append(i)
+    for positions in by_device.values():
+        parts = [tensors[i] for i in positions]
+        host = (torch.cat(parts) if len(parts) > 1 else parts[0]).cpu()
+        for i, copy in zip(positions, host.split([t.shape[0] for t in parts])):
+            copies[i] = copy
+    return copies
+
+
+@torch.library.register_fake("rosa_kernels::mask_plan")
+def _mask_plan_fake(row_offsets, col_indices, n, column_counts, min_count, hot_column_count, hot_nnz, width):
+    m, nnz, h, device = row_offsets.shape[0] - 1, col_indices.shape[0], hot_column_count, row_offsets.device
+    rest_nnz = nnz - hot_nnz
+
+    def index(size, dtype=torch.int64):
+        return torch.empty(size, dtype=dtype, device=device)
+
+    return (index(h), index(width) if 0 < h < n else None, index(nnz), index(m + 1, torch.int32),
+            index(m, torch.int32), index(rest_nnz, torch.int32), index(hot_nnz), index(hot_nnz), index(hot_nnz),
+            index(rest_nnz))
 
 
 def _check_hot_fill(hot_fill):
@@ -181,9 +263,11 @@ class MaskPlan:
     """A plan for one mask (row-sorted CSR structure of an m x n matrix); see the module docstring.
 
     ``MaskPlan(row_offsets, col_indices, m, n, *, hot_fill="auto", dtype=torch.bfloat16,
-    validate=True)``: ``dtype`` only steers ``"auto"`` (the cost model differs for 16-bit and
-    32-bit operands); ``validate`` checks the index contents (one synchronization on a GPU; pass
-    ``False`` for a structure validated before). The plan lives on the structure's device.
+    validate=True, column_counts=None)``: ``dtype`` only steers ``"auto"`` (the cost model differs
+    for 16-bit and 32-bit operands); ``validate`` checks the index contents (one synchronization on
+    a GPU; pass ``False`` for a structure validated before); ``column_counts`` (n,), the nonzeros per
+    column when already known (e.g. ``rosa_kernels.masks.mask_structure``'s), saves counting them
+    (trusted: not checked against the structure). The plan lives on the structure's device.
 
     Attributes: ``shape``, ``nnz``, ``hot_fill`` (the threshold used; for ``"auto"`` the chosen
     one), ``hot_columns`` (J, int64), ``hot_positions`` / ``hot_rows`` / ``hot_slots`` (int64: the
@@ -194,7 +278,7 @@ class MaskPlan:
     """
 
     def __init__(self, row_offsets, col_indices, m, n, *, hot_fill=DEFAULT_HOT_FILL, dtype=torch.bfloat16,
-                 validate=True):
+                 validate=True, column_counts=None):
         m = check_size(m, "m")
         n = check_size(n, "n")
         hot_fill = _check_hot_fill(hot_fill)
@@ -209,61 +293,13 @@ class MaskPlan:
         self.nnz = nnz
         self.device = device
 
-        cols = col_indices.long()
-        rows = torch.repeat_interleave(torch.arange(m, device=device), (row_offsets[1:] - row_offsets[:-1]).long(),
-                                       output_size=nnz)
-        # The column counts by a scatter-add (bincount would synchronize to size its output), then
-        # one synchronization: they go to the host, where J, |J| and J's nonzero count are decided,
-        # so that nothing below synchronizes again (a plan is built per layer when the masks are
-        # selected: every synchronization there was a measured cost, docs/benchmarks.md).
-        counts = index_counts(cols, n)
-        host_counts = counts.cpu()
-        if hot_fill == "auto":
-            # The model is measured on a GPU only; elsewhere everything stays in the remainder (the raw ops).
-            threshold = (_auto_threshold_count(host_counts, m, nnz, torch.empty((), dtype=dtype).element_size())
-                         if device.type == "cuda" else nnz + 1)
-            self.hot_fill = min(1.0, threshold / m) if m and threshold <= nnz else math.inf
-            hot = host_counts >= threshold
-        else:
-            self.hot_fill = hot_fill
-            hot = (host_counts > 0) & (host_counts >= hot_fill * m)
-        hot_nnz = int(host_counts[hot].sum())
-        self.hot_columns = hot.nonzero().flatten().to(device)
-        h = self.hot_columns.shape[0]
-        # cuBLAS takes its tensor-core paths only when leading dimensions are multiples of 16 bytes:
-        # with an odd |J| the GEMM ran 2.5-3.6x slower on the H200 (docs/benchmarks.md). So G and
-        # A_hot get width = |J| rounded up to a multiple of 8, the extra columns gathering copies of
-        # J's first column: their products are never read, and A_hot's extra columns stay zero.
-        # When J is every column, the operands are used as they are (no gather at all).
-        if h == n or h == 0:
-            self._width, self._gather = h, None
-        else:
-            self._width = -(-h // _WIDTH_MULTIPLE) * _WIDTH_MULTIPLE
-            self._gather = torch.cat([self.hot_columns, self.hot_columns[:1].expand(self._width - h)])
-        width = self._width
-
-        # slot_of_column[j] = position of column j in J, or -1.
-        slot_of_column = torch.full((n,), -1, dtype=torch.long, device=device)
-        slot_of_column[self.hot_columns] = torch.arange(h, device=device)
-        slots = slot_of_column[cols]
-        is_hot = slots >= 0
-        self.hot_positions = _positions(is_hot, hot_nnz)
-        self.hot_rows = rows[self.hot_positions]
-        self.hot_slots = slots[self.hot_positions]
-        # Positions ascend, so the remainder stays row-sorted with ascending columns in each row.
-        rest_nnz = nnz - hot_nnz
-        self.rest_positions = _positions(~is_hot, rest_nnz)
-        rest_offsets = torch.zeros(m + 1, dtype=torch.int32, device=device)
-        if rest_nnz:
-            rest_offsets[1:] = torch.cumsum(index_counts(rows[self.rest_positions], m), 0)
-        self.rest_row_offsets = rest_offsets
-        self.rest_row_indices = row_order(rest_offsets)
-        self.rest_col_indices = col_indices[self.rest_positions].contiguous()
-
-        # target[p]: where nonzero p lives in [G or A_hot (m x width, row-major) | remainder (rest_nnz)].
-        self.target = torch.empty(nnz, dtype=torch.long, device=device)
-        self.target[self.hot_positions] = self.hot_rows * width + self.hot_slots
-        self.target[self.rest_positions] = m * width + torch.arange(rest_nnz, device=device)
+        decision = _decide(col_indices, m, n, hot_fill, dtype, column_counts)
+        self.hot_fill, self._width = decision.hot_fill, decision.width
+        # Positions ascend, so the remainder stays row-sorted with ascending columns in each row;
+        # target[p] is where nonzero p lives in [G or A_hot (m x width, row-major) | remainder].
+        (self.hot_columns, self._gather, self.target, self.rest_row_offsets, self.rest_row_indices,
+         self.rest_col_indices, self.hot_positions, self.hot_rows, self.hot_slots, self.rest_positions) = \
+            _ops.mask_plan(row_offsets, col_indices, n, *decision[1:])
         self._buffers = {}  # dtype -> zeroed [A_hot | rest values] buffer of spmm without autograd
 
     @classmethod
