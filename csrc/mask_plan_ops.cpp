@@ -189,20 +189,23 @@ Plan mask_plan(const at::Tensor& row_offsets_in, const at::Tensor& col_indices_i
     rest_positions = at::arange(nnz, long_options);
   } else {
     const auto hot = column_counts.ge(min_count);
+    // On the CPU the host's sizes are checked against the tensors: J and its nonzeros, counted.
+    const bool check = row_offsets.is_cpu();
+    const auto check_counts = [&](const at::Tensor& is_hot) {
+      const int64_t counted_columns = hot.sum().item<int64_t>();
+      const int64_t counted_nnz = is_hot.defined() ? is_hot.sum().item<int64_t>() : hot_nnz;
+      ROSA_CHECK_VALUE(counted_columns == h && counted_nnz == hot_nnz, "hot_column_count and hot_nnz must count ",
+                       "the columns with >= min_count = ", min_count, " nonzeros (", counted_columns,
+                       ") and their nonzeros (", counted_nnz, "), got ", h, " and ", hot_nnz);
+    };
+    if (check) check_counts(at::Tensor());
     hot_columns = positions(hot, h);
     auto slot_of_column = at::full({n}, -1, long_options);
     slot_of_column.index_copy_(0, hot_columns, at::arange(h, long_options));
     const auto slots = slot_of_column.index_select(0, col_indices);
     const auto is_hot = slots.ge(0);
+    if (check) check_counts(is_hot);
     hot_positions = positions(is_hot, hot_nnz);
-    if (row_offsets.is_cpu()) {
-      // The host's sizes must match the structure: J and its nonzeros counted from the tensors.
-      const int64_t counted_columns = hot.sum().item<int64_t>();
-      const int64_t counted_nnz = is_hot.sum().item<int64_t>();
-      ROSA_CHECK_VALUE(counted_columns == h && counted_nnz == hot_nnz, "hot_column_count and hot_nnz must count ",
-                       "the columns with >= min_count = ", min_count, " nonzeros (", counted_columns,
-                       ") and their nonzeros (", counted_nnz, "), got ", h, " and ", hot_nnz);
-    }
     // The row of position p: the last row starting at or before p (rows may be empty).
     hot_rows = at::searchsorted(long_offsets, hot_positions, /*out_int32=*/false, /*right=*/true).sub_(1);
     hot_slots = slots.index_select(0, hot_positions);

@@ -361,6 +361,13 @@ def test_plan_ops_errors_name_the_argument(gen):
         _ops.mask_plan(offsets, cols, 5, counts[:4], min_count, h, hot_nnz, width)
     with pytest.raises(ValueError, match="col_indices must lie in \\[0, n = 4\\)"):
         _ops.mask_plan(offsets, cols, 4, None, cols.shape[0] + 1, 0, 0, 0)
+    # Sizes that do not match the counts: column 0 holds 3 nonzeros, column 1 one.
+    small = mask_structure(torch.tensor([0, 1, 4, 8]), 3, 4)
+    assert small.column_counts.tolist() == [3, 1, 0, 0]
+    _ops.mask_plan(small.row_offsets, small.col_indices, 4, small.column_counts, 2, 1, 3, 8)  # valid
+    for h, hot_nnz in ((2, 3), (1, 2)):
+        with pytest.raises(ValueError, match="hot_column_count and hot_nnz must count the columns with >= min_count"):
+            _ops.mask_plan(small.row_offsets, small.col_indices, 4, small.column_counts, 2, h, hot_nnz, 8)
     bad = offsets.clone()
     bad[2] = bad[3] + 1
     with pytest.raises(ValueError, match="row_offsets must be nondecreasing"):
