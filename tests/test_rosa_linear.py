@@ -1,5 +1,6 @@
 """RosaLinear against a float64 dense reference of the same math: W + S + scale * B A."""
 
+import copy
 import math
 
 import pytest
@@ -829,3 +830,22 @@ def test_a_deep_copied_merged_model_compiled_trains_like_the_original():
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-5, abs=1e-6)
     for a, b in zip(copied[::2], original[::2]):
         torch.testing.assert_close(a.weight, b.weight)
+
+
+def test_merging_reads_the_base_values_whatever_their_buffers_dtype():
+    # base_values normally has the weight's dtype (one index_select into it); a layer whose buffer
+    # was cast apart from the weight still merges (a copy that casts) and gives the same output.
+    torch.manual_seed(0)
+    layer = RosaLinear(24, 16, rank=2, density=0.1, dropout=0.0)
+    other = copy.deepcopy(layer)
+    other.base_values = other.base_values.double()
+    mask = torch.zeros(16 * 24, dtype=torch.bool)
+    mask[torch.randperm(16 * 24)[:layer.nnz]] = True
+    mask = mask.view(16, 24)
+    for l in (layer, other):
+        l.set_mask(mask)
+        with torch.no_grad():
+            l.sparse_values.copy_(torch.linspace(-1, 1, l.nnz))
+    x = torch.randn(5, 24)
+    torch.testing.assert_close(other(x), layer(x))
+    torch.testing.assert_close(other.base_values.float(), layer.base_values)

@@ -611,7 +611,10 @@ class RosaLinear(nn.Module):
             self._sparse_mode = "spmm"
             return
         with torch.no_grad():
-            torch.index_select(self.weight.view(-1), 0, self.flat_indices, out=self.base_values)
+            if self.base_values.dtype == self.weight.dtype:  # one op (out= needs the same dtype)
+                torch.index_select(self.weight.view(-1), 0, self.flat_indices, out=self.base_values)
+            else:
+                self.base_values.copy_(self.weight.view(-1)[self.flat_indices])
         self._merged = True
         _MERGED_LAYERS.add(self)
         self._scatter()
