@@ -54,7 +54,7 @@ def _kernel_times(prof, device: torch.device) -> dict[str, tuple[float, int]]:
                 continue
             ms = e.self_device_time_total / 1e3
         else:
-            if not e.key.startswith("aten::") or e.self_cpu_time_total <= 0:
+            if not e.key.startswith(("aten::", "rosa_kernels::")) or e.self_cpu_time_total <= 0:
                 continue
             ms = e.self_cpu_time_total / 1e3
         total, calls = times.get(e.key, (0.0, 0))

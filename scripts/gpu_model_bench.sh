@@ -23,6 +23,9 @@
 #                   script's budget leaves after the build, less 150 s for a compile pass in progress)
 #   SCRIPT_BUDGET   seconds for the whole script (default 560: a device call may run 10 minutes); the
 #                   sweep is stopped when it would overrun it, keeping the rows measured so far
+#   PROFILES=1      first run bench/report.py --profile-collect (the collection step by stage) and
+#                   --profile-step (kernel time by class; PROFILE_STEP_ARGS, default TinyLlama at 8192
+#                   tokens, full / RoSA warm-up / RoSA); their summaries print last
 #   SKIP_BUILD=1    use the rosa_kernels already installed;  PYTHON (default python3)
 #   MODEL_DEVICE=cpu a dry run of this script without a GPU (with MODEL_SHAPES=tiny SKIP_BUILD=1)
 set -uo pipefail
@@ -51,6 +54,13 @@ print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU', '
       'peft', peft.__version__, 'rosa_kernels', r.__file__, 'cuda kernels', r.cuda_available())
 assert '${MODEL_DEVICE:-cuda}' != 'cuda' or r.cuda_available(), 'rosa_kernels was built without its CUDA kernels'" || { printf '%s\n' "--- summary" "${SUMMARY[@]}"; exit 1; }
 
+# 2b. PROFILES=1: where the collection step's time goes and a step's kernel time by class, first
+if [ -n "${PROFILES:-}" ]; then
+  step profile-collect 120 "$PYTHON" bench/report.py --profile-collect --device "${MODEL_DEVICE:-cuda}" --top 20
+  step profile-step 120 "$PYTHON" bench/report.py --profile-step --device "${MODEL_DEVICE:-cuda}" \
+    ${PROFILE_STEP_ARGS:---shape tinyllama --batch 4 --methods full,rosa-warmup,rosa}
+fi
+
 # 3. the sweep
 compile_args=()
 case "${MODEL_COMPILE:-7b-slice:2048}" in
@@ -72,6 +82,10 @@ step model-bench "$sweep_limit" "$PYTHON" bench/report.py --model --device "${MO
 # 4. summary, last (from the JSON, which is written after each case: a run cut short still shows)
 echo "--- summary ($((SECONDS - started)) s in all)"
 printf '%s\n' "${SUMMARY[@]}"
+if [ -n "${PROFILES:-}" ]; then
+  grep -E "^model [0-9]|^host synchronizations" "$LOGS/profile-collect.log" 2>/dev/null
+  sed -n '/^| class/,$p' "$LOGS/profile-step.log" 2>/dev/null
+fi
 "$PYTHON" - "$LOGS/model/model_step.json" <<'EOF'
 import json, sys
 from pathlib import Path
