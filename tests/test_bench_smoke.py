@@ -17,6 +17,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import common, report  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    # The report and its tools set torch's thread count (--threads, one thread for tiny ops on a busy
+    # 2-core machine); every test here leaves it as it found it.
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("mask", ["uniform", "rosa"])
 def test_alternatives_agree_with_ours(mask, dtype):
@@ -30,12 +39,8 @@ def test_alternatives_agree_with_ours(mask, dtype):
 
 def test_report_runs_on_a_tiny_configuration(tmp_path, capsys):
     # One thread: on a busy 2-core CI machine, tiny multi-threaded ops wait for descheduled workers.
-    threads = torch.get_num_threads()
-    try:
-        results = report.main(["--device", "cpu", "--quick", "--out", str(tmp_path), "--shapes", "96x80x24",
-                               "--densities", "0.05", "--budget", "0.001", "--threads", "1", "--no-plot"])
-    finally:
-        torch.set_num_threads(threads)
+    results = report.main(["--device", "cpu", "--quick", "--out", str(tmp_path), "--shapes", "96x80x24",
+                           "--densities", "0.05", "--budget", "0.001", "--threads", "1", "--no-plot"])
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert len(saved["ops"]) == 2 * len(common.OPS)  # two mask kinds
     for record in saved["ops"]:
@@ -152,12 +157,8 @@ def test_model_step_without_peft_still_runs_full_and_rosa(monkeypatch):
 def test_model_step_report_runs_every_method_on_cpu(tmp_path, capsys):
     pytest.importorskip("transformers", reason=f"the model benchmark needs transformers: {model_step.BENCH_EXTRA}")
     pytest.importorskip("peft", reason=f"the model benchmark needs peft: {model_step.BENCH_EXTRA}")
-    threads = torch.get_num_threads()
-    try:
-        report.main(["--model", "--device", "cpu", "--out", str(tmp_path), "--threads", "1",
-                     "--model-steps", "1,2,1"])
-    finally:
-        torch.set_num_threads(threads)
+    report.main(["--model", "--device", "cpu", "--out", str(tmp_path), "--threads", "1",
+                 "--model-steps", "1,2,1"])
     saved = json.loads((tmp_path / "model_step.json").read_text())
     rows = {r["method"]: r for r in saved["rows"]}
     # no CUDA graphs on the CPU; QLoRA and QRoSA where bitsandbytes imports
@@ -181,13 +182,10 @@ def test_model_step_report_runs_every_method_on_cpu(tmp_path, capsys):
 
 def test_report_runs_the_in_depth_tools(capsys):
     # The former scripts/profile_layer_step.py and scripts/time_host_overhead.py, now options of the report.
-    threads = torch.get_num_threads()
-    try:
-        report.main(["--profile-layer", "--shape", "48x40x16", "--density", "0.05", "--device", "cpu",
-                     "--reps", "2"])
-        report.main(["--host-overhead", "--shape", "16,4", "--rounds", "3", "--layers", "2"])
-    finally:
-        torch.set_num_threads(threads)
+    report.main(["--profile-layer", "--shape", "48x40x16", "--density", "0.05", "--device", "cpu",
+                 "--reps", "2"])
+    # (its mask-selection rows: tests/test_bench_host_overhead.py)
+    report.main(["--host-overhead", "--shape", "16,4", "--rounds", "3", "--layers", "2", "--select-layers", "0"])
     out = capsys.readouterr().out
     assert "48x40x16" in out and "lora" in out and "full" in out
     assert "| RosaLinear merged |" in out and "| nn.Linear (full) |" in out
@@ -195,11 +193,7 @@ def test_report_runs_the_in_depth_tools(capsys):
 
 def test_profile_collect_runs_on_the_tiny_model(capsys):
     pytest.importorskip("transformers", reason="the collection profile builds the benchmark's HF Llama model")
-    threads = torch.get_num_threads()
-    try:
-        result = report.main(["--profile-collect", "--device", "cpu", "--models", "1", "--top", "3"])
-    finally:
-        torch.set_num_threads(threads)
+    result = report.main(["--profile-collect", "--device", "cpu", "--models", "1", "--top", "3"])
     out = capsys.readouterr().out
     collection = result["results"][0]["collection"]
     assert set(collection) == {"forward+backward", "optimizer", "scheduler.step", "step"}
@@ -211,11 +205,7 @@ def test_profile_step_runs_on_the_tiny_model(capsys):
     pytest.importorskip("transformers", reason="the step profile builds the benchmark's HF Llama model")
     from bench import profile_step
 
-    threads = torch.get_num_threads()
-    try:
-        result = report.main(["--profile-step", "--device", "cpu", "--methods", "full,rosa-warmup,rosa", "--top", "2"])
-    finally:
-        torch.set_num_threads(threads)
+    result = report.main(["--profile-step", "--device", "cpu", "--methods", "full,rosa-warmup,rosa", "--top", "2"])
     out = capsys.readouterr().out
     assert set(result["classes"]) == {"full", "rosa-warmup", "rosa"}
     for classes in result["classes"].values():
@@ -231,13 +221,9 @@ def test_profile_step_runs_on_the_tiny_model(capsys):
 def test_collect_memory_runs_on_a_tiny_configuration(capsys):
     from bench import collect_memory
 
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        rows = collect_memory.main(["--tiny", "--device", "cpu", "--model", "stack", "--micro-batches", "1", "2",
-                                    "--buffers", "auto", "one_pass", "float32"])
-    finally:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(1)
+    rows = collect_memory.main(["--tiny", "--device", "cpu", "--model", "stack", "--micro-batches", "1", "2",
+                                "--buffers", "auto", "one_pass", "float32"])
     labels = [row[0] for row in rows]
     assert any(label.startswith("collection 'one_pass', 1 micro") for label in labels)
     assert not any(label.startswith("collection 'one_pass', 2 micro") for label in labels)
