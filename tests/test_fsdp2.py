@@ -14,6 +14,7 @@ from rosa_kernels import RosaConfig, RosaModel, apply_rosa
 from test_model import Net, data, ddp_config, free_port, gloo_group, mask_tensors, rosa_layers_of, run_training
 
 try:
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 except ImportError:  # older torch
     fully_shard = None
@@ -23,10 +24,13 @@ pytestmark = pytest.mark.skipif(fully_shard is None or not dist.is_available() o
 
 
 def shard(net):
-    """FSDP2 as users apply it: every RosaLinear, then the whole model."""
+    """FSDP2 as users apply it: every RosaLinear, then the whole model. The mesh is named a CPU one:
+    without it, fully_shard takes the CUDA device where a GPU is visible, and these gloo processes
+    keep their model and data on the CPU."""
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     for layer in rosa_layers_of(net).values():
-        fully_shard(layer)
-    fully_shard(net)
+        fully_shard(layer, mesh=mesh)
+    fully_shard(net, mesh=mesh)
 
 
 def fsdp2_worker(rank, world, port, out):

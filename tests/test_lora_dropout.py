@@ -143,7 +143,7 @@ def test_bad_input_raises_naming_the_argument(device, gen, bad):
     elif bad == "seed_size":
         seed = torch.tensor([1, 2])
     elif bad == "seed_cuda":  # a CUDA seed goes with CUDA inputs only
-        if not CUDA or device.type == "cuda":
+        if not CUDA or torch.device(device).type == "cuda":
             pytest.skip("needs a GPU and CPU inputs")
         seed = seed.cuda()
     elif bad == "p":
