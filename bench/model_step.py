@@ -9,6 +9,12 @@ bf16 on CUDA, float32 on the CPU. Methods (``METHODS``):
 - ``lora``: PEFT LoRA, the real ``peft`` package (r 16, alpha 16, dropout 0.05, ``"all-linear"``).
 - ``rosa``: ``rosa_kernels.get_rosa_model`` (r 16, alpha 16, dropout 0.05, density 0.6%,
   ``"all-linear"``) in the sparse phase, reached through RoSA's own life cycle (``model.scheduler()``).
+- ``rosa-structured`` (``STRUCTURED``): RoSA in the sparse phase as ``rosa``, but with masks of
+  DESIGN.md's synthetic ``rosa`` recipe (``rosa_kernels.testing.rosa_mask``: the column structure of
+  real RoSA masks, most nonzeros in a few input columns) installed with ``set_masks``. A randomly
+  initialized model has no outlier channels, so the masks ``rosa`` collects on it are near-uniform,
+  and on those the mask plan's dS costs about a dense dW GEMM; this row shows the step a pretrained
+  model's masks give.
 - RoSA's way into the sparse phase, one row each (``PHASES``): ``rosa-warmup`` (LoRA-only warm-up
   steps), ``rosa-warmup-end`` (the last warm-up step, whose ``scheduler.step()`` starts the gradient
   collection), ``rosa-collect`` (the collection step with 1 micro-batch, ending with mask selection),
@@ -52,18 +58,21 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 import rosa_kernels
+from rosa_kernels.testing import rosa_mask
 
 BENCH_EXTRA = "pip install 'rosa_kernels[bench]' (transformers, peft, safetensors)"
 QROSA_EXTRA = "pip install 'rosa_kernels[qrosa]' (bitsandbytes)"
 PEFT_VERSION = "0.21.2"
 
 METHODS = ("full", "lora", "rosa")
+STRUCTURED = ("rosa-structured",)
 PHASES = ("rosa-warmup", "rosa-warmup-end", "rosa-collect", "rosa-collect-8", "rosa-first-sparse")
 COMPILED = ("full+compile", "lora+compile", "rosa+compile")
 QUANTIZED = ("qlora", "qrosa", "qrosa-spmm")
-ALL_METHODS = METHODS + PHASES + COMPILED + QUANTIZED
+ALL_METHODS = METHODS + STRUCTURED + PHASES + COMPILED + QUANTIZED
 METHOD_NAMES = {
     "full": "full FT", "lora": "PEFT LoRA", "rosa": "RoSA (sparse phase)",
+    "rosa-structured": "RoSA (sparse phase), masks of the rosa recipe",
     "rosa-warmup": "RoSA warm-up step (LoRA only)",
     "rosa-warmup-end": "RoSA last warm-up step (ends with start_collection)",
     "rosa-collect": "RoSA collection step, 1 micro-batch (ends with mask selection)",
@@ -223,6 +232,13 @@ def rosa_config(**overrides) -> rosa_kernels.RosaConfig:
     kwargs = dict(rank=RANK, alpha=ALPHA, dropout=DROPOUT, density=DENSITY, target_modules="all-linear")
     kwargs.update(overrides)
     return rosa_kernels.RosaConfig(**kwargs)
+
+
+def structured_masks(model) -> dict:
+    """A mask of DESIGN.md's ``rosa`` recipe for every RosaLinear of ``model`` (one per layer shape,
+    seed 0), on the layers' device."""
+    return {name: rosa_mask(layer.out_features, layer.in_features, layer.density, device=layer.weight.device)
+            for name, layer in model.rosa_layers().items()}
 
 
 def wrap(model: torch.nn.Module, method: str, *, warmup_steps: int = 1, collect_steps: int = 1):
@@ -505,6 +521,16 @@ def run_case(case: ModelCase, methods=ALL_METHODS, options: Options | None = Non
 
     guarded(["full", "full+compile"], plain("full"))
     guarded(["lora", "lora+compile"], plain("lora"))
+
+    def rosa_structured():
+        model, _ = wrap(build_model(case), "rosa", warmup_steps=10**9)  # the scheduler never acts
+        model.set_masks(structured_masks(model))  # every layer enters the sparse phase
+        weights = weights_bytes(model, device)
+        rows.append(_steady(Trainer(model, case), case, "rosa-structured", weights, options, cpu_memory,
+                            phase=model.scheduler().phase,
+                            note="masks of the rosa recipe (rosa_kernels.testing.rosa_mask), set with set_masks"))
+
+    guarded(["rosa-structured"], rosa_structured)
 
     def rosa_life_cycle():
         # warm-up: `warmup` untimed + `phase_timed` timed LoRA-only steps, then the last warm-up step

@@ -384,13 +384,15 @@ def model_tables(results: dict) -> str:
              "density 0.6%, all-linear, merged; memory: peak above the weights / with the weights (GiB)", ""]
     header = ["model, tokens per step", "full FT ms", "PEFT LoRA ms", "RoSA ms", "RoSA / LoRA", "RoSA / full",
               "host ms full / LoRA / RoSA", "above weights GiB full / LoRA / RoSA", "RoSA / LoRA memory",
-              "with weights GiB full / LoRA / RoSA"]
+              "with weights GiB full / LoRA / RoSA", "RoSA, rosa-recipe masks: ms (/ LoRA, / full)"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for (model, tokens), methods in cells.items():
         full, lora, rosa = (methods.get(m) for m in ("full", "lora", "rosa"))
         if full is None and lora is None and rosa is None:
             continue
         t = {name: _value(r, "gpu_ms") for name, r in (("full", full), ("lora", lora), ("rosa", rosa))}
+        structured = methods.get("rosa-structured")
+        t_structured = _value(structured, "gpu_ms")
         lines.append("| " + " | ".join([
             f"{model}, {tokens}", _time_cell(full), _time_cell(lora), _time_cell(rosa),
             _div(t["rosa"], t["lora"]), _div(t["rosa"], t["full"]),
@@ -399,6 +401,8 @@ def model_tables(results: dict) -> str:
             " / ".join(_gib(_value(r, "above_weights_bytes")) for r in (full, lora, rosa)),
             _div(_value(rosa, "above_weights_bytes"), _value(lora, "above_weights_bytes")),
             " / ".join(_gib(_value(r, "peak_bytes")) for r in (full, lora, rosa)),
+            "n/a" if structured is None else
+            f"{_time_cell(structured)} ({_div(t_structured, t['lora'])}, {_div(t_structured, t['full'])})",
         ]) + " |")
 
     phase_rows = [(key, methods) for key, methods in cells.items() if any(p in methods for p in model_step.PHASES)]
@@ -460,6 +464,8 @@ def model_tables(results: dict) -> str:
                 " / ".join(_gib(v) for v in peaks), " / ".join(_div(v, peaks[0]) for v in peaks[1:]),
             ]) + " |")
         lines.append("\nTargets (issue 14): QRoSA's step ≤ 1.1x PEFT QLoRA's, its peak memory ≤ 1.0x QLoRA's.")
+    lines.append("\nThe last column: RoSA in the sparse phase with masks of DESIGN.md's `rosa` recipe (the column "
+                 "structure of real RoSA masks) instead of the near-uniform masks collected on the random model.")
     lines.append("\nTargets (issue 11): RoSA / LoRA ≤ 0.5 at 2048 tokens and ≤ 0.6 at 8192; RoSA / full ≤ 1.0; "
                  "RoSA's peak above the weights ≤ 0.6x PEFT LoRA's.")
     return "\n".join(lines) + "\n"
@@ -470,7 +476,7 @@ def model_summary(results: dict) -> str:
     from bench import model_step
 
     lines = ["model, tokens | full ms | LoRA ms | RoSA ms | RoSA/LoRA | RoSA/full | mem RoSA/LoRA | compiled "
-             "full/LoRA/RoSA ms"]
+             "full/LoRA/RoSA ms | RoSA rosa-recipe masks ms (/full)"]
     cells = _model_cells(results["rows"])
     for (model, tokens), methods in cells.items():
         t = {m: _value(methods.get(m), "gpu_ms") for m in model_step.ALL_METHODS}
@@ -481,7 +487,8 @@ def model_summary(results: dict) -> str:
         lines.append(" | ".join([f"{model}, {tokens}", *(_ms_of(t[m]) for m in model_step.METHODS),
                                  _div(t["rosa"], t["lora"]), _div(t["rosa"], t["full"]),
                                  _div(_value(methods.get("rosa"), "above_weights_bytes"),
-                                      _value(methods.get("lora"), "above_weights_bytes")), compiled]))
+                                      _value(methods.get("lora"), "above_weights_bytes")), compiled,
+                                 f"{_ms_of(t['rosa-structured'])} ({_div(t['rosa-structured'], t['full'])})"]))
     for (model, tokens), methods in cells.items():
         t = [_value(methods.get(m), "gpu_ms") for m in model_step.QUANTIZED]
         if any(m in methods for m in model_step.QUANTIZED):

@@ -12,7 +12,7 @@
 #   bash scripts/gpu_model_bench.sh
 # Knobs (environment):
 #   MODEL_SHAPES    7b-slice,tinyllama (also: tiny)          MODEL_BATCHES  1,4 (sequences of 2048 per step)
-#   MODEL_METHODS   all of bench/model_step.py's ALL_METHODS: full,lora,rosa,rosa-warmup,rosa-warmup-end,
+#   MODEL_METHODS   all of bench/model_step.py's ALL_METHODS: full,lora,rosa,rosa-structured,rosa-warmup,rosa-warmup-end,
 #                   rosa-collect,rosa-collect-8,rosa-first-sparse,full+compile,lora+compile,rosa+compile,
 #                   qlora,qrosa,qrosa-spmm (the last three by default only where bitsandbytes imports)
 #   MODEL_COMPILE   the SHAPE:TOKENS cases that get the compiled rows (default 7b-slice:2048; "none": no

@@ -118,15 +118,18 @@ def test_model_tables_have_every_row():
     assert "| LLaMA-7B slice, 2048 | 10 | 11 | 12 | 1.09 | 1.20 |" in table
     assert "| LLaMA-7B slice, 8192 | 10 | 11 | 12 | 1.09 | 1.20 |" in table
     assert "0.25 / 0.5 / 0.75" in table and "| 1.50 |" in table  # GiB above the weights, RoSA / LoRA memory
+    # RoSA with the rosa recipe's masks: 13 ms, / LoRA 1.18, / full 1.30
+    assert "| 13 (1.18, 1.30) |" in table
     for method in (*model_step.PHASES, "rosa"):
         assert table.count(f"| {model_step.METHOD_NAMES[method]} |") == 2, method
     assert "failed: RuntimeError: These storage data ptrs are not allocated in pool" in table
     assert "CPU: some CPU" in table
-    # the 4-bit base: QLoRA 21, QRoSA 22 (csr_add) and 23 ms (spmm)
-    assert "| LLaMA-7B slice, 2048 | 21 | 22 | 23 | 1.05 / 1.10 |" in table
+    # the 4-bit base: QLoRA 22, QRoSA 23 (csr_add) and 24 ms (spmm)
+    assert "| LLaMA-7B slice, 2048 | 22 | 23 | 24 | 1.05 / 1.09 |" in table
     summary = report.model_summary(results)
     assert "not ok: LLaMA-7B slice, 2048, rosa+compile" in summary and summary.count("\n") == 6
-    assert "LLaMA-7B slice, 8192, 4-bit base | QLoRA 21 | QRoSA csr_add / spmm 22 / 23 | QRoSA/QLoRA 1.05 / 1.10" in summary
+    assert summary.splitlines()[1].endswith("| 13 (1.30)")
+    assert "LLaMA-7B slice, 8192, 4-bit base | QLoRA 22 | QRoSA csr_add / spmm 23 / 24 | QRoSA/QLoRA 1.05 / 1.09" in summary
 
 
 def test_model_step_skips_without_the_bench_extra(monkeypatch):
@@ -162,13 +165,14 @@ def test_model_step_report_runs_every_method_on_cpu(tmp_path, capsys):
     saved = json.loads((tmp_path / "model_step.json").read_text())
     rows = {r["method"]: r for r in saved["rows"]}
     # no CUDA graphs on the CPU; QLoRA and QRoSA where bitsandbytes imports
-    assert set(rows) == set(model_step.METHODS + model_step.PHASES) | (
+    assert set(rows) == set(model_step.METHODS + model_step.STRUCTURED + model_step.PHASES) | (
         set(model_step.QUANTIZED) & set(model_step.default_methods()))
     for method, row in rows.items():
         assert row["status"] == "ok", (method, row["status"])
         assert row["gpu_ms"] > 0 and row["host_ms"] > 0
         assert row["peak_bytes"] > row["weights_bytes"] > 0 and row["above_weights_bytes"] > 0, method
     assert rows["rosa"]["phase"] == "sparse" and rows["rosa-warmup"]["phase"] == "warmup"
+    assert rows["rosa-structured"]["phase"] == "sparse"
     assert all(rows[m]["phase"] == "sparse" for m in ("qrosa", "qrosa-spmm") if m in rows)
     assert rows["rosa-collect-8"]["micro_batches"] == 8
     # full fine-tuning keeps gradients and AdamW state of every weight: above LoRA's and RoSA's
