@@ -464,8 +464,10 @@ def model_tables(results: dict) -> str:
                 " / ".join(_gib(v) for v in peaks), " / ".join(_div(v, peaks[0]) for v in peaks[1:]),
             ]) + " |")
         lines.append("\nTargets (issue 14): QRoSA's step ≤ 1.1x PEFT QLoRA's, its peak memory ≤ 1.0x QLoRA's.")
-    lines.append("\nThe last column: RoSA in the sparse phase with masks of DESIGN.md's `rosa` recipe (the column "
-                 "structure of real RoSA masks) instead of the near-uniform masks collected on the random model.")
+    if any("rosa-structured" in methods for methods in cells.values()):
+        lines.append("\nThe last column of the first table: RoSA in the sparse phase with masks of DESIGN.md's `rosa` "
+                     "recipe (the column structure of real RoSA masks) instead of the near-uniform masks collected "
+                     "on the random model.")
     lines.append("\nTargets (issue 11): RoSA / LoRA ≤ 0.5 at 2048 tokens and ≤ 0.6 at 8192; RoSA / full ≤ 1.0; "
                  "RoSA's peak above the weights ≤ 0.6x PEFT LoRA's.")
     return "\n".join(lines) + "\n"
