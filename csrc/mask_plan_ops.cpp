@@ -53,22 +53,36 @@ double planned_seconds(const std::vector<double>& costs, double m, double hot, d
 }
 
 // The "auto" threshold: the smallest count c with J = {count >= c} of least modelled time.
+// Candidates: no hot column, then each distinct count c, largest first, J = every column with
+// >= c nonzeros. The distinct counts come from a histogram over [1, m] where m is not much larger
+// than n (every count is <= m; one pass instead of a sort, which was most of this op's time), else
+// from a sorted copy; both visit the same candidates in the same order.
 int64_t auto_min_count(const int64_t* counts, int64_t n, int64_t m, int64_t nnz, const std::vector<double>& costs) {
+  int64_t best_count = nnz + 1, hot = 0, hot_nnz = 0;
+  double best = planned_seconds(costs, static_cast<double>(m), 0.0, static_cast<double>(nnz));
+  const auto consider = [&](int64_t count, int64_t columns) {  // the columns with exactly `count` join J
+    hot += columns, hot_nnz += count * columns;
+    const double seconds = planned_seconds(costs, static_cast<double>(m), static_cast<double>(hot),
+                                           static_cast<double>(nnz - hot_nnz));
+    if (seconds < best) best = seconds, best_count = count;
+  };
+  if (m <= 64 * n + 4096) {
+    std::vector<int64_t> columns_with(m + 1, 0);
+    for (int64_t j = 0; j < n; ++j) ++columns_with[counts[j]];
+    for (int64_t count = m; count >= 1; --count) {
+      if (columns_with[count] > 0) consider(count, columns_with[count]);
+    }
+    return best_count;
+  }
   std::vector<int64_t> nonempty;
   for (int64_t j = 0; j < n; ++j) {
     if (counts[j] > 0) nonempty.push_back(counts[j]);
   }
-  if (nonempty.empty()) return nnz + 1;
   std::sort(nonempty.begin(), nonempty.end(), std::greater<int64_t>());
-  // Candidates: k = 0 (no hot column), then each distinct count, largest first, with all its ties.
-  int64_t best_count = nnz + 1, hot = 0, hot_nnz = 0;
-  double best = planned_seconds(costs, static_cast<double>(m), 0.0, static_cast<double>(nnz));
   for (size_t q = 0; q < nonempty.size();) {
-    const int64_t count = nonempty[q];
-    for (; q < nonempty.size() && nonempty[q] == count; ++q) ++hot, hot_nnz += count;
-    const double seconds = planned_seconds(costs, static_cast<double>(m), static_cast<double>(hot),
-                                           static_cast<double>(nnz - hot_nnz));
-    if (seconds < best) best = seconds, best_count = count;
+    const size_t first = q;
+    while (q < nonempty.size() && nonempty[q] == nonempty[first]) ++q;
+    consider(nonempty[first], static_cast<int64_t>(q - first));
   }
   return best_count;
 }

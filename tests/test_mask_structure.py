@@ -282,6 +282,23 @@ def test_numeric_choice_compares_as_torch_does(gen):
                                                                           int(counts[hot].sum()))
 
 
+def test_auto_choice_is_the_cost_models_first_minimum(gen):
+    # Short and tall layers: plan_hot_columns finds the distinct counts with a histogram over [1, m]
+    # when m is at most ~64 n, with a sort otherwise; both must choose as planned_seconds does.
+    shapes = [(300, 50), (9, 4), (2048, 64), (9000, 3), (5000, 1), (20000, 200), (7, 0)]
+    for m, n in shapes:
+        for spread in (3, 40, m + 1):  # few distinct counts (many ties) to all of [0, m]
+            counts = torch.randint(0, min(spread, m + 1), (n,), generator=gen)
+            if n:
+                counts[0] = m  # a full column
+            nnz = int(counts.sum())
+            for element_size in (2, 4):
+                threshold = reference_auto_threshold_count(counts, m, nnz, element_size)
+                hot = counts >= threshold
+                expected = (threshold, int(hot.sum()), int(counts[hot].sum()))
+                assert hot_column_choice(counts, m, "auto", element_size) == expected, (m, n, spread)
+
+
 def plan_cases(gen):
     """Masks for the plan: random ones (empty rows and columns), RoSA-like ones and degenerate ones."""
     for m, n in SHAPES:
