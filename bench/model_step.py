@@ -523,11 +523,11 @@ def run_case(case: ModelCase, methods=ALL_METHODS, options: Options | None = Non
     guarded(["lora", "lora+compile"], plain("lora"))
 
     def rosa_structured():
-        model, _ = wrap(build_model(case), "rosa", warmup_steps=10**9)  # the scheduler never acts
+        model, scheduler = wrap(build_model(case), "rosa", warmup_steps=10**9)  # not stepped: masks come from here
+        weights = weights_bytes(model, device)  # before the masks, as for `rosa`, whose masks come in training
         model.set_masks(structured_masks(model))  # every layer enters the sparse phase
-        weights = weights_bytes(model, device)
         rows.append(_steady(Trainer(model, case), case, "rosa-structured", weights, options, cpu_memory,
-                            phase=model.scheduler().phase,
+                            phase=scheduler.phase,
                             note="masks of the rosa recipe (rosa_kernels.testing.rosa_mask), set with set_masks"))
 
     guarded(["rosa-structured"], rosa_structured)
