@@ -66,7 +66,7 @@ int64_t auto_min_count(const int64_t* counts, int64_t n, int64_t m, int64_t nnz,
                                            static_cast<double>(nnz - hot_nnz));
     if (seconds < best) best = seconds, best_count = count;
   };
-  if (m <= 64 * n + 4096) {
+  if (m <= 8 * n + 4096) {  // a histogram of at most ~8 n + 4096 entries
     std::vector<int64_t> columns_with(m + 1, 0);
     for (int64_t j = 0; j < n; ++j) ++columns_with[counts[j]];
     for (int64_t count = m; count >= 1; --count) {

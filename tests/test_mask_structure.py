@@ -284,7 +284,7 @@ def test_numeric_choice_compares_as_torch_does(gen):
 
 def test_auto_choice_is_the_cost_models_first_minimum(gen):
     # Short and tall layers: plan_hot_columns finds the distinct counts with a histogram over [1, m]
-    # when m is at most ~64 n, with a sort otherwise; both must choose as planned_seconds does.
+    # when m is at most ~8 n, with a sort otherwise; both must choose as planned_seconds does.
     shapes = [(300, 50), (9, 4), (2048, 64), (9000, 3), (5000, 1), (20000, 200), (7, 0)]
     for m, n in shapes:
         for spread in (3, 40, m + 1):  # few distinct counts (many ties) to all of [0, m]
