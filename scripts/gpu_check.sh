@@ -7,7 +7,8 @@
 #   4. prints the GPU benchmark table (bench/report.py),
 #   5. prints a short summary last.
 # Logs go to $OUT (or ./gpu_check_logs). Environment: PYTHON (default python3), SKIP_BENCH=1,
-# SKIP_SANITIZER=1, SKIP_TESTS=1, PYTEST_ARGS (extra arguments for step 2), TESTS_TIMEOUT (default 480 s).
+# SKIP_SANITIZER=1, SKIP_TESTS=1, TESTS (what step 2 runs, default "tests"; e.g. "tests/test_plan.py
+# tests/test_masks.py"), PYTEST_ARGS (extra arguments for step 2), TESTS_TIMEOUT (default 480 s).
 # Time on an H100 machine (2026-12-07): build 68 s, the whole suite ~8 minutes (4,075 tests), the
 # sanitizer subset ~40 s, the TORCH_CUDA_ARCH_LIST="8.0;9.0" wheel of ARCH_CHECK=1 ~3 minutes. A
 # device call may run 10 minutes, so run the suite in one call (SKIP_SANITIZER=1 SKIP_BENCH=1) and
@@ -42,7 +43,7 @@ fi
 step cuda-visible 60 "$PYTHON" -c "import torch, rosa_kernels as r; assert r.cuda_available(), 'CUDA kernels not available'; print(torch.cuda.get_device_name(), torch.__version__, 'cuda_built', r.cuda_built())"
 if [ -z "${SKIP_TESTS:-}" ]; then
   # shellcheck disable=SC2086
-  step tests "${TESTS_TIMEOUT:-480}" "$PYTHON" -m pytest tests -q --maxfail=30 -p no:cacheprovider ${PYTEST_ARGS:-}
+  step tests "${TESTS_TIMEOUT:-480}" "$PYTHON" -m pytest ${TESTS:-tests} -q --maxfail=30 -p no:cacheprovider ${PYTEST_ARGS:-}
   tests_line=$(grep -E "passed|failed|error" "$LOGS/tests.log" | tail -1)
 fi
 if [ -z "${SKIP_SANITIZER:-}" ]; then
