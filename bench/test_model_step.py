@@ -1,7 +1,8 @@
 """pytest-benchmark: one training step of a whole HF LlamaForCausalLM (bench/model_step.py).
 
 One group per model shape and tokens per step (``model-step-{shape}-{tokens}``), parametrized over
-the method: full fine-tuning, PEFT LoRA, RoSA in the sparse phase and RoSA's LoRA-only warm-up
+the method: full fine-tuning, PEFT LoRA, RoSA in the sparse phase (with the masks it collects, and
+with masks of the ``rosa`` recipe: ``rosa-structured``) and RoSA's LoRA-only warm-up
 steps (the one-shot steps of RoSA's life cycle and the compiled rows are in
 ``python bench/report.py --model``). CPU set: a tiny Llama (float32, 32 tokens); ``--gpu-sweep``:
 the LLaMA-7B slice and the TinyLlama shape at 2048 and 8192 tokens, bf16. Needs the ``bench`` extra
@@ -13,7 +14,7 @@ import torch
 
 from bench import common, model_step
 
-METHODS = ("full", "lora", "rosa", "rosa-warmup")
+METHODS = ("full", "lora", "rosa", "rosa-structured", "rosa-warmup")
 
 
 def pytest_generate_tests(metafunc):
@@ -35,9 +36,15 @@ def _trainer(case, method):
         model, scheduler = model_step.wrap(model, "rosa", warmup_steps=10**9)  # stays in the warm-up
     elif method == "rosa":
         model, scheduler = model_step.wrap(model, "rosa", warmup_steps=1, collect_steps=1)
+    elif method == "rosa-structured":  # the sparse phase with masks of the rosa recipe
+        model, _ = model_step.wrap(model, "rosa", warmup_steps=10**9)
+        scheduler = None
     else:
         model, scheduler = model_step.wrap(model, method)
     weights = model_step.weights_bytes(model, torch.device(case.device))
+    if method == "rosa-structured":
+        model.set_masks(model_step.structured_masks(model))
+        assert {layer.phase for layer in model.rosa_layers().values()} == {"sparse"}
     trainer = model_step.Trainer(model, case, scheduler)
     if method == "rosa":
         trainer.step()  # warm-up, which starts the collection
