@@ -26,13 +26,16 @@
 // Python-level layer step is then one call: the autograd function's ~26 Python arguments and the
 // ops it issued one by one from Python were most of a step's host time.
 //
-//     merged_scatter_(weights, flat_indices, base_values, values)
-//       weights[i].view(-1)[flat_indices[i]] = base_values[i] + values[i]   for every i
+//     merged_scatter_(weights, row_offsets, col_indices, base_values, values)
+//       weights[i][r, col_indices[i][p]] = base_values[i][p] + values[i][p]
+//           for every nonzero p of row r of layer i's CSR (row_offsets[i], col_indices[i])
 //
 // computed in (at least) float32 and rounded once to the weight's dtype: recomputed from the saved
-// W, never accumulated. For weights, base values and values of one dtype the sum runs as one
-// `_foreach_add` (its float opmath rounds exactly as the float32 sum does), then one index_copy_ per
-// layer: the Python loop over merged layers after every optimizer step costs one call.
+// W, never accumulated. It reads the mask's CSR, so a layer keeps no flat positions (8 bytes per
+// nonzero) for it; on a GPU every layer's scatter is one kernel launch per 24 layers
+// (cuda/merged_scatter.cu), so the Python loop over merged layers after every optimizer step costs
+// one op call and a few launches.
+#include <algorithm>
 #include <limits>
 #include <mutex>
 #include <optional>
@@ -47,6 +50,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "merged_scatter_ops.h"
 
 namespace rosa {
 namespace {
@@ -373,37 +377,80 @@ at::Tensor rosa_linear_autocast(const at::Tensor& x, const at::Tensor& weight, c
 // merged_scatter_
 // ----------------------------------------------------------------------------------------------
 
-void merged_scatter_(at::TensorList weights, at::TensorList flat_indices, at::TensorList base_values,
-                     at::TensorList values) {
+}  // namespace
+
+void check_merged_scatter(at::TensorList weights, at::TensorList row_offsets, at::TensorList col_indices,
+                          at::TensorList base_values, at::TensorList values) {
   const size_t count = weights.size();
-  ROSA_CHECK_VALUE(flat_indices.size() == count && base_values.size() == count && values.size() == count,
-                   "weights, flat_indices, base_values and values must have the same length, got ", count, ", ",
-                   flat_indices.size(), ", ", base_values.size(), " and ", values.size());
-  std::vector<at::Tensor> merged(count);
-  // Layers whose base values and values have the weight's dtype: one foreach sum (computed in float
-  // opmath for 16-bit types, rounded once, exactly as the float32 sum then the cast).
-  std::vector<size_t> same;
-  std::vector<at::Tensor> same_base, same_values;
+  ROSA_CHECK_VALUE(row_offsets.size() == count && col_indices.size() == count && base_values.size() == count &&
+                       values.size() == count,
+                   "weights, row_offsets, col_indices, base_values and values must have the same length, got ",
+                   count, ", ", row_offsets.size(), ", ", col_indices.size(), ", ", base_values.size(), " and ",
+                   values.size());
   for (size_t i = 0; i < count; ++i) {
-    ROSA_CHECK_VALUE(flat_indices[i].dim() == 1 && base_values[i].sizes() == flat_indices[i].sizes() &&
-                         values[i].sizes() == flat_indices[i].sizes(),
-                     "layer ", i, ": flat_indices, base_values and values must be 1-D of one length");
-    const auto dtype = weights[i].scalar_type();
-    if (base_values[i].scalar_type() == dtype && values[i].scalar_type() == dtype &&
-        base_values[i].device() == weights[i].device() && values[i].device() == weights[i].device()) {
-      same.push_back(i);
-      same_base.push_back(base_values[i]);
-      same_values.push_back(values[i]);
-    } else {
-      const auto wide = at::promote_types(dtype, at::kFloat);
-      merged[i] = (base_values[i].to(wide) + values[i].to(wide)).to(dtype);
+    const auto &w = weights[i], &offsets = row_offsets[i], &cols = col_indices[i];
+    ROSA_CHECK_VALUE(w.dim() == 2, "weights[", i, "] must be 2-D, got shape ", w.sizes());
+    ROSA_CHECK_TYPE(at::isFloatingType(w.scalar_type()) && at::isFloatingType(base_values[i].scalar_type()) &&
+                        at::isFloatingType(values[i].scalar_type()),
+                    "layer ", i, ": weights, base_values and values must be floating point, got ",
+                    w.scalar_type(), ", ", base_values[i].scalar_type(), " and ", values[i].scalar_type());
+    ROSA_CHECK_TYPE((offsets.scalar_type() == at::kInt || offsets.scalar_type() == at::kLong) &&
+                        cols.scalar_type() == offsets.scalar_type(),
+                    "layer ", i, ": row_offsets and col_indices must be both int32 or both int64, got ",
+                    offsets.scalar_type(), " and ", cols.scalar_type());
+    ROSA_CHECK_VALUE(offsets.dim() == 1 && offsets.size(0) == w.size(0) + 1,
+                     "row_offsets[", i, "] must be 1-D with weights[", i, "].shape[0] + 1 = ", w.size(0) + 1,
+                     " elements, got shape ", offsets.sizes());
+    ROSA_CHECK_VALUE(cols.dim() == 1 && base_values[i].sizes() == cols.sizes() && values[i].sizes() == cols.sizes(),
+                     "layer ", i, ": col_indices, base_values and values must be 1-D of one length, got shapes ",
+                     cols.sizes(), ", ", base_values[i].sizes(), " and ", values[i].sizes());
+    for (const at::Tensor* t : {&offsets, &cols, &base_values[i], &values[i]}) {
+      ROSA_CHECK_VALUE(t->device() == w.device(), "layer ", i, ": every tensor must be on weights[", i,
+                       "]'s device ", w.device(), ", got one on ", t->device());
     }
   }
-  if (!same.empty()) {
-    auto sums = at::_foreach_add(same_base, same_values);
-    for (size_t k = 0; k < same.size(); ++k) merged[same[k]] = std::move(sums[k]);
+}
+
+namespace {
+
+// CPU: the sum in promote(weight dtype, float32), rounded once to the weight's dtype, written at
+// (r, col) for each nonzero of row r; offsets are clamped to [0, nnz] and columns outside [0, n)
+// skipped, so no input writes outside the weight.
+template <typename index_t>
+void scatter_rows(at::Tensor& weight, const at::Tensor& offsets, const at::Tensor& cols, const at::Tensor& merged) {
+  const int64_t m = weight.size(0), n = weight.size(1), nnz = cols.size(0);
+  const auto offsets_c = offsets.contiguous(), cols_c = cols.contiguous();
+  const index_t* offset = offsets_c.const_data_ptr<index_t>();
+  const index_t* col = cols_c.const_data_ptr<index_t>();
+  const int64_t s0 = weight.stride(0), s1 = weight.stride(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "merged_scatter_", [&] {
+    scalar_t* w = weight.mutable_data_ptr<scalar_t>();
+    const scalar_t* v = merged.const_data_ptr<scalar_t>();
+    for (int64_t r = 0; r < m; ++r) {
+      const int64_t begin = std::clamp<int64_t>(offset[r], 0, nnz);
+      const int64_t end = std::clamp<int64_t>(offset[r + 1], begin, nnz);
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t c = col[p];
+        if (c >= 0 && c < n) w[r * s0 + c * s1] = v[p];
+      }
+    }
+  });
+}
+
+void merged_scatter_cpu(at::TensorList weights, at::TensorList row_offsets, at::TensorList col_indices,
+                        at::TensorList base_values, at::TensorList values) {
+  check_merged_scatter(weights, row_offsets, col_indices, base_values, values);
+  for (size_t i = 0; i < weights.size(); ++i) {
+    at::Tensor weight = weights[i];
+    const auto dtype = weight.scalar_type();
+    const auto wide = at::promote_types(dtype, at::kFloat);
+    const auto merged = (base_values[i].to(wide) + values[i].to(wide)).to(dtype).contiguous();
+    if (row_offsets[i].scalar_type() == at::kInt) {
+      scatter_rows<int32_t>(weight, row_offsets[i], col_indices[i], merged);
+    } else {
+      scatter_rows<int64_t>(weight, row_offsets[i], col_indices[i], merged);
+    }
   }
-  for (size_t i = 0; i < count; ++i) weights[i].view(-1).index_copy_(0, flat_indices[i], merged[i]);
 }
 
 }  // namespace
@@ -412,13 +459,15 @@ TORCH_LIBRARY_FRAGMENT(rosa_kernels, m) {
   m.def("rosa_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, Tensor values, "
         "Tensor[] grad_index, Tensor? seed, float scale, float dropout, str grad_path, int plan_width=0, "
         "int plan_rest_nnz=0) -> Tensor");
-  m.def("merged_scatter_(Tensor(a!)[] weights, Tensor[] flat_indices, Tensor[] base_values, Tensor[] values) -> ()");
+  m.def("merged_scatter_(Tensor(a!)[] weights, Tensor[] row_offsets, Tensor[] col_indices, Tensor[] base_values, "
+        "Tensor[] values) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(rosa_kernels, CompositeExplicitAutograd, m) {
   m.impl("rosa_linear", &rosa_linear_impl);
-  m.impl("merged_scatter_", &merged_scatter_);
 }
+
+TORCH_LIBRARY_IMPL(rosa_kernels, CPU, m) { m.impl("merged_scatter_", &merged_scatter_cpu); }
 
 TORCH_LIBRARY_IMPL(rosa_kernels, Autograd, m) { m.impl("rosa_linear", &rosa_linear_autograd); }
 

@@ -347,28 +347,99 @@ def test_rosa_linear_op_checks_its_operands():
         op(x, layer.weight, layer.bias, lora_A, lora_B, values, index, torch.zeros(1), 1.0, 0.1, "sddmm")
 
 
+def _scatter_case(shapes, dtype, device, index_dtype=torch.int32, seed=0):
+    """Random layers for merged_scatter_: weights, the CSR of a random mask of each, base values
+    and values; with the expected weights (the sum in promote(dtype, float32), rounded once)."""
+    gen = torch.Generator().manual_seed(seed)
+    weights, offsets, cols, base, values, expected = [], [], [], [], [], []
+    for i, (m, n, nnz) in enumerate(shapes):
+        w = torch.randn(m, n, generator=gen).to(dtype)
+        flat = torch.randperm(m * n, generator=gen)[:nnz].sort().values
+        rows = flat // max(n, 1)
+        offsets.append(torch.cat([torch.zeros(1, dtype=torch.long), torch.bincount(rows, minlength=m).cumsum(0)]))
+        cols.append(flat % max(n, 1))
+        b = torch.randn(nnz, generator=gen).mul(100).to(dtype)
+        # the third layer keeps its values in float32 (mixed dtypes)
+        v = torch.randn(nnz, generator=gen).mul(1e-3).to(torch.float32 if i == 2 else dtype)
+        want = w.clone()
+        wide = torch.promote_types(dtype, torch.float32)
+        want.view(-1)[flat] = (b.to(wide) + v.to(wide)).to(dtype)
+        weights.append(w), base.append(b), values.append(v), expected.append(want)
+    move = lambda ts, dt=None: [t.to(device=device, dtype=dt or t.dtype) for t in ts]  # noqa: E731
+    return (move(weights), move(offsets, index_dtype), move(cols, index_dtype), move(base), move(values),
+            move(expected))
+
+
+@pytest.mark.sanitizer  # small: the compute-sanitizer subset on a GPU
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-def test_merged_scatter_is_the_float32_sum_rounded_once(device, dtype):
-    """W_eff[mask] = round(float32(base) + float32(S)) for every layer of one call, whatever the
-    mix of dtypes (16-bit sums run as one _foreach_add in float opmath: the same rounding)."""
-    gen = torch.Generator().manual_seed(0)
-    weights, flat, base, values = [], [], [], []
-    for i, (m, n, nnz) in enumerate([(7, 9, 20), (16, 3, 48), (5, 5, 1), (4, 6, 0)]):
-        weights.append(torch.randn(m, n, generator=gen).to(dtype))
-        flat.append(torch.randperm(m * n, generator=gen)[:nnz])
-        base.append(torch.randn(nnz, generator=gen).mul(100).to(dtype))
-        # the third layer keeps its values in float32 (mixed dtypes take the cast path)
-        values.append(torch.randn(nnz, generator=gen).mul(1e-3).to(torch.float32 if i == 2 else dtype))
-    weights, flat, base, values = ([t.to(device) for t in ts] for ts in (weights, flat, base, values))
-    expected = [w.clone() for w in weights]
-    wide = torch.promote_types(dtype, torch.float32)
-    for w, f, b, v in zip(expected, flat, base, values):
-        w.view(-1)[f] = (b.to(wide) + v.to(wide)).to(dtype)
-    torch.ops.rosa_kernels.merged_scatter_(weights, flat, base, values)
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_merged_scatter_is_the_float32_sum_rounded_once(device, dtype, index_dtype):
+    """W_eff[r, c] = round(float32(base) + float32(S)) at every nonzero (r, c) of each layer's CSR,
+    for every layer of one call, whatever the mix of dtypes; nothing else of a weight changes.
+    Shapes include empty rows, a layer without nonzeros, single rows and columns and an empty
+    weight; 30 layers take two launches on a GPU (24 per launch)."""
+    shapes = [(7, 9, 20), (16, 3, 48), (5, 5, 1), (4, 6, 0), (1, 13, 5), (11, 1, 4), (0, 3, 0), (3, 0, 0)]
+    shapes += [(9 + i % 5, 7 + i % 3, 10 + i) for i in range(22)]
+    weights, offsets, cols, base, values, expected = _scatter_case(shapes, dtype, device, index_dtype)
+    torch.ops.rosa_kernels.merged_scatter_(weights, offsets, cols, base, values)
     for got, want in zip(weights, expected):
         assert torch.equal(got, want)
-    torch.library.opcheck(torch.ops.rosa_kernels.merged_scatter_.default, (weights, flat, base, values))
+    torch.library.opcheck(torch.ops.rosa_kernels.merged_scatter_.default, (weights, offsets, cols, base, values))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_merged_scatter_of_a_strided_weight_writes_through_its_strides(device):
+    weights, offsets, cols, base, values, expected = _scatter_case([(6, 8, 17)], torch.float32, device)
+    storage = weights[0].t().contiguous()  # the same values, column-major
+    transposed_view = storage.t()
+    torch.ops.rosa_kernels.merged_scatter_([transposed_view], offsets, cols, base, values)
+    assert torch.equal(transposed_view, expected[0])
+
+
+@pytest.mark.sanitizer  # small: the compute-sanitizer subset on a GPU
+@pytest.mark.parametrize("device", DEVICES)
+def test_merged_scatter_never_writes_outside_a_weight(device):
+    """Broken CSRs (a column out of range, offsets that decrease or exceed nnz) are not checked by
+    content (that would synchronize a GPU): the op still writes only inside the weight, at rows in
+    [0, m) and columns in [0, n)."""
+    m, n = 5, 4
+    for offsets, cols in [([0, 2, 2, 3, 3, 4], [1, 9, -3, 2]),  # columns out of range
+                          ([0, 3, 1, 4, 2, 4], [0, 1, 2, 3]),  # offsets decrease
+                          ([0, 9, 9, 9, 9, 9], [0, 1, 2, 3])]:  # offsets beyond nnz
+        guard = torch.full((3, m, n), 7.0, device=device)
+        weight = guard[1]
+        before = guard.clone()
+        torch.ops.rosa_kernels.merged_scatter_(
+            [weight], [torch.tensor(offsets, dtype=torch.int32, device=device)],
+            [torch.tensor(cols, dtype=torch.int32, device=device)], [torch.ones(4, device=device)],
+            [torch.ones(4, device=device)])
+        assert torch.equal(guard[0], before[0]) and torch.equal(guard[2], before[2])
+        assert set(weight.unique().tolist()) <= {7.0, 2.0}
+        assert (weight == 2.0).any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_merged_scatter_bad_input(device):
+    weights, offsets, cols, base, values, _ = _scatter_case([(5, 6, 7), (4, 4, 3)], torch.float32, device)
+    op = torch.ops.rosa_kernels.merged_scatter_
+    with pytest.raises(ValueError, match="same length"):
+        op(weights, offsets[:1], cols, base, values)
+    with pytest.raises(ValueError, match="2-D"):
+        op([weights[0].view(-1), weights[1]], offsets, cols, base, values)
+    with pytest.raises(ValueError, match="row_offsets\\[0\\]"):
+        op(weights, [offsets[0][:-1], offsets[1]], cols, base, values)
+    with pytest.raises(TypeError, match="int32 or both int64"):
+        op(weights, offsets, [cols[0].long(), cols[1]], base, values)
+    with pytest.raises(TypeError, match="int32 or both int64"):
+        op(weights, [o.float() for o in offsets], cols, base, values)
+    with pytest.raises(TypeError, match="floating point"):
+        op(weights, offsets, cols, [base[0].int(), base[1]], values)
+    with pytest.raises(ValueError, match="one length"):
+        op(weights, offsets, cols, base, [values[0][:-1], values[1]])
+    if device == "cuda":
+        with pytest.raises(ValueError, match="device"):
+            op(weights, [offsets[0].cpu(), offsets[1]], cols, base, values)
 
 
 def test_one_scatter_call_for_all_merged_layers_after_an_optimizer_step():
@@ -849,3 +920,47 @@ def test_merging_reads_the_base_values_whatever_their_buffers_dtype():
     x = torch.randn(5, 24)
     torch.testing.assert_close(other(x), layer(x))
     torch.testing.assert_close(other.base_values.float(), layer.base_values)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_layer_keeps_the_transpose_only_in_spmm_mode(device):
+    """The mask's transpose and its permutation (8 bytes per nonzero) exist only in sparse_mode
+    "spmm", which reads them; switching modes builds and drops them, and every mode computes the
+    same step."""
+    from rosa_kernels.ops import csr_transpose
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 12, device=device)
+    dy = torch.randn(6, 10, device=device)
+    layer = make_layer(12, 10, mode="merged", device=device)
+    results = {}
+    for mode in ["merged", "spmm", "csr_add", "spmm", "merged"]:
+        layer.sparse_mode = mode
+        if mode == "spmm":
+            _, offsets_t, cols_t, permutation = csr_transpose(layer.sparse_values.detach(), layer.row_offsets,
+                                                              layer.col_indices, 10, 12, return_permutation=True)
+            assert torch.equal(layer.row_offsets_t, offsets_t) and torch.equal(layer.col_indices_t, cols_t)
+            assert torch.equal(layer.permutation, permutation)
+            assert torch.equal(layer.row_indices_t, rosa_kernels.row_order(offsets_t))
+        else:
+            assert layer.col_indices_t.numel() == 0 and layer.permutation.numel() == 0
+        xi = x.clone().requires_grad_()
+        layer.zero_grad()
+        layer(xi).backward(dy)
+        step = (xi.grad, layer.lora_A.grad, layer.lora_B.grad, layer.sparse_values.grad)
+        results.setdefault(mode, step)
+        for got, want in zip(step, results["merged"]):
+            torch.testing.assert_close(got, want)
+
+
+def test_a_merged_layer_holds_12_bytes_per_nonzero_in_float32():
+    """Beyond W, b and the LoRA factors a merged float32 layer keeps, per nonzero: the column index
+    (4 bytes), S (4) and W at the mask (4): no flat positions, no transpose, no permutation."""
+    layer = make_layer(64, 48, density=0.05)
+    assert layer._merged
+    skip = {"weight", "bias", "lora_A", "lora_B"}
+    held = sum(t.numel() * t.element_size() for name, t in [*layer.named_parameters(), *layer.named_buffers()]
+               if name not in skip)
+    per_row_or_column = 4 * (2 * 48 + 2 * 65 + 1) + 1  # row offsets/order, the transpose's offsets/order, has_mask
+    assert held - per_row_or_column <= 12 * layer.nnz
+    assert torch.equal(layer.flat_indices, rosa_kernels.masks.csr_flat_indices(layer.row_offsets, layer.col_indices, 64))

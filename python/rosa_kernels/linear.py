@@ -54,7 +54,7 @@ from torch import nn
 
 from . import masks as _masks
 from . import plan as _plan
-from .csr import CSR, csr_from_mask, validate_csr
+from .csr import CSR, csr_from_mask, index_counts, validate_csr
 from .dropout import draw_seed
 from .plan import planned_sddmm
 
@@ -74,9 +74,11 @@ _NO_PLAN = (None, None, None, None, None, 0, 0)
 _NO_MASK_GRAD = ([], "none", 0, 0)
 _rosa_linear = _ops.rosa_linear.default
 _merged_scatter = _ops.merged_scatter_.default
-# The buffers that hold a mask's structures (rosa_kernels.masks.MaskStructure's first fields).
-_STRUCTURE_BUFFERS = ("row_offsets", "row_indices", "col_indices", "row_offsets_t", "row_indices_t", "col_indices_t",
-                      "permutation", "flat_indices")
+# The buffers that hold a mask's CSR (rosa_kernels.masks.MaskStructure's first fields), and those of
+# its transpose with the permutation (the next four), which only sparse_mode="spmm" reads: they are
+# kept in that mode only (8 bytes per nonzero otherwise unused; see RosaLinear._sync_transpose).
+_STRUCTURE_BUFFERS = ("row_offsets", "row_indices", "col_indices")
+_TRANSPOSE_BUFFERS = ("row_offsets_t", "row_indices_t", "col_indices_t", "permutation")
 
 
 def _register_fake_kernels() -> None:
@@ -92,7 +94,7 @@ def _register_fake_kernels() -> None:
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
     @torch.library.register_fake("rosa_kernels::merged_scatter_")
-    def _(weights, flat_indices, base_values, values):
+    def _(weights, row_offsets, col_indices, base_values, values):
         return None
 
 
@@ -273,8 +275,8 @@ def _scatter_layers(layers) -> None:
         return
     parameters, buffers = [layer._parameters for layer in layers], [layer._buffers for layer in layers]
     values = [p["sparse_values"] for p in parameters]
-    _merged_scatter([p["weight"] for p in parameters], [b["flat_indices"] for b in buffers],
-                    [b["base_values"] for b in buffers], values)
+    _merged_scatter([p["weight"] for p in parameters], [b["row_offsets"] for b in buffers],
+                    [b["col_indices"] for b in buffers], [b["base_values"] for b in buffers], values)
     for layer, v in zip(layers, values):
         layer.__dict__["_merged_version"] = v._version  # nn.Module.__setattr__ cost ~2 us a layer
 
@@ -388,13 +390,15 @@ class RosaLinear(nn.Module):
         self.register_buffer("row_indices", torch.arange(out_features, **index))
         self.register_buffer("col_indices", torch.zeros(self.nnz, **index))
         self.register_buffer("has_mask", torch.zeros((), dtype=torch.bool, device=device))
-        # Derived from the mask (rebuilt when it is set or loaded), so not part of the state_dict.
+        # Derived from the mask (rebuilt when it is set or loaded), so not part of the state_dict. The
+        # transpose and its permutation are empty until sparse_mode "spmm" needs them (_sync_transpose).
         self.register_buffer("row_offsets_t", torch.zeros(in_features + 1, **index), persistent=False)
         self.register_buffer("row_indices_t", torch.arange(in_features, **index), persistent=False)
-        self.register_buffer("col_indices_t", torch.zeros(self.nnz, **index), persistent=False)
-        self.register_buffer("permutation", torch.zeros(self.nnz, **index), persistent=False)
-        self.register_buffer("flat_indices", torch.zeros(self.nnz, dtype=torch.int64, device=device), persistent=False)
-        self.register_buffer("base_values", torch.zeros(self.nnz, **factory), persistent=False)
+        self.register_buffer("col_indices_t", torch.zeros(0, **index), persistent=False)
+        self.register_buffer("permutation", torch.zeros(0, **index), persistent=False)
+        # W at the mask positions while S is merged into the weight (empty in the other modes).
+        self.register_buffer("base_values", torch.zeros(0, **factory), persistent=False)
+        self._dense_grad_index = None  # sparse_grad="dense": the flat positions, kept in that mode only
 
         self.phase = "warmup"
         self._sparse_mode = sparse_mode
@@ -513,7 +517,7 @@ class RosaLinear(nn.Module):
             x, weight, bias, lora_A, lora_B, values,
             buffers["row_offsets"], buffers["row_indices"], buffers["col_indices"],
             buffers["row_offsets_t"], buffers["row_indices_t"], buffers["col_indices_t"], buffers["permutation"],
-            buffers["flat_indices"], *self._plan_parts(x, mode),
+            self._dense_grad_index, *self._plan_parts(x, mode),
             self._collector if collecting else None,
             self.scale, self.dropout if self.training else 0.0, mode, self.sparse_grad == "dense", dense_base,
         )
@@ -531,7 +535,7 @@ class RosaLinear(nn.Module):
         column counts: ``host_counts`` when given, else one host synchronization). ``column_counts``:
         the mask's nonzeros per column, read off the transpose's offsets when not given."""
         if column_counts is None:
-            column_counts = self.row_offsets_t[1:] - self.row_offsets_t[:-1]
+            column_counts = index_counts(self.col_indices.long(), self.in_features).int()
         self._use_plan(_plan.sddmm_parts_of(self.row_offsets, self.col_indices, self.out_features, self.in_features,
                                             dtype=self._adapter_dtype, column_counts=column_counts,
                                             host_counts=host_counts))
@@ -563,8 +567,10 @@ class RosaLinear(nn.Module):
         """rosa_linear's dS arguments (grad_index, grad_path, plan_width, plan_rest_nnz) in the
         sparse phase, kept with the mask, its plan and the buffers (rebuilt when any changes)."""
         buffers = self._buffers
+        self._dense_grad_index = None
         if self._sparse_grad == "dense":
-            self._grad_args = ([buffers["flat_indices"]], "dense", 0, 0)
+            self._dense_grad_index = self.flat_indices
+            self._grad_args = ([self._dense_grad_index], "dense", 0, 0)
         elif self._sparse_grad == "auto" and self._grad_plan is not None:
             gather, target, offsets, rows, cols, width, rest_nnz = self._grad_plan
             index = [target, offsets, rows, cols] + ([] if gather is None else [gather])
@@ -586,8 +592,31 @@ class RosaLinear(nn.Module):
         if self._merged and mode != "merged":
             self._unmerge()
         self._sparse_mode = mode
+        self._sync_transpose()
         if mode == "merged" and self.phase == "sparse" and not self._merged:
             self._merge()
+
+    def _sync_transpose(self):
+        """Keeps the mask's transpose and its permutation (``spmm``'s dX = dY S reads them) in the
+        sparse phase of ``sparse_mode="spmm"`` only; in the other modes those buffers are empty."""
+        want = self.phase == "sparse" and self._sparse_mode == "spmm"
+        buffers = self._buffers
+        kept = buffers["col_indices_t"].shape[0] == self.nnz
+        if want and not kept:
+            structure = _masks.mask_structure(self.flat_indices, self.out_features, self.in_features, validate=False)
+            self._keep_transpose(structure)
+        elif not want and kept and self.nnz:
+            for name in ("col_indices_t", "permutation"):
+                buffers[name] = buffers[name].new_empty(0)
+
+    def _keep_transpose(self, structure: _masks.MaskStructure):
+        buffers = self._buffers
+        with torch.no_grad():
+            for name, tensor in zip(_TRANSPOSE_BUFFERS, structure[len(_STRUCTURE_BUFFERS):]):
+                if buffers[name].shape == tensor.shape:
+                    buffers[name].copy_(tensor)
+                else:
+                    buffers[name] = tensor.to(device=buffers[name].device, dtype=buffers[name].dtype)
 
     def _scatter(self):
         """W_eff[mask] = base_values + S, computed in (at least) float32 from the saved W (no drift)."""
@@ -609,12 +638,10 @@ class RosaLinear(nn.Module):
             # added by SpMM instead (the same result to rounding; docs/rosa_linear.md, FSDP2).
             _notice_sharded_merge()
             self._sparse_mode = "spmm"
+            self._sync_transpose()
             return
         with torch.no_grad():
-            if self.base_values.dtype == self.weight.dtype:  # one op (out= needs the same dtype)
-                torch.index_select(self.weight.view(-1), 0, self.flat_indices, out=self.base_values)
-            else:
-                self.base_values.copy_(self.weight.view(-1)[self.flat_indices])
+            self._buffers["base_values"] = self.weight.view(-1).index_select(0, self.flat_indices)
         self._merged = True
         _MERGED_LAYERS.add(self)
         self._scatter()
@@ -630,17 +657,21 @@ class RosaLinear(nn.Module):
         local_shape, offset = compute_local_shape_and_global_offset(weight.shape, weight.device_mesh,
                                                                     weight.placements)
         first_row, rows = offset[0], local_shape[0]
-        mask_rows = self.flat_indices // n
+        flat_indices = self.flat_indices
+        mask_rows = flat_indices // n
         here = (mask_rows >= first_row) & (mask_rows < first_row + rows)
-        local.reshape(-1)[:rows * n].index_copy_(0, self.flat_indices[here] - first_row * n, self.base_values[here])
+        local.reshape(-1)[:rows * n].index_copy_(0, flat_indices[here] - first_row * n, self.base_values[here])
+        self._buffers["base_values"] = self.base_values.new_empty(0)
         self._merged = False
         _MERGED_LAYERS.discard(self)
         _notice_sharded_merge()
         self._sparse_mode = "spmm"
+        self._sync_transpose()
 
     @torch.no_grad()
     def _unmerge(self):
         self.weight.view(-1).index_copy_(0, self.flat_indices, self.base_values)
+        self._buffers["base_values"] = self.base_values.new_empty(0)
         self._merged = False
         _MERGED_LAYERS.discard(self)
 
@@ -840,12 +871,25 @@ class RosaLinear(nn.Module):
             self._use_plan(None)
         self._end_collection()
         self.phase = "sparse"
+        if self._sparse_mode == "spmm":
+            self._keep_transpose(structure)
+        else:
+            self._sync_transpose()
         if self._sparse_mode == "merged":
             self._merge()
 
     def _end_collection(self):
         self._collector = None
         _COLLECTING_LAYERS.discard(self)
+
+    @property
+    def flat_indices(self) -> torch.Tensor:
+        """The mask's row-major positions ``r * in_features + c`` (nnz,) int64 in CSR order (zeros
+        before a mask is set), computed from the CSR buffers on each access (not kept: 8 bytes per
+        nonzero)."""
+        if self.phase != "sparse":
+            return torch.zeros(self.nnz, dtype=torch.int64, device=self.col_indices.device)
+        return _masks.csr_flat_indices(self.row_offsets, self.col_indices, self.in_features)
 
     def mask(self) -> CSR | None:
         """The mask as a CSR whose values are a copy of the sparse values (None before one is set)."""
@@ -905,3 +949,4 @@ class RosaLinear(nn.Module):
             self._use_structure(self._structure_of(self.row_offsets, self.col_indices, self.row_indices))
         elif self.phase == "sparse":
             self.phase = "warmup"
+            self._sync_transpose()

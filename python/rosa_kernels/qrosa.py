@@ -163,6 +163,7 @@ class QRosaLinear(RosaLinear):
     @sparse_mode.setter
     def sparse_mode(self, mode):
         self._sparse_mode = _check_sparse_mode(mode)
+        self._sync_transpose()
 
     def forward(self, x):
         if x.shape[-1] != self.in_features:
