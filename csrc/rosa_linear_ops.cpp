@@ -43,6 +43,7 @@
 #include <vector>
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -415,24 +416,43 @@ namespace {
 
 // CPU: the sum in promote(weight dtype, float32), rounded once to the weight's dtype, written at
 // (r, col) for each nonzero of row r; offsets are clamped to [0, nnz] and columns outside [0, n)
-// skipped, so no input writes outside the weight.
-template <typename index_t>
-void scatter_rows(at::Tensor& weight, const at::Tensor& offsets, const at::Tensor& cols, const at::Tensor& merged) {
+// skipped, so no input writes outside the weight. `Sum(p)` gives nonzero p's rounded sum.
+template <typename index_t, typename scalar_t, typename Sum>
+void scatter_rows(at::Tensor& weight, const at::Tensor& offsets, const at::Tensor& cols, const Sum& sum) {
   const int64_t m = weight.size(0), n = weight.size(1), nnz = cols.size(0);
-  const auto offsets_c = offsets.contiguous(), cols_c = cols.contiguous();
-  const index_t* offset = offsets_c.const_data_ptr<index_t>();
-  const index_t* col = cols_c.const_data_ptr<index_t>();
+  const index_t* offset = offsets.const_data_ptr<index_t>();
+  const index_t* col = cols.const_data_ptr<index_t>();
   const int64_t s0 = weight.stride(0), s1 = weight.stride(1);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "merged_scatter_", [&] {
-    scalar_t* w = weight.mutable_data_ptr<scalar_t>();
-    const scalar_t* v = merged.const_data_ptr<scalar_t>();
-    for (int64_t r = 0; r < m; ++r) {
-      const int64_t begin = std::clamp<int64_t>(offset[r], 0, nnz);
-      const int64_t end = std::clamp<int64_t>(offset[r + 1], begin, nnz);
-      for (int64_t p = begin; p < end; ++p) {
-        const int64_t c = col[p];
-        if (c >= 0 && c < n) w[r * s0 + c * s1] = v[p];
-      }
+  scalar_t* w = weight.mutable_data_ptr<scalar_t>();
+  for (int64_t r = 0; r < m; ++r) {
+    const int64_t begin = std::clamp<int64_t>(offset[r], 0, nnz);
+    const int64_t end = std::clamp<int64_t>(offset[r + 1], begin, nnz);
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t c = col[p];
+      if (c >= 0 && c < n) w[r * s0 + c * s1] = sum(p);
+    }
+  }
+}
+
+template <typename index_t>
+void scatter_layer_cpu(at::Tensor weight, const at::Tensor& offsets_in, const at::Tensor& cols_in,
+                       const at::Tensor& base_in, const at::Tensor& values_in) {
+  const auto offsets = offsets_in.contiguous(), cols = cols_in.contiguous();
+  const auto dtype = weight.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "merged_scatter_", [&] {
+    using acc_t = at::opmath_type<scalar_t>;  // float for 16-bit types: promote(dtype, float32)
+    if (base_in.scalar_type() == dtype && values_in.scalar_type() == dtype) {
+      const auto base = base_in.contiguous(), values = values_in.contiguous();
+      const scalar_t* b = base.const_data_ptr<scalar_t>();
+      const scalar_t* v = values.const_data_ptr<scalar_t>();
+      scatter_rows<index_t, scalar_t>(weight, offsets, cols, [&](int64_t p) {
+        return static_cast<scalar_t>(static_cast<acc_t>(b[p]) + static_cast<acc_t>(v[p]));
+      });
+    } else {  // mixed dtypes: both in the wide type first, as the promoted sum would
+      const auto wide = at::promote_types(dtype, at::kFloat);
+      const auto merged = (base_in.to(wide) + values_in.to(wide)).to(dtype).contiguous();
+      const scalar_t* sum = merged.const_data_ptr<scalar_t>();
+      scatter_rows<index_t, scalar_t>(weight, offsets, cols, [&](int64_t p) { return sum[p]; });
     }
   });
 }
@@ -441,14 +461,10 @@ void merged_scatter_cpu(at::TensorList weights, at::TensorList row_offsets, at::
                         at::TensorList base_values, at::TensorList values) {
   check_merged_scatter(weights, row_offsets, col_indices, base_values, values);
   for (size_t i = 0; i < weights.size(); ++i) {
-    at::Tensor weight = weights[i];
-    const auto dtype = weight.scalar_type();
-    const auto wide = at::promote_types(dtype, at::kFloat);
-    const auto merged = (base_values[i].to(wide) + values[i].to(wide)).to(dtype).contiguous();
     if (row_offsets[i].scalar_type() == at::kInt) {
-      scatter_rows<int32_t>(weight, row_offsets[i], col_indices[i], merged);
+      scatter_layer_cpu<int32_t>(weights[i], row_offsets[i], col_indices[i], base_values[i], values[i]);
     } else {
-      scatter_rows<int64_t>(weight, row_offsets[i], col_indices[i], merged);
+      scatter_layer_cpu<int64_t>(weights[i], row_offsets[i], col_indices[i], base_values[i], values[i]);
     }
   }
 }
