@@ -6,6 +6,13 @@
 //
 //     lora_dropout_apply(x, seed, p)              -> X ∘ keep                 (T x N, a new tensor)
 //     lora_dropout_add_(dx, g, seed, p, alpha)    :  dX += alpha * keep ∘ G   in place
+//     lora_dropout_project(x, seed, p, lora_A)    -> (X ∘ keep) A^T           (T x R, a new tensor)
+//     lora_dropout_addmm_(dx, g, lora_A, seed, p, alpha) : dX += alpha * keep ∘ (G A)   in place
+//
+// The last two fuse the dropout into the LoRA products that read or write a T x N tensor: one
+// pass over it instead of three (on a GPU with tensor cores: cuda/lora_dropout_mma.cu; elsewhere
+// the CUDA op is the elementwise kernel plus a GEMM). Each product is summed in float32 (float64
+// for float64) and rounded once.
 //
 // Internal building blocks of RosaLinear's autograd function (python/rosa_kernels/linear.py), which
 // regenerates the mask in backward instead of saving it; python/rosa_kernels/dropout.py registers
@@ -42,7 +49,58 @@ void check_dropout_add(const at::Tensor& dx, const at::Tensor& g) {
   ROSA_CHECK_VALUE(dx.stride(1) == 1 || dx.size(1) <= 1, "dx must have unit column stride");
 }
 
+void check_dropout_project(const at::Tensor& x, const at::Tensor& lora_A) {
+  check_floating(x, "x", 2);
+  check_floating(lora_A, "lora_A", 2);
+  check_same_dtype(x, "x", lora_A, "lora_A");
+  check_same_device(x, "x", lora_A, "lora_A");
+  ROSA_CHECK_VALUE(lora_A.size(1) == x.size(1), "lora_A must have x's ", x.size(1), " columns, got shape ",
+                   shape_of(lora_A));
+}
+
+void check_dropout_addmm(const at::Tensor& dx, const at::Tensor& g, const at::Tensor& lora_A) {
+  check_floating(dx, "dx", 2);
+  check_floating(g, "g", 2);
+  check_floating(lora_A, "lora_A", 2);
+  check_same_dtype(dx, "dx", g, "g");
+  check_same_dtype(dx, "dx", lora_A, "lora_A");
+  check_same_device(dx, "dx", g, "g");
+  check_same_device(dx, "dx", lora_A, "lora_A");
+  ROSA_CHECK_VALUE(g.size(0) == dx.size(0) && lora_A.size(1) == dx.size(1) && g.size(1) == lora_A.size(0),
+                   "g must be (dx.shape[0] x rank) and lora_A (rank x dx.shape[1]) for dx of shape ", shape_of(dx),
+                   ", got ", shape_of(g), " and ", shape_of(lora_A));
+  ROSA_CHECK_VALUE(dx.stride(1) == 1 || dx.size(1) <= 1, "dx must have unit column stride");
+}
+
 namespace {
+
+at::Tensor lora_dropout_project_cpu(const at::Tensor& x, const at::Tensor& seed, double p, const at::Tensor& lora_A) {
+  check_dropout_project(x, lora_A);
+  const DropoutKey key = check_dropout_key(seed, p, x.device());
+  const auto x_rows = rows_contiguous(x);
+  const auto a = lora_A.contiguous();
+  auto h = at::empty({x.size(0), lora_A.size(0)}, x.options());
+  ROSA_DISPATCH_VALUES(x.scalar_type(), "lora_dropout_project", [&] {
+    cpu::lora_dropout_project<scalar_t>(x_rows.const_data_ptr<scalar_t>(), x_rows.stride(0),
+                                        a.const_data_ptr<scalar_t>(), h.mutable_data_ptr<scalar_t>(), h.size(1),
+                                        x.size(0), x.size(1), a.size(0), key, at::get_num_threads());
+  });
+  return h;
+}
+
+void lora_dropout_addmm_cpu(const at::Tensor& dx, const at::Tensor& g, const at::Tensor& lora_A,
+                            const at::Tensor& seed, double p, double alpha) {
+  check_dropout_addmm(dx, g, lora_A);
+  const DropoutKey key = check_dropout_key(seed, p, dx.device());
+  const auto g_rows = rows_contiguous(g);
+  const auto a = lora_A.contiguous();
+  ROSA_DISPATCH_VALUES(dx.scalar_type(), "lora_dropout_addmm_", [&] {
+    cpu::lora_dropout_addmm<scalar_t>(dx.mutable_data_ptr<scalar_t>(), dx.stride(0),
+                                      g_rows.const_data_ptr<scalar_t>(), g_rows.stride(0),
+                                      a.const_data_ptr<scalar_t>(), dx.size(0), dx.size(1), a.size(0), alpha, key,
+                                      at::get_num_threads());
+  });
+}
 
 at::Tensor lora_dropout_apply_cpu(const at::Tensor& x, const at::Tensor& seed, double p) {
   check_floating(x, "x", 2);
@@ -73,11 +131,15 @@ void lora_dropout_add_cpu(const at::Tensor& dx, const at::Tensor& g, const at::T
 TORCH_LIBRARY_FRAGMENT(rosa_kernels, m) {
   m.def("lora_dropout_apply(Tensor x, Tensor seed, float p) -> Tensor");
   m.def("lora_dropout_add_(Tensor(a!) dx, Tensor g, Tensor seed, float p, float alpha) -> ()");
+  m.def("lora_dropout_project(Tensor x, Tensor seed, float p, Tensor lora_A) -> Tensor");
+  m.def("lora_dropout_addmm_(Tensor(a!) dx, Tensor g, Tensor lora_A, Tensor seed, float p, float alpha) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(rosa_kernels, CPU, m) {
   m.impl("lora_dropout_apply", &lora_dropout_apply_cpu);
   m.impl("lora_dropout_add_", &lora_dropout_add_cpu);
+  m.impl("lora_dropout_project", &lora_dropout_project_cpu);
+  m.impl("lora_dropout_addmm_", &lora_dropout_addmm_cpu);
 }
 
 }  // namespace rosa

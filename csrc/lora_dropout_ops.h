@@ -14,4 +14,10 @@ DropoutKey check_dropout_key(const at::Tensor& seed, double p, const at::Device&
 // dx (2-D, floating, unit column stride) and g of the same shape, dtype and device.
 void check_dropout_add(const at::Tensor& dx, const at::Tensor& g);
 
+// The operands of lora_dropout_project: x (T x N) and lora_A (R x N), floating, one dtype and device.
+void check_dropout_project(const at::Tensor& x, const at::Tensor& lora_A);
+
+// The operands of lora_dropout_addmm_: dx (T x N, unit column stride), g (T x R), lora_A (R x N).
+void check_dropout_addmm(const at::Tensor& dx, const at::Tensor& g, const at::Tensor& lora_A);
+
 }  // namespace rosa

@@ -46,11 +46,67 @@ void lora_dropout_add_cuda(const at::Tensor& dx, const at::Tensor& g, const at::
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The tensor-core kernels take 16-bit values, a rank up to 64 and compute capability 8.0+.
+bool use_mma(const at::Tensor& t, int64_t rank) {
+  const auto dtype = t.scalar_type();
+  return (dtype == at::kBFloat16 || dtype == at::kHalf) && cuda::lora_dropout_mma_supported(rank);
+}
+
+at::Tensor lora_dropout_project_cuda(const at::Tensor& x, const at::Tensor& seed, double p, const at::Tensor& lora_A) {
+  check_dropout_project(x, lora_A);
+  const DropoutKey key = check_dropout_key(seed, p, x.device());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t rank = lora_A.size(0);
+  if (!use_mma(x, rank)) return at::mm(lora_dropout_apply_cuda(x, seed, p), lora_A.t());
+  const auto x_rows = rows_contiguous(x);
+  const auto a = lora_A.contiguous();
+  auto h = at::empty({x.size(0), rank}, x.options());
+  const auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  if (x.scalar_type() == at::kBFloat16) {
+    cuda::lora_dropout_project<__nv_bfloat16>(cuda_ptr<c10::BFloat16>(x_rows), x_rows.stride(0),
+                                              cuda_ptr<c10::BFloat16>(a), cuda_mutable_ptr<c10::BFloat16>(h),
+                                              x.size(0), x.size(1), rank, key, stream);
+  } else {
+    cuda::lora_dropout_project<__half>(cuda_ptr<c10::Half>(x_rows), x_rows.stride(0), cuda_ptr<c10::Half>(a),
+                                       cuda_mutable_ptr<c10::Half>(h), x.size(0), x.size(1), rank, key, stream);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return h;
+}
+
+void lora_dropout_addmm_cuda(const at::Tensor& dx, const at::Tensor& g, const at::Tensor& lora_A,
+                             const at::Tensor& seed, double p, double alpha) {
+  check_dropout_addmm(dx, g, lora_A);
+  const DropoutKey key = check_dropout_key(seed, p, dx.device());
+  const c10::cuda::CUDAGuard guard(dx.device());
+  const int64_t rank = lora_A.size(0);
+  if (!use_mma(dx, rank)) {
+    if (dx.numel()) lora_dropout_add_cuda(dx, at::mm(g, lora_A), seed, p, alpha);
+    return;
+  }
+  const auto g_rows = rows_contiguous(g);
+  const auto a = lora_A.contiguous();
+  const auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  if (dx.scalar_type() == at::kBFloat16) {
+    cuda::lora_dropout_addmm<__nv_bfloat16>(cuda_mutable_ptr<c10::BFloat16>(dx), dx.stride(0),
+                                            cuda_ptr<c10::BFloat16>(g_rows), g_rows.stride(0),
+                                            cuda_ptr<c10::BFloat16>(a), dx.size(0), dx.size(1), rank, alpha, key,
+                                            stream);
+  } else {
+    cuda::lora_dropout_addmm<__half>(cuda_mutable_ptr<c10::Half>(dx), dx.stride(0), cuda_ptr<c10::Half>(g_rows),
+                                     g_rows.stride(0), cuda_ptr<c10::Half>(a), dx.size(0), dx.size(1), rank, alpha,
+                                     key, stream);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rosa_kernels, CUDA, m) {
   m.impl("lora_dropout_apply", &lora_dropout_apply_cuda);
   m.impl("lora_dropout_add_", &lora_dropout_add_cuda);
+  m.impl("lora_dropout_project", &lora_dropout_project_cuda);
+  m.impl("lora_dropout_addmm_", &lora_dropout_addmm_cuda);
 }
 
 }  // namespace rosa

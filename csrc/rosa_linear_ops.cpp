@@ -110,11 +110,20 @@ at::Tensor call_dropout_apply(const at::Tensor& x, const at::Tensor& seed, doubl
   return op.call(x, seed, p);
 }
 
-void call_dropout_add_(const at::Tensor& dx, const at::Tensor& g, const at::Tensor& seed, double p, double alpha) {
+at::Tensor call_dropout_project(const at::Tensor& x, const at::Tensor& seed, double p, const at::Tensor& lora_A) {
   static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("rosa_kernels::lora_dropout_add_", "")
-                             .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double)>();
-  op.call(dx, g, seed, p, alpha);
+                             .findSchemaOrThrow("rosa_kernels::lora_dropout_project", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double, const at::Tensor&)>();
+  return op.call(x, seed, p, lora_A);
+}
+
+void call_dropout_addmm_(const at::Tensor& dx, const at::Tensor& g, const at::Tensor& lora_A, const at::Tensor& seed,
+                         double p, double alpha) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("rosa_kernels::lora_dropout_addmm_", "")
+          .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double)>();
+  op.call(dx, g, lora_A, seed, p, alpha);
 }
 
 // t as (rows x its last dimension): a view when t's layout allows (sizes may be symbolic).
@@ -154,7 +163,8 @@ std::tuple<at::Tensor, at::Tensor> forward_math(const at::Tensor& x, const at::T
   const auto x2d = as_2d(x);
   auto y = bias.has_value() && bias->defined() ? at::addmm(*bias, x2d, weight.t()) : at::mm(x2d, weight.t());
   const bool drop = config.dropout > 0.0;
-  const auto h = at::mm(drop ? call_dropout_apply(x2d, *config.seed, config.dropout) : x2d, lora_A.t());
+  // Under dropout the down-projection reads X once, dropping elements as it goes (no X ∘ keep).
+  const auto h = drop ? call_dropout_project(x2d, *config.seed, config.dropout, lora_A) : at::mm(x2d, lora_A.t());
   // The dropout's 1 / (1 - p) rides on the LoRA scale, which every LoRA term carries.
   y.addmm_(h, lora_B.t(), 1.0, config.scale / (1.0 - config.dropout));
   if (x.dim() != 2) y = at::_unsafe_view_symint(y, sizes_with_last(x, weight.sym_size(0)));
@@ -198,7 +208,7 @@ std::array<at::Tensor, 6> backward_math(const at::Tensor& dy, const at::Tensor& 
     // dX = dY W + scale / (1 - p) * ((dY B) A) ∘ keep
     auto dx = at::mm(dy2d, weight);
     if (drop) {
-      call_dropout_add_(dx, at::mm(g, lora_A), *config.seed, config.dropout, kept_scale);
+      call_dropout_addmm_(dx, g, lora_A, *config.seed, config.dropout, kept_scale);  // no T x in (g A)
     } else {
       dx.addmm_(g, lora_A, 1.0, kept_scale);
     }

@@ -159,3 +159,139 @@ def test_bad_input_raises_naming_the_argument(device, gen, bad):
             ops.lora_dropout_add_(x, g, seed, p, 1.0)
         else:
             ops.lora_dropout_apply(x, seed, p)
+
+
+# ----------------------------------------------------------------------------------------------
+# The fused ops: project h = (X ∘ keep) A^T and addmm_ dX += alpha * keep ∘ (G A)
+# ----------------------------------------------------------------------------------------------
+# (tokens, in_features, rank): empty sizes, single rows/columns, odd widths and token counts that
+# are not multiples of the GPU tiles (16 tokens, 64 columns), ranks that pad to 16, 32, 48 and 64
+# (the tensor-core kernels) and 65 (the unfused fallback).
+FUSED_SHAPES = [(0, 8, 4), (5, 0, 4), (4, 6, 0), (1, 1, 1), (7, 13, 3), (33, 40, 16), (17, 130, 5), (70, 257, 16),
+                (19, 2050, 17), (40, 96, 33), (21, 75, 48), (18, 200, 64), (9, 70, 65)]
+
+
+def fused_tolerance(dtype, reduce):
+    """Float64 references: the sums are float32 (float64) inside, then one rounding to dtype."""
+    return {torch.float64: 1e-12, torch.float32: 2e-6 * reduce ** 0.5,
+            torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", FUSED_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("layout", ["contiguous", "row_stride"])
+def test_project_matches_the_float64_reference(device, gen, dtype, shape, layout):
+    tokens, n, rank = shape
+    x = strided(tokens, n, dtype, device, gen, layout)
+    lora_A = torch.randn(rank, n, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
+    seed = draw_seed()
+    h = ops.lora_dropout_project(x, seed, 0.3, lora_A)
+    assert h.shape == (tokens, rank) and h.dtype == dtype and h.device == x.device
+    kept = keep_mask(seed, tokens, n, 0.3).double() * x.double().cpu()
+    expected = kept @ lora_A.double().cpu().t()
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    error = (h.double().cpu() - expected).abs().max().item() if h.numel() else 0.0
+    assert error <= fused_tolerance(dtype, n) * scale
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", FUSED_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("layout", ["contiguous", "row_stride"])
+def test_addmm_matches_the_float64_reference(device, gen, dtype, shape, layout):
+    tokens, n, rank = shape
+    dx = strided(tokens, n, dtype, device, gen, layout)
+    g = strided(tokens, rank, dtype, device, gen, layout)
+    lora_A = torch.randn(rank, n, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
+    seed, alpha = draw_seed(), 0.75
+    before = dx.double().cpu()
+    product = g.double().cpu() @ lora_A.double().cpu()
+    keep = keep_mask(seed, tokens, n, 0.3)
+    expected = before + alpha * keep.double() * product
+    ops.lora_dropout_addmm_(dx, g, lora_A, seed, 0.3, alpha)
+    if not dx.numel():
+        return
+    scale = max(1.0, expected.abs().max().item())
+    assert (dx.double().cpu() - expected).abs().max().item() <= fused_tolerance(dtype, rank) * scale
+    assert torch.equal(dx.double().cpu()[~keep], before[~keep])  # dropped elements untouched, exactly
+
+
+def test_addmm_writes_only_its_view(device, gen):
+    base = torch.randn(19, 90, generator=gen, dtype=torch.float64).to(device=device, dtype=torch.bfloat16)
+    g = torch.randn(19, 16, generator=gen).to(device=device, dtype=torch.bfloat16)
+    lora_A = torch.randn(16, 70, generator=gen).to(device=device, dtype=torch.bfloat16)
+    seed = draw_seed()
+    expected = base.clone()
+    ops.lora_dropout_addmm_(expected[:, 3:73].contiguous(), g, lora_A, seed, 0.2, 0.5)  # untouched: a copy
+    view = base[:, 3:73]
+    ops.lora_dropout_addmm_(view, g, lora_A, seed, 0.2, 0.5)
+    assert torch.equal(base[:, :3], expected[:, :3]) and torch.equal(base[:, 73:], expected[:, 73:])
+    reference = expected[:, 3:73].clone()
+    ops.lora_dropout_addmm_(reference, g, lora_A, seed, 0.2, 0.5)
+    assert torch.equal(view, reference)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_fused_ops_agree_on_cpu_and_cuda(gen, dtype):
+    """The same seed gives the same mask on both devices; the products agree to one rounding of
+    float32 sums taken in a different order."""
+    x = torch.randn(300, 520, generator=gen).to(dtype)
+    lora_A = torch.randn(16, 520, generator=gen).to(dtype)
+    g = torch.randn(300, 16, generator=gen).to(dtype)
+    seed = draw_seed()
+    h_cpu = ops.lora_dropout_project(x, seed, 0.1, lora_A)
+    h_cuda = ops.lora_dropout_project(x.cuda(), seed.cuda(), 0.1, lora_A.cuda())
+    dx_cpu, dx_cuda = x.clone(), x.cuda()
+    ops.lora_dropout_addmm_(dx_cpu, g, lora_A, seed, 0.1, 1.5)
+    ops.lora_dropout_addmm_(dx_cuda, g.cuda(), lora_A.cuda(), seed.cuda(), 0.1, 1.5)
+    rtol = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3, torch.float32: 1e-5}[dtype]
+    torch.testing.assert_close(h_cuda.cpu(), h_cpu, rtol=rtol, atol=rtol * 30)
+    torch.testing.assert_close(dx_cuda.cpu(), dx_cpu, rtol=rtol, atol=rtol * 10)
+
+
+@pytest.mark.parametrize("op", ["project", "addmm_"])
+def test_fused_opcheck(device, gen, op):
+    x = torch.randn(20, 24, generator=gen).to(device)
+    lora_A = torch.randn(4, 24, generator=gen).to(device)
+    seed = draw_seed()
+    if op == "project":
+        torch.library.opcheck(ops.lora_dropout_project.default, (x, seed, 0.1, lora_A))
+    else:
+        g = torch.randn(20, 4, generator=gen).to(device)
+        torch.library.opcheck(ops.lora_dropout_addmm_.default, (x.clone(), g, lora_A, seed, 0.1, 2.0))
+
+
+@pytest.mark.parametrize("bad", ["lora_A_shape", "lora_A_dtype", "g_shape", "g_dtype", "dx_column_stride", "x_dim"])
+def test_fused_bad_input_raises_naming_the_argument(device, gen, bad):
+    x = torch.randn(6, 10, generator=gen).to(device)
+    lora_A = torch.randn(3, 10, generator=gen).to(device)
+    g = torch.randn(6, 3, generator=gen).to(device)
+    seed = draw_seed()
+    name = bad.rsplit("_", 1)[0] if bad != "dx_column_stride" else "dx"
+    with pytest.raises((ValueError, TypeError), match=name.split("_")[0] if name == "x" else name):
+        if bad == "lora_A_shape":
+            ops.lora_dropout_project(x, seed, 0.1, lora_A[:, :9])
+        elif bad == "lora_A_dtype":
+            ops.lora_dropout_addmm_(x, g, lora_A.double(), seed, 0.1, 1.0)
+        elif bad == "g_shape":
+            ops.lora_dropout_addmm_(x, g[:5], lora_A, seed, 0.1, 1.0)
+        elif bad == "g_dtype":
+            ops.lora_dropout_addmm_(x, g.double(), lora_A, seed, 0.1, 1.0)
+        elif bad == "dx_column_stride":
+            ops.lora_dropout_addmm_(x.t().contiguous().t(), g, lora_A, seed, 0.1, 1.0)
+        else:
+            ops.lora_dropout_project(x[0], seed, 0.1, lora_A)
+
+
+@pytest.mark.sanitizer  # small: the compute-sanitizer subset on a GPU (tiles' tails, misaligned rows)
+@pytest.mark.parametrize("shape", [(17, 130, 5), (33, 75, 16), (19, 200, 64)], ids=lambda s: "x".join(map(str, s)))
+def test_fused_ops_stay_inside_their_operands(device, gen, shape):
+    tokens, n, rank = shape
+    for dtype in (torch.bfloat16, torch.float16):
+        x = strided(tokens, n, dtype, device, gen, "row_stride")
+        lora_A = torch.randn(rank, n, generator=gen).to(dtype=dtype, device=device)
+        g = torch.randn(tokens, rank, generator=gen).to(dtype=dtype, device=device)
+        seed = draw_seed(device)
+        h = ops.lora_dropout_project(x, seed, 0.2, lora_A)
+        ops.lora_dropout_addmm_(x, g, lora_A, seed, 0.2, 1.0)
+        assert torch.isfinite(h).all() and torch.isfinite(x).all()

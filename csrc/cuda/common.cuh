@@ -44,8 +44,10 @@ inline bool is_aligned16(const void* pointer) {
 // the cache races are benign: every writer stores the same value).
 inline int device_attribute(cudaDeviceAttr attribute, int fallback) {
   constexpr int kCachedDevices = 64;
-  static int cached[2][kCachedDevices] = {};
-  const int which = attribute == cudaDevAttrMultiProcessorCount ? 0 : 1;
+  static int cached[3][kCachedDevices] = {};
+  const int which = attribute == cudaDevAttrMultiProcessorCount ? 0
+                    : attribute == cudaDevAttrComputeCapabilityMajor ? 2
+                                                                     : 1;
   int device = 0;
   cudaGetDevice(&device);
   const bool cacheable = device >= 0 && device < kCachedDevices;
@@ -64,5 +66,8 @@ inline int multiprocessor_count() { return device_attribute(cudaDevAttrMultiProc
 inline int max_shared_memory_per_block() {
   return device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, 48 * 1024);
 }
+
+// The major compute capability of the current device (8 for A100, 9 for H100).
+inline int compute_capability_major() { return device_attribute(cudaDevAttrComputeCapabilityMajor, 0); }
 
 }  // namespace rosa::cuda

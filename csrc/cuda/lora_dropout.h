@@ -20,4 +20,19 @@ template <typename T>
 void lora_dropout_add(T* dx, int64_t lddx, const T* g, int64_t ldg, int64_t tokens, int64_t n, double alpha,
                       DropoutKey key, cudaStream_t stream);
 
+// Fused with the rank-sized products on tensor cores (cuda/lora_dropout_mma.cu): T is __half or
+// __nv_bfloat16, lora_A (rank x n) contiguous, g (tokens x rank) with row stride ldg and unit
+// column stride. Launch only where lora_dropout_mma_supported(rank) holds for the current device.
+bool lora_dropout_mma_supported(int64_t rank);
+
+// h (tokens x rank, contiguous) = (X ∘ keep) A^T
+template <typename T>
+void lora_dropout_project(const T* x, int64_t ldx, const T* lora_A, T* h, int64_t tokens, int64_t n, int64_t rank,
+                          DropoutKey key, cudaStream_t stream);
+
+// dX += alpha * keep ∘ (G A)
+template <typename T>
+void lora_dropout_addmm(T* dx, int64_t lddx, const T* g, int64_t ldg, const T* lora_A, int64_t tokens, int64_t n,
+                        int64_t rank, double alpha, DropoutKey key, cudaStream_t stream);
+
 }  // namespace rosa::cuda

@@ -6,8 +6,13 @@ kernels, so a captured CUDA graph draws a new mask on every replay), and two ops
 and CUDA) rebuild the mask from it wherever it is needed:
 
 - ``lora_dropout_apply(x, seed, p)`` = ``X ∘ keep`` (forward; the LoRA down-projection and dA read it);
-- ``lora_dropout_add_(dx, g, seed, p, alpha)``: ``dX += alpha * keep ∘ G`` in place (backward,
-  ``G = (dY B) A``), so the mask is never saved.
+- ``lora_dropout_add_(dx, g, seed, p, alpha)``: ``dX += alpha * keep ∘ G`` in place, so the mask
+  is never saved;
+- ``lora_dropout_project(x, seed, p, lora_A)`` = ``(X ∘ keep) A^T`` (forward: the LoRA
+  down-projection) and ``lora_dropout_addmm_(dx, g, lora_A, seed, p, alpha)``: ``dX += alpha * keep ∘
+  (G A)`` in place (backward, ``G = dY B``): the dropout fused into the products that read or
+  write a T x in tensor, one pass over it instead of three (on a GPU, tensor-core kernels for
+  16-bit values and ranks up to 64; otherwise the two ops above around a GEMM).
 
 ``keep(t, j)`` is a counter-based hash of (seed, t, j) (``csrc/dropout_keep.h``), so the CPU and
 the GPU draw the same mask from the same seed; :func:`keep_mask` is the same function in torch
@@ -62,6 +67,14 @@ def _register_fake_kernels() -> None:
 
     @torch.library.register_fake("rosa_kernels::lora_dropout_add_")
     def _(dx, g, seed, p, alpha):
+        return None
+
+    @torch.library.register_fake("rosa_kernels::lora_dropout_project")
+    def _(x, seed, p, lora_A):
+        return x.new_empty((x.shape[0], lora_A.shape[0]))
+
+    @torch.library.register_fake("rosa_kernels::lora_dropout_addmm_")
+    def _(dx, g, lora_A, seed, p, alpha):
         return None
 
 

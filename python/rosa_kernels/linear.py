@@ -140,10 +140,10 @@ class _RosaFunction(torch.autograd.Function):
         # kept_scale = scale / (1 - p), which every LoRA term carries (Y, dX, dA, dB).
         if dropout > 0.0:
             seed = draw_seed(x2d.device)
-            x_kept = _ops.lora_dropout_apply(x2d, seed, dropout)
+            h = _ops.lora_dropout_project(x2d, seed, dropout, lora_A)
         else:
-            seed = x_kept = None
-        h = torch.mm(x2d if x_kept is None else x_kept, lora_A.t())
+            seed = None
+            h = torch.mm(x2d, lora_A.t())
         kept_scale = scale / (1.0 - dropout)
         y.addmm_(h, lora_B.t(), alpha=kept_scale)
         # dS's path, and only what this mode's backward reads: each saved tensor costs host time.
@@ -199,7 +199,7 @@ class _RosaFunction(torch.autograd.Function):
             if seed is None:
                 dx.addmm_(g, lora_A, alpha=kept_scale)
             else:
-                _ops.lora_dropout_add_(dx, torch.mm(g, lora_A), seed, ctx.dropout, kept_scale)
+                _ops.lora_dropout_addmm_(dx, g, lora_A, seed, ctx.dropout, kept_scale)
             dx = dx.view(ctx.x_shape)
         # dA = scale / (1 - p) * (dY B)^T (X ∘ keep), dB = scale / (1 - p) * dY^T h. With beta=0 addmm
         # ignores its first operand (only its shape is used, NaNs included): the scale is the alpha.
