@@ -9,10 +9,10 @@
 //     lora_dropout_project(x, seed, p, lora_A)    -> (X ∘ keep) A^T           (T x R, a new tensor)
 //     lora_dropout_addmm_(dx, g, lora_A, seed, p, alpha) : dX += alpha * keep ∘ (G A)   in place
 //
-// The last two fuse the dropout into the LoRA products that read or write a T x N tensor: one
-// pass over it instead of three (on a GPU with tensor cores: cuda/lora_dropout_mma.cu; elsewhere
-// the CUDA op is the elementwise kernel plus a GEMM). Each product is summed in float32 (float64
-// for float64) and rounded once.
+// The last two fuse the dropout into the LoRA products that read or write a T x N tensor: on a
+// GPU with tensor cores (cuda/lora_dropout_mma.cu, 16-bit values) one pass over it instead of
+// three, each product summed in float32 and added unrounded; elsewhere the elementwise kernel
+// plus a GEMM, in one op call.
 //
 // Internal building blocks of RosaLinear's autograd function (python/rosa_kernels/linear.py), which
 // regenerates the mask in backward instead of saving it; python/rosa_kernels/dropout.py registers
@@ -74,31 +74,29 @@ void check_dropout_addmm(const at::Tensor& dx, const at::Tensor& g, const at::Te
 
 namespace {
 
+// CPU: the elementwise kernel into a buffer, then one GEMM (a vectorized GEMM beats a fused
+// scalar loop on a CPU; both calls skip the dispatcher's way back into this library).
 at::Tensor lora_dropout_project_cpu(const at::Tensor& x, const at::Tensor& seed, double p, const at::Tensor& lora_A) {
   check_dropout_project(x, lora_A);
   const DropoutKey key = check_dropout_key(seed, p, x.device());
   const auto x_rows = rows_contiguous(x);
-  const auto a = lora_A.contiguous();
-  auto h = at::empty({x.size(0), lora_A.size(0)}, x.options());
+  auto kept = at::empty(x.sizes(), x.options());
   ROSA_DISPATCH_VALUES(x.scalar_type(), "lora_dropout_project", [&] {
-    cpu::lora_dropout_project<scalar_t>(x_rows.const_data_ptr<scalar_t>(), x_rows.stride(0),
-                                        a.const_data_ptr<scalar_t>(), h.mutable_data_ptr<scalar_t>(), h.size(1),
-                                        x.size(0), x.size(1), a.size(0), key, at::get_num_threads());
+    cpu::lora_dropout_apply<scalar_t>(x_rows.const_data_ptr<scalar_t>(), x_rows.stride(0),
+                                      kept.mutable_data_ptr<scalar_t>(), kept.size(1), x.size(0), x.size(1), key,
+                                      at::get_num_threads());
   });
-  return h;
+  return at::mm(kept, lora_A.t());
 }
 
 void lora_dropout_addmm_cpu(const at::Tensor& dx, const at::Tensor& g, const at::Tensor& lora_A,
                             const at::Tensor& seed, double p, double alpha) {
   check_dropout_addmm(dx, g, lora_A);
   const DropoutKey key = check_dropout_key(seed, p, dx.device());
-  const auto g_rows = rows_contiguous(g);
-  const auto a = lora_A.contiguous();
+  const auto product = at::mm(g, lora_A);  // contiguous
   ROSA_DISPATCH_VALUES(dx.scalar_type(), "lora_dropout_addmm_", [&] {
-    cpu::lora_dropout_addmm<scalar_t>(dx.mutable_data_ptr<scalar_t>(), dx.stride(0),
-                                      g_rows.const_data_ptr<scalar_t>(), g_rows.stride(0),
-                                      a.const_data_ptr<scalar_t>(), dx.size(0), dx.size(1), a.size(0), alpha, key,
-                                      at::get_num_threads());
+    cpu::lora_dropout_add<scalar_t>(dx.mutable_data_ptr<scalar_t>(), dx.stride(0), product.const_data_ptr<scalar_t>(),
+                                    product.stride(0), dx.size(0), dx.size(1), alpha, key, at::get_num_threads());
   });
 }
 
