@@ -108,8 +108,9 @@ _register_fake_kernels()
 # dropout ops regenerate them in backward (rosa_kernels.dropout).
 # A step on a GPU is launch-bound up to ~2048 tokens at 4096 x 4096, so every pass counts: the
 # LoRA product accumulates into the base GEMM's output (addmm_), scales ride on GEMMs' alpha (or
-# inside the dropout ops), and nothing is cast or copied. Merged mode, dropout > 0: 4 ops forward
-# (linear, lora_dropout_apply, mm, addmm_), 6 backward (+ the SDDMM or the plan's GEMM and gather).
+# inside the dropout ops), and nothing is cast or copied. Merged mode, dropout > 0: 3 ops forward
+# (linear, lora_dropout_project, addmm_), 6 backward (dY B, dY W, lora_dropout_addmm_,
+# lora_dropout_apply, dA, dB; + the SDDMM or the plan's GEMM and gather).
 # ----------------------------------------------------------------------------------------------
 
 
