@@ -1,6 +1,9 @@
 // CUDA implementations of the LoRA dropout ops (schemas and checks: lora_dropout_ops.cpp).
 // Device guard, current stream; no synchronization (the seed is read on the host from a CPU tensor,
 // or by the kernel from a device tensor).
+#include <cstdlib>
+#include <string>
+
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -47,9 +50,15 @@ void lora_dropout_add_cuda(const at::Tensor& dx, const at::Tensor& g, const at::
 }
 
 // The tensor-core kernels take 16-bit values, a rank up to 64 and compute capability 8.0+.
+// ROSA_KERNELS_FUSED_DROPOUT=0 in the environment (read once) turns them off: the ops then run the
+// elementwise kernel plus cuBLAS, for comparing the two in one benchmark session.
 bool use_mma(const at::Tensor& t, int64_t rank) {
+  static const bool enabled = [] {
+    const char* value = std::getenv("ROSA_KERNELS_FUSED_DROPOUT");
+    return value == nullptr || std::string(value) != "0";
+  }();
   const auto dtype = t.scalar_type();
-  return (dtype == at::kBFloat16 || dtype == at::kHalf) && cuda::lora_dropout_mma_supported(rank);
+  return enabled && (dtype == at::kBFloat16 || dtype == at::kHalf) && cuda::lora_dropout_mma_supported(rank);
 }
 
 at::Tensor lora_dropout_project_cuda(const at::Tensor& x, const at::Tensor& seed, double p, const at::Tensor& lora_A) {
