@@ -2,7 +2,6 @@
 // Device guard, current stream; no synchronization (the seed is read on the host from a CPU tensor,
 // or by the kernel from a device tensor).
 #include <cstdlib>
-#include <string>
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -49,14 +48,13 @@ void lora_dropout_add_cuda(const at::Tensor& dx, const at::Tensor& g, const at::
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The tensor-core kernels take 16-bit values, a rank up to 64 and compute capability 8.0+.
-// ROSA_KERNELS_FUSED_DROPOUT=0 in the environment (read once) turns them off: the ops then run the
-// elementwise kernel plus cuBLAS, for comparing the two in one benchmark session.
+// The tensor-core kernels take 16-bit values, a rank up to 64 and compute capability 8.0+. They
+// are opt-in until they have run on a GPU: ROSA_KERNELS_FUSED_DROPOUT=1 in the environment (read
+// at each call, so a test can switch it) turns them on; otherwise the ops run the elementwise
+// kernel plus cuBLAS.
 bool use_mma(const at::Tensor& t, int64_t rank) {
-  static const bool enabled = [] {
-    const char* value = std::getenv("ROSA_KERNELS_FUSED_DROPOUT");
-    return value == nullptr || std::string(value) != "0";
-  }();
+  const char* value = std::getenv("ROSA_KERNELS_FUSED_DROPOUT");
+  const bool enabled = value != nullptr && value[0] == '1' && value[1] == '\0';
   const auto dtype = t.scalar_type();
   return enabled && (dtype == at::kBFloat16 || dtype == at::kHalf) && cuda::lora_dropout_mma_supported(rank);
 }

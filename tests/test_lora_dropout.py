@@ -171,6 +171,14 @@ FUSED_SHAPES = [(0, 8, 4), (5, 0, 4), (4, 6, 0), (1, 1, 1), (7, 13, 3), (33, 40,
                 (19, 2050, 17), (40, 96, 33), (21, 75, 48), (18, 200, 64), (9, 70, 65)]
 
 
+@pytest.fixture(params=["tensor_cores", "unfused"])
+def fused_path(request, monkeypatch):
+    """Both CUDA paths of the fused ops: the tensor-core kernels (ROSA_KERNELS_FUSED_DROPOUT=1,
+    where the GPU, dtype and rank allow) and the elementwise kernel plus cuBLAS; the CPU has one."""
+    monkeypatch.setenv("ROSA_KERNELS_FUSED_DROPOUT", "1" if request.param == "tensor_cores" else "0")
+    return request.param
+
+
 def fused_tolerance(dtype, reduce):
     """Float64 references: the sums are float32 (float64) inside, then one rounding to dtype."""
     return {torch.float64: 1e-12, torch.float32: 2e-6 * reduce ** 0.5,
@@ -180,7 +188,7 @@ def fused_tolerance(dtype, reduce):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", FUSED_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("layout", ["contiguous", "row_stride"])
-def test_project_matches_the_float64_reference(device, gen, dtype, shape, layout):
+def test_project_matches_the_float64_reference(device, gen, dtype, shape, layout, fused_path):
     tokens, n, rank = shape
     x = strided(tokens, n, dtype, device, gen, layout)
     lora_A = torch.randn(rank, n, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
@@ -197,7 +205,7 @@ def test_project_matches_the_float64_reference(device, gen, dtype, shape, layout
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", FUSED_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("layout", ["contiguous", "row_stride"])
-def test_addmm_matches_the_float64_reference(device, gen, dtype, shape, layout):
+def test_addmm_matches_the_float64_reference(device, gen, dtype, shape, layout, fused_path):
     tokens, n, rank = shape
     dx = strided(tokens, n, dtype, device, gen, layout)
     g = strided(tokens, rank, dtype, device, gen, layout)
@@ -215,7 +223,7 @@ def test_addmm_matches_the_float64_reference(device, gen, dtype, shape, layout):
     assert torch.equal(dx.double().cpu()[~keep], before[~keep])  # dropped elements untouched, exactly
 
 
-def test_addmm_writes_only_its_view(device, gen):
+def test_addmm_writes_only_its_view(device, gen, fused_path):
     base = torch.randn(19, 90, generator=gen, dtype=torch.float64).to(device=device, dtype=torch.bfloat16)
     g = torch.randn(19, 16, generator=gen).to(device=device, dtype=torch.bfloat16)
     lora_A = torch.randn(16, 70, generator=gen).to(device=device, dtype=torch.bfloat16)
@@ -232,7 +240,7 @@ def test_addmm_writes_only_its_view(device, gen):
 
 @pytest.mark.skipif(not CUDA, reason="needs a GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_fused_ops_agree_on_cpu_and_cuda(gen, dtype):
+def test_fused_ops_agree_on_cpu_and_cuda(gen, dtype, fused_path):
     """The same seed gives the same mask on both devices; the products agree to one rounding of
     float32 sums taken in a different order."""
     x = torch.randn(300, 520, generator=gen).to(dtype)
@@ -250,7 +258,7 @@ def test_fused_ops_agree_on_cpu_and_cuda(gen, dtype):
 
 
 @pytest.mark.parametrize("op", ["project", "addmm_"])
-def test_fused_opcheck(device, gen, op):
+def test_fused_opcheck(device, gen, op, fused_path):
     x = torch.randn(20, 24, generator=gen).to(device)
     lora_A = torch.randn(4, 24, generator=gen).to(device)
     seed = draw_seed()
@@ -285,7 +293,7 @@ def test_fused_bad_input_raises_naming_the_argument(device, gen, bad):
 
 @pytest.mark.sanitizer  # small: the compute-sanitizer subset on a GPU (tiles' tails, misaligned rows)
 @pytest.mark.parametrize("shape", [(17, 130, 5), (33, 75, 16), (19, 200, 64)], ids=lambda s: "x".join(map(str, s)))
-def test_fused_ops_stay_inside_their_operands(device, gen, shape):
+def test_fused_ops_stay_inside_their_operands(device, gen, shape, fused_path):
     tokens, n, rank = shape
     for dtype in (torch.bfloat16, torch.float16):
         x = strided(tokens, n, dtype, device, gen, "row_stride")
