@@ -966,3 +966,28 @@ def test_a_merged_layer_holds_12_bytes_per_nonzero_in_float32():
     per_row_or_column = 4 * (2 * 48 + 2 * 65 + 1) + 1  # row offsets/order, the transpose's offsets/order, has_mask
     assert held - per_row_or_column <= 12 * layer.nnz
     assert torch.equal(layer.flat_indices, rosa_kernels.masks.csr_flat_indices(layer.row_offsets, layer.col_indices, 64))
+
+
+@pytest.mark.parametrize("sparse_grad", ["dense", "sddmm", "auto"])
+@pytest.mark.parametrize("how", ["set_mask", "select_mask", "load_state_dict"])
+def test_every_sparse_grad_reads_the_mask_it_was_given(sparse_grad, how):
+    """dS = (dY^T X)[mask] right after the mask arrives, whichever dS path the layer was built
+    with (a path whose index tensors were taken before the layer entered the sparse phase would
+    read the empty mask of the warm-up)."""
+    torch.manual_seed(0)
+    layer = RosaLinear(12, 10, rank=2, density=0.3, dropout=0.0, sparse_grad=sparse_grad)
+    if how == "select_mask":
+        layer.start_collection()
+        layer(torch.randn(7, 12)).square().sum().backward()
+        layer.select_mask()
+    else:
+        donor = make_layer(12, 10, density=0.3, rank=2)
+        if how == "set_mask":
+            layer.set_mask(donor.mask())
+        else:
+            layer.load_state_dict(donor.state_dict())
+    x, dy = torch.randn(5, 12), torch.randn(5, 10)
+    layer.zero_grad()
+    layer(x).backward(dy)
+    expected = (dy.t() @ x).view(-1)[layer.flat_indices]
+    torch.testing.assert_close(layer.sparse_values.grad, expected)

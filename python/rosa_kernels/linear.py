@@ -866,12 +866,13 @@ class RosaLinear(nn.Module):
             buffers = self._buffers
             torch._foreach_copy_([buffers[name] for name in _STRUCTURE_BUFFERS],
                                  list(structure[:len(_STRUCTURE_BUFFERS)]))
+        # In the sparse phase before the plan: dS's arguments (_update_grad_args) read the new mask.
+        self._end_collection()
+        self.phase = "sparse"
         if build_plan:
             self._build_plan(structure.column_counts)
         else:
             self._use_plan(None)
-        self._end_collection()
-        self.phase = "sparse"
         if self._sparse_mode == "spmm":
             self._keep_transpose(structure)
         else:
