@@ -40,17 +40,19 @@ inline bool is_aligned16(const void* pointer) {
   return reinterpret_cast<uintptr_t>(pointer) % 16 == 0;
 }
 
-// An attribute of the current device, cached per device (host queries only, no synchronization;
-// the cache races are benign: every writer stores the same value).
+// An attribute of the current device, cached per device and attribute for the attributes listed
+// here, queried each time for any other (host queries only, no synchronization; the cache races
+// are benign: every writer stores the same value).
 inline int device_attribute(cudaDeviceAttr attribute, int fallback) {
   constexpr int kCachedDevices = 64;
   static int cached[3][kCachedDevices] = {};
-  const int which = attribute == cudaDevAttrMultiProcessorCount ? 0
-                    : attribute == cudaDevAttrComputeCapabilityMajor ? 2
-                                                                     : 1;
+  const int which = attribute == cudaDevAttrMultiProcessorCount             ? 0
+                    : attribute == cudaDevAttrMaxSharedMemoryPerBlockOptin ? 1
+                    : attribute == cudaDevAttrComputeCapabilityMajor       ? 2
+                                                                           : -1;
   int device = 0;
   cudaGetDevice(&device);
-  const bool cacheable = device >= 0 && device < kCachedDevices;
+  const bool cacheable = which >= 0 && device >= 0 && device < kCachedDevices;
   if (cacheable && cached[which][device] != 0) return cached[which][device];
   int value = 0;
   cudaDeviceGetAttribute(&value, attribute, device);
