@@ -953,6 +953,13 @@ def test_a_layer_keeps_the_transpose_only_in_spmm_mode(device):
         results.setdefault(mode, step)
         for got, want in zip(step, results["merged"]):
             torch.testing.assert_close(got, want)
+    # A new mask in "spmm" mode replaces the transpose kept for the old one.
+    layer.sparse_mode = "spmm"
+    layer.set_mask(make_layer(12, 10, seed=7, device=device).mask())
+    _, offsets_t, cols_t, permutation = csr_transpose(layer.sparse_values.detach(), layer.row_offsets,
+                                                      layer.col_indices, 10, 12, return_permutation=True)
+    assert torch.equal(layer.col_indices_t, cols_t) and torch.equal(layer.permutation, permutation)
+    assert torch.equal(layer.row_offsets_t, offsets_t)
 
 
 def test_a_merged_layer_holds_12_bytes_per_nonzero_in_float32():

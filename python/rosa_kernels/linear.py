@@ -399,7 +399,6 @@ class RosaLinear(nn.Module):
         self.register_buffer("permutation", torch.zeros(0, **index), persistent=False)
         # W at the mask positions while S is merged into the weight (empty in the other modes).
         self.register_buffer("base_values", torch.zeros(0, **factory), persistent=False)
-        self._dense_grad_index = None  # sparse_grad="dense": the flat positions, kept in that mode only
 
         self.phase = "warmup"
         self._sparse_mode = sparse_mode
@@ -518,7 +517,7 @@ class RosaLinear(nn.Module):
             x, weight, bias, lora_A, lora_B, values,
             buffers["row_offsets"], buffers["row_indices"], buffers["col_indices"],
             buffers["row_offsets_t"], buffers["row_indices_t"], buffers["col_indices_t"], buffers["permutation"],
-            self._dense_grad_index, *self._plan_parts(x, mode),
+            self._grad_args[0][0] if self._grad_args[1] == "dense" else None, *self._plan_parts(x, mode),
             self._collector if collecting else None,
             self.scale, self.dropout if self.training else 0.0, mode, self.sparse_grad == "dense", dense_base,
         )
@@ -568,10 +567,8 @@ class RosaLinear(nn.Module):
         """rosa_linear's dS arguments (grad_index, grad_path, plan_width, plan_rest_nnz) in the
         sparse phase, kept with the mask, its plan and the buffers (rebuilt when any changes)."""
         buffers = self._buffers
-        self._dense_grad_index = None
-        if self._sparse_grad == "dense":
-            self._dense_grad_index = self.flat_indices
-            self._grad_args = ([self._dense_grad_index], "dense", 0, 0)
+        if self._sparse_grad == "dense":  # the flat positions, computed (and kept) in this mode only
+            self._grad_args = ([self.flat_indices], "dense", 0, 0)
         elif self._sparse_grad == "auto" and self._grad_plan is not None:
             gather, target, offsets, rows, cols, width, rest_nnz = self._grad_plan
             index = [target, offsets, rows, cols] + ([] if gather is None else [gather])
@@ -597,27 +594,27 @@ class RosaLinear(nn.Module):
         if mode == "merged" and self.phase == "sparse" and not self._merged:
             self._merge()
 
-    def _sync_transpose(self):
+    def _sync_transpose(self, structure: _masks.MaskStructure | None = None):
         """Keeps the mask's transpose and its permutation (``spmm``'s dX = dY S reads them) in the
-        sparse phase of ``sparse_mode="spmm"`` only; in the other modes those buffers are empty."""
+        sparse phase of ``sparse_mode="spmm"`` only; in the other modes those buffers are empty.
+        ``structure``: a new mask's, whose transpose replaces the kept one (else it is built from
+        the CSR when missing)."""
         want = self.phase == "sparse" and self._sparse_mode == "spmm"
         buffers = self._buffers
         kept = buffers["col_indices_t"].shape[0] == self.nnz
-        if want and not kept:
-            structure = _masks.mask_structure(self.flat_indices, self.out_features, self.in_features, validate=False)
-            self._keep_transpose(structure)
+        if want and (structure is not None or not kept):
+            if structure is None:
+                structure = _masks.mask_structure(self.flat_indices, self.out_features, self.in_features,
+                                                  validate=False)
+            with torch.no_grad():
+                for name, tensor in zip(_TRANSPOSE_BUFFERS, structure[len(_STRUCTURE_BUFFERS):]):
+                    if buffers[name].shape == tensor.shape:
+                        buffers[name].copy_(tensor)
+                    else:
+                        buffers[name] = tensor.to(device=buffers[name].device, dtype=buffers[name].dtype)
         elif not want and kept and self.nnz:
             for name in ("col_indices_t", "permutation"):
                 buffers[name] = buffers[name].new_empty(0)
-
-    def _keep_transpose(self, structure: _masks.MaskStructure):
-        buffers = self._buffers
-        with torch.no_grad():
-            for name, tensor in zip(_TRANSPOSE_BUFFERS, structure[len(_STRUCTURE_BUFFERS):]):
-                if buffers[name].shape == tensor.shape:
-                    buffers[name].copy_(tensor)
-                else:
-                    buffers[name] = tensor.to(device=buffers[name].device, dtype=buffers[name].dtype)
 
     def _scatter(self):
         """W_eff[mask] = base_values + S, computed in (at least) float32 from the saved W (no drift)."""
@@ -637,9 +634,7 @@ class RosaLinear(nn.Module):
         if _is_sharded(self.weight):
             # FSDP2 shards the frozen weight across ranks: S cannot be scattered into it, so it is
             # added by SpMM instead (the same result to rounding; docs/rosa_linear.md, FSDP2).
-            _notice_sharded_merge()
-            self._sparse_mode = "spmm"
-            self._sync_transpose()
+            self._use_spmm_for_sharding()
             return
         with torch.no_grad():
             self._buffers["base_values"] = self.weight.view(-1).index_select(0, self.flat_indices)
@@ -662,9 +657,11 @@ class RosaLinear(nn.Module):
         mask_rows = flat_indices // n
         here = (mask_rows >= first_row) & (mask_rows < first_row + rows)
         local.reshape(-1)[:rows * n].index_copy_(0, flat_indices[here] - first_row * n, self.base_values[here])
-        self._buffers["base_values"] = self.base_values.new_empty(0)
-        self._merged = False
-        _MERGED_LAYERS.discard(self)
+        self._end_merge()
+        self._use_spmm_for_sharding()
+
+    def _use_spmm_for_sharding(self):
+        """A sharded weight cannot hold W + S: S is added by SpMM instead (docs/rosa_linear.md, FSDP2)."""
         _notice_sharded_merge()
         self._sparse_mode = "spmm"
         self._sync_transpose()
@@ -672,6 +669,10 @@ class RosaLinear(nn.Module):
     @torch.no_grad()
     def _unmerge(self):
         self.weight.view(-1).index_copy_(0, self.flat_indices, self.base_values)
+        self._end_merge()
+
+    def _end_merge(self):
+        """W is back at the mask positions: the saved copy goes, and the post-step hook forgets the layer."""
         self._buffers["base_values"] = self.base_values.new_empty(0)
         self._merged = False
         _MERGED_LAYERS.discard(self)
@@ -873,10 +874,7 @@ class RosaLinear(nn.Module):
             self._build_plan(structure.column_counts)
         else:
             self._use_plan(None)
-        if self._sparse_mode == "spmm":
-            self._keep_transpose(structure)
-        else:
-            self._sync_transpose()
+        self._sync_transpose(structure)
         if self._sparse_mode == "merged":
             self._merge()
 
