@@ -73,6 +73,13 @@ void check_dropout_addmm(const at::Tensor& dx, const at::Tensor& g, const at::Te
 }
 
 namespace {
+CudaHostSeed registered_cuda_host_seed = nullptr;
+}  // namespace
+
+void set_cuda_host_seed(CudaHostSeed draw) { registered_cuda_host_seed = draw; }
+CudaHostSeed cuda_host_seed() { return registered_cuda_host_seed; }
+
+namespace {
 
 // CPU: the elementwise kernel into a buffer, then one GEMM (a vectorized GEMM beats a fused
 // scalar loop on a CPU; both calls skip the dispatcher's way back into this library).

@@ -1,6 +1,9 @@
 // Checks shared by the CPU and CUDA registrations of the LoRA dropout ops.
 #pragma once
 
+#include <cstdint>
+#include <optional>
+
 #include <ATen/ATen.h>
 
 #include "dropout_keep.h"
@@ -19,5 +22,13 @@ void check_dropout_project(const at::Tensor& x, const at::Tensor& lora_A);
 
 // The operands of lora_dropout_addmm_: dx (T x N, unit column stride), g (T x R), lora_A (R x N).
 void check_dropout_addmm(const at::Tensor& dx, const at::Tensor& g, const at::Tensor& lora_A);
+
+// A dropout seed for an eager call on a CUDA device, drawn on the host (no kernel, no dispatcher
+// call): set by the CUDA build (lora_dropout_ops_cuda.cpp); it returns nothing while the device's
+// current stream is being captured into a CUDA graph, where the seed must be drawn on the device so
+// that each replay draws a new one.
+using CudaHostSeed = std::optional<int64_t> (*)(c10::DeviceIndex device);
+void set_cuda_host_seed(CudaHostSeed draw);
+CudaHostSeed cuda_host_seed();
 
 }  // namespace rosa

@@ -51,6 +51,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "lora_dropout_ops.h"
 #include "merged_scatter_ops.h"
 
 namespace rosa {
@@ -290,20 +291,31 @@ class RosaLinearFunction : public torch::autograd::Function<RosaLinearFunction> 
   }
 };
 
-// A fresh dropout seed on x's device, the very value that rosa_kernels.dropout.draw_seed(x.device)
-// (torch.randint(-2**63, 2**63 - 1, (1,), device=x.device)) would draw. On a GPU it is that randint
-// (a CUDA seed, read by the kernels: a captured CUDA graph draws a new one on each replay); on the
-// CPU, randint over that range takes one random64() of the default generator and returns
-// low + (r mod (high - low)), computed here without a dispatcher call. Drawing it in the op saves
-// a Python op call per layer and step; a traced graph cannot draw at run time, so under
-// torch.compile RosaLinear passes draw_seed()'s tensor instead (refused here and in the fake
-// kernel: the seed of a traced call would be a constant of the graph).
+// A fresh dropout seed for x. On the CPU it is the very value that rosa_kernels.dropout.draw_seed()
+// (torch.randint(-2**63, 2**63 - 1, (1,))) would draw: randint over that range takes one random64()
+// of the default generator and returns low + (r mod (high - low)), computed here without a
+// dispatcher call. On a GPU, eagerly, it is drawn on the host from the device's default CUDA
+// generator (cuda_host_seed: its Philox seed and offset, as torch's own dropout reads them, so
+// torch.manual_seed fixes it) into a CPU tensor that the kernels take by value: no randint kernel
+// and no dispatcher call per layer and step. While the device's stream is being captured into a
+// CUDA graph it is torch.randint on the device instead (read by the kernels, so each replay draws
+// a new seed). Drawing it in the op saves a Python op call per layer and step; a traced graph
+// cannot draw at run time, so under torch.compile RosaLinear passes draw_seed(x.device)'s tensor
+// instead (refused here and in the fake kernel: the seed of a traced call would be a constant of
+// the graph).
 at::Tensor draw_seed(const at::Tensor& x) {
   ROSA_CHECK_VALUE(!x.key_set().has_any(c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::Functionalize})),
                    "rosa_linear with dropout > 0 draws its seed at run time in eager mode only: pass "
                    "seed=rosa_kernels.dropout.draw_seed(x.device) in a traced or compiled graph");
   const auto options = at::TensorOptions().dtype(at::kLong);
   if (!x.device().is_cpu()) {
+    const auto draw = cuda_host_seed();
+    const auto host = x.device().is_cuda() && draw != nullptr ? draw(x.device().index()) : std::nullopt;
+    if (host.has_value()) {
+      auto seed = at::empty({1}, options);
+      seed.data_ptr<int64_t>()[0] = *host;
+      return seed;
+    }
     return at::randint(std::numeric_limits<int64_t>::min(), std::numeric_limits<int64_t>::max(), {1},
                        options.device(x.device()));
   }

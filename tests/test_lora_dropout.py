@@ -173,9 +173,13 @@ FUSED_SHAPES = [(0, 8, 4), (5, 0, 4), (4, 6, 0), (1, 1, 1), (7, 13, 3), (33, 40,
 
 @pytest.fixture(params=["tensor_cores", "unfused"])
 def fused_path(request, monkeypatch):
-    """Both CUDA paths of the fused ops: the tensor-core kernels (ROSA_KERNELS_FUSED_DROPOUT=1,
-    where the GPU, dtype and rank allow) and the elementwise kernel plus cuBLAS; the CPU has one."""
-    monkeypatch.setenv("ROSA_KERNELS_FUSED_DROPOUT", "1" if request.param == "tensor_cores" else "0")
+    """Both CUDA paths of the fused ops: the tensor-core kernels (the default where the GPU, dtype
+    and rank allow) and the elementwise kernel plus cuBLAS (ROSA_KERNELS_FUSED_DROPOUT=0); the CPU
+    has one."""
+    if request.param == "tensor_cores":
+        monkeypatch.delenv("ROSA_KERNELS_FUSED_DROPOUT", raising=False)
+    else:
+        monkeypatch.setenv("ROSA_KERNELS_FUSED_DROPOUT", "0")
     return request.param
 
 

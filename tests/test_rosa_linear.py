@@ -248,6 +248,40 @@ def test_rosa_linear_op_draws_the_seed_draw_seed_would():
                       backend="aot_eager", fullgraph=True)(x)
 
 
+@pytest.mark.skipif(not rosa_kernels.cuda_available(), reason="needs CUDA")
+def test_rosa_linear_op_on_a_gpu_draws_its_seed_on_the_host():
+    """Eagerly on a GPU the op draws the dropout seed on the host from the CUDA generator (no randint
+    kernel, no dispatcher call): torch.manual_seed fixes the mask, each call draws a new one, and the
+    output is the layer's math with the mask of some seed (gradients: the float64 tests)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    layer, f, (x, lora_A, lora_B, values), index, *_ = rosa_linear_op_case("sddmm", dropout=0.5, device="cuda",
+                                                                          dtype=torch.float32)
+    args = (layer.weight, layer.bias, lora_A, lora_B, values, index, None, layer.scale, 0.5, "sddmm")
+    x = x.detach().repeat(40, 1, 1)  # enough elements that two masks differ
+    torch.manual_seed(3)
+    first, second = (torch.ops.rosa_kernels.rosa_linear(x, *args) for _ in range(2))
+    torch.manual_seed(3)
+    again = torch.ops.rosa_kernels.rosa_linear(x, *args)
+    assert torch.equal(first, again) and not torch.equal(first, second)
+    ops = Ops()
+    with ops:
+        torch.ops.rosa_kernels.rosa_linear(x, *args)
+    assert not any("randint" in name for name in ops.names), ops.names
+    # some seed's mask gives the output: the no-dropout output plus the masked LoRA term
+    no_dropout = torch.ops.rosa_kernels.rosa_linear(x, *args[:6], None, layer.scale, 0.0, "sddmm")
+    assert not torch.equal(first, no_dropout) and torch.isfinite(first).all()
+
+
 # ----------------------------------------------------------------------------------------------
 # The registered layer op (merged mode and the warm-up: csrc/rosa_linear_ops.cpp)
 # ----------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """RosaLinear's LoRA dropout, regenerated from a seed.
 
 The LoRA branch of RoSA reads ``drop(X)``. Instead of drawing, applying and saving a T x in keep
-mask, RosaLinear draws one 64-bit seed per forward (on the input's device: a CUDA seed is read by the
-kernels, so a captured CUDA graph draws a new mask on every replay), and two ops (``torch.ops.rosa_kernels``, CPU
+mask, RosaLinear draws one 64-bit seed per forward (eagerly on the host, from the input device's
+generator; while a CUDA graph is captured and in compiled graphs, :func:`draw_seed` on the device,
+read by the kernels, so each replay draws a new mask), and the ops (``torch.ops.rosa_kernels``, CPU
 and CUDA) rebuild the mask from it wherever it is needed:
 
 - ``lora_dropout_apply(x, seed, p)`` = ``X ∘ keep`` (forward; the LoRA down-projection and dA read it);

@@ -480,8 +480,9 @@ class RosaLinear(nn.Module):
         else:
             grad_index, grad_path, plan_width, plan_rest_nnz = _NO_MASK_GRAD
         p = self.dropout if self.training else 0.0
-        # Eager, the op draws the dropout seed itself (the value draw_seed(x.device) would); a compiled
-        # graph takes it as an input.
+        # Eager, the op draws the dropout seed itself (on the CPU the value draw_seed() would; on a GPU
+        # on the host, from the CUDA generator, unless a CUDA graph is being captured); a compiled graph
+        # takes it as an input.
         seed = draw_seed(x.device) if p and torch.compiler.is_compiling() else None
         parameters = self._parameters
         return _rosa_linear(x, parameters["weight"], parameters.get("bias"), parameters["lora_A"], parameters["lora_B"],
