@@ -8,11 +8,12 @@
 //     lora_dropout_add_(dx, g, seed, p, alpha)    :  dX += alpha * keep ∘ G   in place
 //     lora_dropout_project(x, seed, p, lora_A)    -> (X ∘ keep) A^T           (T x R, a new tensor)
 //     lora_dropout_addmm_(dx, g, lora_A, seed, p, alpha) : dX += alpha * keep ∘ (G A)   in place
+//     lora_dropout_grad_A(x, seed, p, g, alpha)   -> alpha * G^T (X ∘ keep)   (R x N, a new tensor)
 //
-// The last two fuse the dropout into the LoRA products that read or write a T x N tensor: on a
+// The last three fuse the dropout into the LoRA products that read or write a T x N tensor: on a
 // GPU with tensor cores (cuda/lora_dropout_mma.cu, 16-bit values) one pass over it instead of
-// three, each product summed in float32 and added unrounded; elsewhere the elementwise kernel
-// plus a GEMM, in one op call.
+// three, each product summed in float32 and rounded once; elsewhere the elementwise kernel plus a
+// GEMM, in one op call.
 //
 // Internal building blocks of RosaLinear's autograd function (python/rosa_kernels/linear.py), which
 // regenerates the mask in backward instead of saving it; python/rosa_kernels/dropout.py registers
@@ -79,6 +80,14 @@ CudaHostSeed registered_cuda_host_seed = nullptr;
 void set_cuda_host_seed(CudaHostSeed draw) { registered_cuda_host_seed = draw; }
 CudaHostSeed cuda_host_seed() { return registered_cuda_host_seed; }
 
+void check_dropout_grad_A(const at::Tensor& x, const at::Tensor& g) {
+  check_floating(x, "x", 2);
+  check_floating(g, "g", 2);
+  check_same_dtype(x, "x", g, "g");
+  check_same_device(x, "x", g, "g");
+  ROSA_CHECK_VALUE(g.size(0) == x.size(0), "g must have x's ", x.size(0), " rows, got shape ", shape_of(g));
+}
+
 namespace {
 
 // CPU: the elementwise kernel into a buffer, then one GEMM (a vectorized GEMM beats a fused
@@ -105,6 +114,21 @@ void lora_dropout_addmm_cpu(const at::Tensor& dx, const at::Tensor& g, const at:
     cpu::lora_dropout_add<scalar_t>(dx.mutable_data_ptr<scalar_t>(), dx.stride(0), product.const_data_ptr<scalar_t>(),
                                     product.stride(0), dx.size(0), dx.size(1), alpha, key, at::get_num_threads());
   });
+}
+
+at::Tensor lora_dropout_grad_A_cpu(const at::Tensor& x, const at::Tensor& seed, double p, const at::Tensor& g,
+                                   double alpha) {
+  check_dropout_grad_A(x, g);
+  const DropoutKey key = check_dropout_key(seed, p, x.device());
+  const auto x_rows = rows_contiguous(x);
+  auto kept = at::empty(x.sizes(), x.options());
+  ROSA_DISPATCH_VALUES(x.scalar_type(), "lora_dropout_grad_A", [&] {
+    cpu::lora_dropout_apply<scalar_t>(x_rows.const_data_ptr<scalar_t>(), x_rows.stride(0),
+                                      kept.mutable_data_ptr<scalar_t>(), kept.size(1), x.size(0), x.size(1), key,
+                                      at::get_num_threads());
+  });
+  // beta = 0: addmm reads only the shape of its first operand; alpha scales the product.
+  return at::addmm(at::empty({g.size(1), x.size(1)}, x.options()), g.t(), kept, 0.0, alpha);
 }
 
 at::Tensor lora_dropout_apply_cpu(const at::Tensor& x, const at::Tensor& seed, double p) {
@@ -138,6 +162,7 @@ TORCH_LIBRARY_FRAGMENT(rosa_kernels, m) {
   m.def("lora_dropout_add_(Tensor(a!) dx, Tensor g, Tensor seed, float p, float alpha) -> ()");
   m.def("lora_dropout_project(Tensor x, Tensor seed, float p, Tensor lora_A) -> Tensor");
   m.def("lora_dropout_addmm_(Tensor(a!) dx, Tensor g, Tensor lora_A, Tensor seed, float p, float alpha) -> ()");
+  m.def("lora_dropout_grad_A(Tensor x, Tensor seed, float p, Tensor g, float alpha) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rosa_kernels, CPU, m) {
@@ -145,6 +170,7 @@ TORCH_LIBRARY_IMPL(rosa_kernels, CPU, m) {
   m.impl("lora_dropout_add_", &lora_dropout_add_cpu);
   m.impl("lora_dropout_project", &lora_dropout_project_cpu);
   m.impl("lora_dropout_addmm_", &lora_dropout_addmm_cpu);
+  m.impl("lora_dropout_grad_A", &lora_dropout_grad_A_cpu);
 }
 
 }  // namespace rosa

@@ -23,6 +23,9 @@ void check_dropout_project(const at::Tensor& x, const at::Tensor& lora_A);
 // The operands of lora_dropout_addmm_: dx (T x N, unit column stride), g (T x R), lora_A (R x N).
 void check_dropout_addmm(const at::Tensor& dx, const at::Tensor& g, const at::Tensor& lora_A);
 
+// The operands of lora_dropout_grad_A: x (T x N) and g (T x R), floating, one dtype and device.
+void check_dropout_grad_A(const at::Tensor& x, const at::Tensor& g);
+
 // A dropout seed for an eager call on a CUDA device, drawn on the host (no kernel, no dispatcher
 // call): set by the CUDA build (lora_dropout_ops_cuda.cpp); it returns nothing while the device's
 // current stream is being captured into a CUDA graph, where the seed must be drawn on the device so

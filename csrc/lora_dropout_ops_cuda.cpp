@@ -112,6 +112,37 @@ void lora_dropout_addmm_cuda(const at::Tensor& dx, const at::Tensor& g, const at
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+at::Tensor lora_dropout_grad_A_cuda(const at::Tensor& x, const at::Tensor& seed, double p, const at::Tensor& g,
+                                    double alpha) {
+  check_dropout_grad_A(x, g);
+  const DropoutKey key = check_dropout_key(seed, p, x.device());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t tokens = x.size(0), n = x.size(1), rank = g.size(1);
+  if (!use_mma(x, rank)) {
+    // beta = 0: addmm reads only the shape of its first operand; alpha scales the product.
+    return at::addmm(at::empty({rank, n}, x.options()), g.t(), lora_dropout_apply_cuda(x, seed, p), 0.0, alpha);
+  }
+  auto out = at::empty({rank, n}, x.options());
+  if (rank == 0 || n == 0) return out;
+  const auto x_rows = rows_contiguous(x);
+  const auto g_rows = rows_contiguous(g);
+  const int64_t splits = cuda::lora_dropout_grad_A_splits(tokens, n);
+  auto partial = at::empty({splits, rank, n}, x.options().dtype(at::kFloat));
+  const auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  if (x.scalar_type() == at::kBFloat16) {
+    cuda::lora_dropout_grad_A<__nv_bfloat16>(cuda_ptr<c10::BFloat16>(x_rows), x_rows.stride(0),
+                                             cuda_ptr<c10::BFloat16>(g_rows), g_rows.stride(0),
+                                             cuda_mutable_ptr<c10::BFloat16>(out), partial.mutable_data_ptr<float>(),
+                                             splits, tokens, n, rank, alpha, key, stream);
+  } else {
+    cuda::lora_dropout_grad_A<__half>(cuda_ptr<c10::Half>(x_rows), x_rows.stride(0), cuda_ptr<c10::Half>(g_rows),
+                                      g_rows.stride(0), cuda_mutable_ptr<c10::Half>(out),
+                                      partial.mutable_data_ptr<float>(), splits, tokens, n, rank, alpha, key, stream);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 // An eager call's dropout seed, drawn on the host from the device's default CUDA generator: its
 // Philox seed and an offset advanced per draw (as torch's dropout takes them), mixed into 64 bits
 // by splitmix64's finalizer. Nothing while the device's current stream is capturing a CUDA graph:
@@ -144,6 +175,7 @@ TORCH_LIBRARY_IMPL(rosa_kernels, CUDA, m) {
   m.impl("lora_dropout_add_", &lora_dropout_add_cuda);
   m.impl("lora_dropout_project", &lora_dropout_project_cuda);
   m.impl("lora_dropout_addmm_", &lora_dropout_addmm_cuda);
+  m.impl("lora_dropout_grad_A", &lora_dropout_grad_A_cuda);
 }
 
 }  // namespace rosa

@@ -104,18 +104,19 @@ at::Tensor call_sddmm(const at::Tensor& row_offsets, const at::Tensor& row_indic
   return op.call(row_offsets, row_indices, col_indices, a, bt);
 }
 
-at::Tensor call_dropout_apply(const at::Tensor& x, const at::Tensor& seed, double p) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("rosa_kernels::lora_dropout_apply", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double)>();
-  return op.call(x, seed, p);
-}
-
 at::Tensor call_dropout_project(const at::Tensor& x, const at::Tensor& seed, double p, const at::Tensor& lora_A) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("rosa_kernels::lora_dropout_project", "")
                              .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double, const at::Tensor&)>();
   return op.call(x, seed, p, lora_A);
+}
+
+at::Tensor call_dropout_grad_A(const at::Tensor& x, const at::Tensor& seed, double p, const at::Tensor& g,
+                               double alpha) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("rosa_kernels::lora_dropout_grad_A", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double, const at::Tensor&, double)>();
+  return op.call(x, seed, p, g, alpha);
 }
 
 void call_dropout_addmm_(const at::Tensor& dx, const at::Tensor& g, const at::Tensor& lora_A, const at::Tensor& seed,
@@ -218,8 +219,8 @@ std::array<at::Tensor, 6> backward_math(const at::Tensor& dy, const at::Tensor& 
   // dA = scale / (1 - p) * (dY B)^T (X ∘ keep), dB = scale / (1 - p) * dY^T h. With beta = 0 addmm
   // ignores its first operand (only its shape is used, NaNs included): the scale is the alpha.
   if (needed[1]) {
-    const auto x_kept = drop ? call_dropout_apply(x2d, *config.seed, config.dropout) : x2d;
-    grads[1] = at::addmm(lora_A, g.t(), x_kept, 0.0, kept_scale);
+    grads[1] = drop ? call_dropout_grad_A(x2d, *config.seed, config.dropout, g, kept_scale)  // no T x in X ∘ keep
+                    : at::addmm(lora_A, g.t(), x2d, 0.0, kept_scale);
   }
   if (needed[2]) grads[2] = at::addmm(lora_B, dy2d.t(), h, 0.0, kept_scale);
   if (needed[3]) {

@@ -227,6 +227,38 @@ def test_addmm_matches_the_float64_reference(device, gen, dtype, shape, layout, 
     assert torch.equal(dx.double().cpu()[~keep], before[~keep])  # dropped elements untouched, exactly
 
 
+# grad_A reduces over the tokens in splits of at least 128 (a multiple of 16): long token counts with
+# tails, next to the shapes above.
+GRAD_A_SHAPES = FUSED_SHAPES + [(2049, 70, 5), (1000, 130, 16), (300, 2050, 64), (515, 9, 33)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", GRAD_A_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("layout", ["contiguous", "row_stride"])
+def test_grad_A_matches_the_float64_reference(device, gen, dtype, shape, layout, fused_path):
+    tokens, n, rank = shape
+    x = strided(tokens, n, dtype, device, gen, layout)
+    g = strided(tokens, rank, dtype, device, gen, layout)
+    seed, alpha = draw_seed(), 0.75
+    d_lora_A = ops.lora_dropout_grad_A(x, seed, 0.3, g, alpha)
+    assert d_lora_A.shape == (rank, n) and d_lora_A.dtype == dtype and d_lora_A.device == x.device
+    kept = keep_mask(seed, tokens, n, 0.3).double() * x.double().cpu()
+    expected = alpha * g.double().cpu().t() @ kept
+    if not expected.numel():
+        return
+    scale = max(1.0, expected.abs().max().item())
+    assert (d_lora_A.double().cpu() - expected).abs().max().item() <= fused_tolerance(dtype, tokens) * scale
+
+
+def test_grad_A_is_deterministic(device, gen, fused_path):
+    """The splits' partial sums are added in a fixed order: the same call gives the same bits."""
+    x = torch.randn(3000, 200, generator=gen).to(device=device, dtype=torch.bfloat16)
+    g = torch.randn(3000, 16, generator=gen).to(device=device, dtype=torch.bfloat16)
+    seed = draw_seed()
+    first = ops.lora_dropout_grad_A(x, seed, 0.1, g, 2.0)
+    assert all(torch.equal(first, ops.lora_dropout_grad_A(x, seed, 0.1, g, 2.0)) for _ in range(3))
+
+
 def test_addmm_writes_only_its_view(device, gen, fused_path):
     base = torch.randn(19, 90, generator=gen, dtype=torch.float64).to(device=device, dtype=torch.bfloat16)
     g = torch.randn(19, 16, generator=gen).to(device=device, dtype=torch.bfloat16)
@@ -256,24 +288,31 @@ def test_fused_ops_agree_on_cpu_and_cuda(gen, dtype, fused_path):
     dx_cpu, dx_cuda = x.clone(), x.cuda()
     ops.lora_dropout_addmm_(dx_cpu, g, lora_A, seed, 0.1, 1.5)
     ops.lora_dropout_addmm_(dx_cuda, g.cuda(), lora_A.cuda(), seed.cuda(), 0.1, 1.5)
+    dA_cpu = ops.lora_dropout_grad_A(x, seed, 0.1, g, 0.5)
+    dA_cuda = ops.lora_dropout_grad_A(x.cuda(), seed.cuda(), 0.1, g.cuda(), 0.5)
     rtol = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3, torch.float32: 1e-5}[dtype]
     torch.testing.assert_close(h_cuda.cpu(), h_cpu, rtol=rtol, atol=rtol * 30)
     torch.testing.assert_close(dx_cuda.cpu(), dx_cpu, rtol=rtol, atol=rtol * 10)
+    torch.testing.assert_close(dA_cuda.cpu(), dA_cpu, rtol=rtol, atol=rtol * 30)
 
 
-@pytest.mark.parametrize("op", ["project", "addmm_"])
+@pytest.mark.parametrize("op", ["project", "addmm_", "grad_A"])
 def test_fused_opcheck(device, gen, op, fused_path):
     x = torch.randn(20, 24, generator=gen).to(device)
     lora_A = torch.randn(4, 24, generator=gen).to(device)
     seed = draw_seed()
     if op == "project":
         torch.library.opcheck(ops.lora_dropout_project.default, (x, seed, 0.1, lora_A))
+    elif op == "grad_A":
+        g = torch.randn(20, 4, generator=gen).to(device)
+        torch.library.opcheck(ops.lora_dropout_grad_A.default, (x, seed, 0.1, g, 2.0))
     else:
         g = torch.randn(20, 4, generator=gen).to(device)
         torch.library.opcheck(ops.lora_dropout_addmm_.default, (x.clone(), g, lora_A, seed, 0.1, 2.0))
 
 
-@pytest.mark.parametrize("bad", ["lora_A_shape", "lora_A_dtype", "g_shape", "g_dtype", "dx_column_stride", "x_dim"])
+@pytest.mark.parametrize("bad", ["lora_A_shape", "lora_A_dtype", "g_shape", "g_dtype", "dx_column_stride", "x_dim",
+                                 "g_rows", "g_device"])
 def test_fused_bad_input_raises_naming_the_argument(device, gen, bad):
     x = torch.randn(6, 10, generator=gen).to(device)
     lora_A = torch.randn(3, 10, generator=gen).to(device)
@@ -291,6 +330,13 @@ def test_fused_bad_input_raises_naming_the_argument(device, gen, bad):
             ops.lora_dropout_addmm_(x, g.double(), lora_A, seed, 0.1, 1.0)
         elif bad == "dx_column_stride":
             ops.lora_dropout_addmm_(x.t().contiguous().t(), g, lora_A, seed, 0.1, 1.0)
+        elif bad == "g_rows":
+            ops.lora_dropout_grad_A(x, seed, 0.1, g[:5], 1.0)
+        elif bad == "g_device":
+            if not CUDA:
+                pytest.skip("needs a GPU")
+            other = g.cpu() if torch.device(device).type == "cuda" else g.cuda()
+            ops.lora_dropout_grad_A(x, seed, 0.1, other, 1.0)
         else:
             ops.lora_dropout_project(x[0], seed, 0.1, lora_A)
 
@@ -305,5 +351,10 @@ def test_fused_ops_stay_inside_their_operands(device, gen, shape, fused_path):
         g = torch.randn(tokens, rank, generator=gen).to(dtype=dtype, device=device)
         seed = draw_seed(device)
         h = ops.lora_dropout_project(x, seed, 0.2, lora_A)
+        d_lora_A = ops.lora_dropout_grad_A(x, seed, 0.2, g, 1.0)
         ops.lora_dropout_addmm_(x, g, lora_A, seed, 0.2, 1.0)
-        assert torch.isfinite(h).all() and torch.isfinite(x).all()
+        assert torch.isfinite(h).all() and torch.isfinite(x).all() and torch.isfinite(d_lora_A).all()
+        # several splits of the token range, the last one short
+        x_long = strided(16 * tokens + 3, n, dtype, device, gen, "row_stride")
+        g_long = torch.randn(16 * tokens + 3, rank, generator=gen).to(dtype=dtype, device=device)
+        assert torch.isfinite(ops.lora_dropout_grad_A(x_long, seed, 0.2, g_long, 1.0)).all()

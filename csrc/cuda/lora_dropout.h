@@ -35,4 +35,12 @@ template <typename T>
 void lora_dropout_addmm(T* dx, int64_t lddx, const T* g, int64_t ldg, const T* lora_A, int64_t tokens, int64_t n,
                         int64_t rank, double alpha, DropoutKey key, cudaStream_t stream);
 
+// dA (rank x n, contiguous) = alpha * G^T (X ∘ keep), G (tokens x rank): the token range cut into
+// `splits` (lora_dropout_grad_A_splits) whose float32 partials go to `partial` (splits x rank x n),
+// then added in order. tokens may be 0 (dA = 0).
+int64_t lora_dropout_grad_A_splits(int64_t tokens, int64_t n);
+template <typename T>
+void lora_dropout_grad_A(const T* x, int64_t ldx, const T* g, int64_t ldg, T* out, float* partial, int64_t splits,
+                         int64_t tokens, int64_t n, int64_t rank, double alpha, DropoutKey key, cudaStream_t stream);
+
 }  // namespace rosa::cuda

@@ -3,6 +3,7 @@
 //
 //     project:  h (T x R)   = (X ∘ keep) A^T           one read of X, nothing written but h
 //     addmm:    dX (T x N) += alpha * keep ∘ (G A)      one read and one write of dX; G = dY B (T x R)
+//     grad_A:   dA (R x N)  = alpha * G^T (X ∘ keep)    one read of X (the LoRA-A gradient)
 //
 // Unfused, each is an elementwise dropout pass plus a cuBLAS GEMM: project writes and re-reads
 // X ∘ keep (two passes of T x N more), addmm writes and re-reads G A (two more). keep(t, j) is
@@ -21,6 +22,13 @@
 // B-operand = A's rows (k = feature, n = rank). addmm: a warp owns 64 columns and 64 tokens; its
 // B-operand (A's 64 columns, all ranks) stays in registers; per 16 tokens it loads G's fragment,
 // issues every dX load of the tile, then the products and the masked update.
+// grad_A reduces over the tokens, X's row index, so X's tiles go through shared memory: a warp owns
+// 64 columns and a contiguous chunk of tokens (one "split"); per 16 tokens it loads the 16 x 64 tile
+// with 16-byte loads (the next tile's loads in flight while this one is used), zeroes the dropped
+// elements, stores it to its own shared buffer and reads B fragments back transposed
+// (ldmatrix.trans); G's A fragments (rank x tokens) are read from global memory (T x R, cached).
+// Each split writes its float32 R x 64 partial to a workspace; a second kernel adds the splits in
+// order and rounds alpha * sum once (deterministic, no atomics).
 // Ranks up to 64 (4 steps of 16, zero-padded); callers fall back to the unfused ops otherwise.
 #include "cuda/lora_dropout.h"
 
@@ -275,6 +283,158 @@ __global__ void __launch_bounds__(kAddmmWarps * 32)
   }
 }
 
+// ---- grad_A: dA = alpha * G^T (X ∘ keep) ----------------------------------------------------------
+
+constexpr int kGradAWarps = 4;
+constexpr int kGradAColumns = 64;                // per warp: 8 n-tiles
+constexpr int kGradAStride = kGradAColumns + 8;  // shared row stride in elements: 144 bytes, conflict-free ldmatrix
+
+// 8 consecutive elements (t, j..j + 7) of a row-major matrix as four packed pairs, zero outside
+// tokens x n; `vector`: the row stride and base allow aligned 16-byte loads.
+template <typename T>
+__device__ __forceinline__ uint4 load_row8(const T* base, int64_t ld, int64_t t, int64_t j, int64_t tokens, int64_t n,
+                                           bool vector) {
+  if (t >= tokens) return make_uint4(0u, 0u, 0u, 0u);
+  const T* p = base + t * ld + j;
+  if (vector && j + 8 <= n) return *reinterpret_cast<const uint4*>(p);
+  T v[8];
+#pragma unroll
+  for (int e = 0; e < 8; ++e) v[e] = j + e < n ? p[e] : zero_value<T>();
+  return make_uint4(pack2(v[0], v[1]), pack2(v[2], v[3]), pack2(v[4], v[5]), pack2(v[6], v[7]));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row_address) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const auto address = static_cast<uint32_t>(__cvta_generic_to_shared(row_address));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(address));
+#else
+  __trap();
+#endif
+}
+
+template <typename T, int kRankSteps>
+__global__ void __launch_bounds__(kGradAWarps * 32)
+    grad_A_mma_kernel(const T* __restrict__ x, int64_t ldx, bool x_vector, const T* __restrict__ g_in, int64_t ldg,
+                      float* __restrict__ partial, int64_t splits, int64_t chunk, int64_t tokens, int64_t n,
+                      int64_t rank, DropoutKey key) {
+  constexpr int kNTiles = kGradAColumns / 8;
+  constexpr int kLoads = 16 * kGradAColumns / 8 / 32;  // 16-byte loads per lane per 16-token tile
+  __shared__ __align__(16) T tile[kGradAWarps][16][kGradAStride];
+  key = dropout_resolve_key(key);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, c = lane % 4;
+  const int64_t col0 = static_cast<int64_t>(blockIdx.x) * kGradAColumns;
+  const int64_t split = static_cast<int64_t>(blockIdx.y) * kGradAWarps + warp;
+  if (split >= splits) return;
+  const int64_t t_begin = split * chunk;
+  const int64_t t_end = min(t_begin + chunk, tokens);
+  float acc[kRankSteps][kNTiles][4];
+#pragma unroll
+  for (int ms = 0; ms < kRankSteps; ++ms)
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[ms][nt][e] = 0.0f;
+
+  // Lane l loads row l / 8 + 4 i, columns 8 (l % 8) .. + 7 of each tile: a warp reads 4 whole rows
+  // of 128 bytes per load.
+  const int load_row = lane / 8, load_col = (lane % 8) * 8;
+  uint4 current[kLoads];
+#pragma unroll
+  for (int i = 0; i < kLoads; ++i)
+    current[i] = t_begin < t_end ? load_row8(x, ldx, t_begin + load_row + 4 * i, col0 + load_col, t_end, n, x_vector)
+                                 : make_uint4(0u, 0u, 0u, 0u);
+  // ldmatrix: lane l gives the address of row l % 8 of matrix l / 8; matrices (rows, columns):
+  // (0..7, 0..7), (8..15, 0..7), (0..7, 8..15), (8..15, 8..15) of each 16-column pair of n-tiles.
+  const int matrix = lane / 8;
+  const T* read_base = &tile[warp][(matrix % 2) * 8 + lane % 8][(matrix / 2) * 8];
+  for (int64_t t0 = t_begin; t0 < t_end; t0 += 16) {
+    uint4 next[kLoads];
+    const bool more = t0 + 16 < t_end;
+#pragma unroll
+    for (int i = 0; i < kLoads; ++i)
+      next[i] = more ? load_row8(x, ldx, t0 + 16 + load_row + 4 * i, col0 + load_col, t_end, n, x_vector)
+                     : make_uint4(0u, 0u, 0u, 0u);
+    // A(m = rank, k = token) = G[token][rank]: two consecutive tokens of one rank.
+    uint32_t a[kRankSteps][4];
+#pragma unroll
+    for (int ms = 0; ms < kRankSteps; ++ms) {
+      const int64_t r0 = ms * 16 + g, r1 = r0 + 8;
+      a[ms][0] = load_column_pair(g_in, ldg, t0 + 2 * c, r0, t_end, rank);
+      a[ms][1] = load_column_pair(g_in, ldg, t0 + 2 * c, r1, t_end, rank);
+      a[ms][2] = load_column_pair(g_in, ldg, t0 + 2 * c + 8, r0, t_end, rank);
+      a[ms][3] = load_column_pair(g_in, ldg, t0 + 2 * c + 8, r1, t_end, rank);
+    }
+#pragma unroll
+    for (int i = 0; i < kLoads; ++i) {
+      const int row = load_row + 4 * i;
+      const uint32_t row_key = dropout_row_key(key, t0 + row);
+      const int64_t j = col0 + load_col;
+      uint4 v = current[i];
+      v.x = keep_pair(v.x, row_key, j, key.threshold);
+      v.y = keep_pair(v.y, row_key, j + 2, key.threshold);
+      v.z = keep_pair(v.z, row_key, j + 4, key.threshold);
+      v.w = keep_pair(v.w, row_key, j + 6, key.threshold);
+      *reinterpret_cast<uint4*>(&tile[warp][row][load_col]) = v;
+    }
+    __syncwarp();
+#pragma unroll
+    for (int pair = 0; pair < kNTiles / 2; ++pair) {
+      uint32_t b[4];  // b0, b1 of n-tile 2 pair, then of n-tile 2 pair + 1
+      ldmatrix_x4_trans(b, read_base + pair * 16);
+#pragma unroll
+      for (int ms = 0; ms < kRankSteps; ++ms) {
+        mma16816<T>(acc[ms][2 * pair], a[ms], b[0], b[1]);
+        mma16816<T>(acc[ms][2 * pair + 1], a[ms], b[2], b[3]);
+      }
+    }
+    __syncwarp();  // the tile is read before the next one overwrites it
+#pragma unroll
+    for (int i = 0; i < kLoads; ++i) current[i] = next[i];
+  }
+  // This split's partial sums: partial[split][rank][column], float32.
+  float* out = partial + split * rank * n;
+#pragma unroll
+  for (int ms = 0; ms < kRankSteps; ++ms)
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int64_t r = ms * 16 + g + (e < 2 ? 0 : 8);
+        const int64_t j = col0 + nt * 8 + 2 * c + (e % 2);
+        if (r < rank && j < n) out[r * n + j] = acc[ms][nt][e];
+      }
+}
+
+// dA[r][j] = alpha * sum over the splits, in order, rounded once.
+template <typename T>
+__global__ void grad_A_reduce_kernel(const float* __restrict__ partial, T* __restrict__ out, int64_t splits,
+                                     int64_t elements, float alpha) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < elements;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float sum = 0.0f;
+    for (int64_t s = 0; s < splits; ++s) sum += partial[s * elements + i];
+    out[i] = from_acc<T>(alpha * sum);
+  }
+}
+
+template <typename T, int kRankSteps>
+void launch_grad_A(const T* x, int64_t ldx, const T* g, int64_t ldg, T* out, float* partial, int64_t splits,
+                   int64_t tokens, int64_t n, int64_t rank, double alpha, DropoutKey key, cudaStream_t stream) {
+  const bool x_vector = ldx % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
+  const int64_t chunk = ((tokens + splits - 1) / splits + 15) / 16 * 16;
+  const dim3 grid(static_cast<unsigned>((n + kGradAColumns - 1) / kGradAColumns),
+                  static_cast<unsigned>((splits + kGradAWarps - 1) / kGradAWarps));
+  grad_A_mma_kernel<T, kRankSteps><<<grid, kGradAWarps * 32, 0, stream>>>(x, ldx, x_vector, g, ldg, partial, splits,
+                                                                            chunk, tokens, n, rank, key);
+  const int64_t elements = rank * n;
+  const int threads = 256;
+  const auto blocks = static_cast<unsigned>(
+      std::min<int64_t>((elements + threads - 1) / threads, int64_t(multiprocessor_count()) * 8));
+  grad_A_reduce_kernel<T><<<blocks, threads, 0, stream>>>(partial, out, splits, elements, static_cast<float>(alpha));
+}
+
 template <typename T, int kRankSteps>
 void launch_project(const T* x, int64_t ldx, const T* lora_A, T* h, int64_t tokens, int64_t n, int64_t rank,
                     DropoutKey key, cudaStream_t stream) {
@@ -297,6 +457,13 @@ void launch_addmm(T* dx, int64_t lddx, const T* g, int64_t ldg, const T* lora_A,
 }
 
 }  // namespace
+
+int64_t lora_dropout_grad_A_splits(int64_t tokens, int64_t n) {
+  // About 8 warps per multiprocessor in all, each over at least 128 tokens.
+  const int64_t column_tiles = std::max<int64_t>((n + kGradAColumns - 1) / kGradAColumns, 1);
+  const int64_t wanted = (int64_t(multiprocessor_count()) * 8 + column_tiles - 1) / column_tiles;
+  return std::max<int64_t>(std::min<int64_t>(wanted, (tokens + 127) / 128), 1);
+}
 
 bool lora_dropout_mma_supported(int64_t rank) {
   return rank >= 1 && rank <= 16 * kMaxRankSteps && compute_capability_major() >= 8;
@@ -326,11 +493,25 @@ void lora_dropout_addmm(T* dx, int64_t lddx, const T* g, int64_t ldg, const T* l
   }
 }
 
+template <typename T>
+void lora_dropout_grad_A(const T* x, int64_t ldx, const T* g, int64_t ldg, T* out, float* partial, int64_t splits,
+                         int64_t tokens, int64_t n, int64_t rank, double alpha, DropoutKey key, cudaStream_t stream) {
+  if (n == 0 || rank == 0) return;
+  switch ((rank + 15) / 16) {
+    case 1: launch_grad_A<T, 1>(x, ldx, g, ldg, out, partial, splits, tokens, n, rank, alpha, key, stream); break;
+    case 2: launch_grad_A<T, 2>(x, ldx, g, ldg, out, partial, splits, tokens, n, rank, alpha, key, stream); break;
+    case 3: launch_grad_A<T, 3>(x, ldx, g, ldg, out, partial, splits, tokens, n, rank, alpha, key, stream); break;
+    default: launch_grad_A<T, 4>(x, ldx, g, ldg, out, partial, splits, tokens, n, rank, alpha, key, stream); break;
+  }
+}
+
 #define ROSA_INSTANTIATE_LORA_DROPOUT_MMA(T)                                                                \
   template void lora_dropout_project<T>(const T*, int64_t, const T*, T*, int64_t, int64_t, int64_t, DropoutKey, \
                                         cudaStream_t);                                                      \
   template void lora_dropout_addmm<T>(T*, int64_t, const T*, int64_t, const T*, int64_t, int64_t, int64_t, double, \
-                                      DropoutKey, cudaStream_t);
+                                      DropoutKey, cudaStream_t);                                             \
+  template void lora_dropout_grad_A<T>(const T*, int64_t, const T*, int64_t, T*, float*, int64_t, int64_t, int64_t, \
+                                       int64_t, double, DropoutKey, cudaStream_t);
 ROSA_INSTANTIATE_LORA_DROPOUT_MMA(__half)
 ROSA_INSTANTIATE_LORA_DROPOUT_MMA(__nv_bfloat16)
 

@@ -13,7 +13,9 @@ and CUDA) rebuild the mask from it wherever it is needed:
   down-projection) and ``lora_dropout_addmm_(dx, g, lora_A, seed, p, alpha)``: ``dX += alpha * keep ∘
   (G A)`` in place (backward, ``G = dY B``): the dropout fused into the products that read or
   write a T x in tensor, one pass over it instead of three (on a GPU, tensor-core kernels for
-  16-bit values and ranks up to 64; otherwise the two ops above around a GEMM).
+  16-bit values and ranks up to 64; otherwise the two ops above around a GEMM);
+- ``lora_dropout_grad_A(x, seed, p, g, alpha)`` = ``alpha * G^T (X ∘ keep)`` (backward: the gradient
+  of ``lora_A``, fused the same way).
 
 ``keep(t, j)`` is a counter-based hash of (seed, t, j) (``csrc/dropout_keep.h``), so the CPU and
 the GPU draw the same mask from the same seed; :func:`keep_mask` is the same function in torch
@@ -77,6 +79,10 @@ def _register_fake_kernels() -> None:
     @torch.library.register_fake("rosa_kernels::lora_dropout_addmm_")
     def _(dx, g, lora_A, seed, p, alpha):
         return None
+
+    @torch.library.register_fake("rosa_kernels::lora_dropout_grad_A")
+    def _(x, seed, p, g, alpha):
+        return x.new_empty((g.shape[1], x.shape[1]))
 
 
 _register_fake_kernels()

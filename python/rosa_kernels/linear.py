@@ -109,8 +109,8 @@ _register_fake_kernels()
 # A step on a GPU is launch-bound up to ~2048 tokens at 4096 x 4096, so every pass counts: the
 # LoRA product accumulates into the base GEMM's output (addmm_), scales ride on GEMMs' alpha (or
 # inside the dropout ops), and nothing is cast or copied. Merged mode, dropout > 0: 3 ops forward
-# (linear, lora_dropout_project, addmm_), 6 backward (dY B, dY W, lora_dropout_addmm_,
-# lora_dropout_apply, dA, dB; + the SDDMM or the plan's GEMM and gather).
+# (linear, lora_dropout_project, addmm_), 5 backward (dY B, dY W, lora_dropout_addmm_,
+# lora_dropout_grad_A, dB; + the SDDMM or the plan's GEMM and gather).
 # ----------------------------------------------------------------------------------------------
 
 
@@ -205,8 +205,10 @@ class _RosaFunction(torch.autograd.Function):
         # dA = scale / (1 - p) * (dY B)^T (X ∘ keep), dB = scale / (1 - p) * dY^T h. With beta=0 addmm
         # ignores its first operand (only its shape is used, NaNs included): the scale is the alpha.
         if ctx.needs_input_grad[3]:
-            x_kept = x2d if seed is None else _ops.lora_dropout_apply(x2d, seed, ctx.dropout)
-            d_lora_A = torch.addmm(lora_A, g.t(), x_kept, beta=0, alpha=kept_scale)
+            if seed is None:
+                d_lora_A = torch.addmm(lora_A, g.t(), x2d, beta=0, alpha=kept_scale)
+            else:
+                d_lora_A = _ops.lora_dropout_grad_A(x2d, seed, ctx.dropout, g, kept_scale)
         if ctx.needs_input_grad[4]:
             d_lora_B = torch.addmm(lora_B, dy2d.t(), h, beta=0, alpha=kept_scale)
         if ctx.needs_input_grad[5]:
