@@ -3,7 +3,7 @@
 
     python bench/report.py [--device cpu|cuda] [--quick] [--out DIR]
     python bench/report.py --model [--device cpu|cuda] [--out DIR]    # the model training step
-    python bench/report.py --host-overhead | --profile-layer | --profile-spmm | --profile-collect | --profile-step [ARGS]  # see TOOLS
+    python bench/report.py --host-overhead | --profile-layer | --profile-spmm | --profile-collect | --profile-step | --profile-dropout [ARGS]  # see TOOLS
 
 
 Measures the machine's ceilings first (copy bandwidth counting read + write bytes, dense matmul
@@ -16,7 +16,7 @@ Progress goes to stderr; stdout gets the ceilings and then the Markdown tables, 
 against density per op and shape; only when matplotlib is importable). ``--model`` runs the model
 training-step sweep of bench/model_step.py instead (full FT / PEFT LoRA / RoSA on HF Llama models,
 RoSA's phases, compiled rows) and writes ``DIR/model_step.json`` and ``DIR/model_step.md``.
-``--host-overhead``, ``--profile-layer``, ``--profile-spmm``, ``--profile-collect`` and ``--profile-step`` (first argument) run the in-depth
+``--host-overhead``, ``--profile-layer``, ``--profile-spmm``, ``--profile-collect``, ``--profile-step`` and ``--profile-dropout`` (first argument) run the in-depth
 tools of ``TOOLS`` with the arguments that follow (``--help`` after one lists them).
 See docs/benchmarks.md.
 """
@@ -629,6 +629,7 @@ TOOLS = {
     "--profile-spmm": "bench.profile_spmm",     # one SpMM per kernel variant, for ncu
     "--profile-collect": "bench.profile_collect",  # where RoSA's collection step spends its time
     "--profile-step": "bench.profile_step",     # a model step's kernel time by class, method by method
+    "--profile-dropout": "bench.profile_dropout",  # the fused LoRA dropout products against their unfused form
 }
 
 

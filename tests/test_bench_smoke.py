@@ -2,6 +2,7 @@
 report runs end to end on a tiny CPU configuration (bench/report.py, bench/common.py)."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -220,6 +221,15 @@ def test_profile_step_runs_on_the_tiny_model(capsys):
     assert profile_step.kernel_class("flash_bwd_kernel") == "attention"
     assert profile_step.kernel_class("void at::native::multi_tensor_apply_kernel<Adam>") == "optimizer"
     assert profile_step.kernel_class("void at::native::vectorized_elementwise_kernel<4, add>") == profile_step.OTHER
+
+
+def test_profile_dropout_runs_and_compares_both_forms(capsys):
+    rows = report.main(["--profile-dropout", "--device", "cpu", "--shapes", "40x24,0x8", "--rank", "4",
+                        "--dtype", "float32", "--repeats", "2"])
+    out = capsys.readouterr().out
+    assert [row["op"] for row in rows] == ["project", "addmm_", "grad_A"] * 2
+    assert all(row["relative_difference"] < 1e-5 for row in rows)  # the same math on the CPU
+    assert "| grad_A | 40 x 24 |" in out and os.environ.get("ROSA_KERNELS_FUSED_DROPOUT") is None
 
 
 def test_collect_memory_runs_on_a_tiny_configuration(capsys):
