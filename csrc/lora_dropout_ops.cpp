@@ -90,69 +90,58 @@ void check_dropout_grad_A(const at::Tensor& x, const at::Tensor& g) {
 
 namespace {
 
-// CPU: the elementwise kernel into a buffer, then one GEMM (a vectorized GEMM beats a fused
-// scalar loop on a CPU; both calls skip the dispatcher's way back into this library).
-at::Tensor lora_dropout_project_cpu(const at::Tensor& x, const at::Tensor& seed, double p, const at::Tensor& lora_A) {
-  check_dropout_project(x, lora_A);
-  const DropoutKey key = check_dropout_key(seed, p, x.device());
+// X ∘ keep as a new row-major tensor.
+at::Tensor kept_cpu(const at::Tensor& x, const DropoutKey& key) {
   const auto x_rows = rows_contiguous(x);
   auto kept = at::empty(x.sizes(), x.options());
-  ROSA_DISPATCH_VALUES(x.scalar_type(), "lora_dropout_project", [&] {
+  ROSA_DISPATCH_VALUES(x.scalar_type(), "lora_dropout_apply", [&] {
     cpu::lora_dropout_apply<scalar_t>(x_rows.const_data_ptr<scalar_t>(), x_rows.stride(0),
                                       kept.mutable_data_ptr<scalar_t>(), kept.size(1), x.size(0), x.size(1), key,
                                       at::get_num_threads());
   });
-  return at::mm(kept, lora_A.t());
+  return kept;
+}
+
+// CPU: the elementwise kernel into a buffer, then one GEMM (a vectorized GEMM beats a fused
+// scalar loop on a CPU; both calls skip the dispatcher's way back into this library).
+at::Tensor lora_dropout_project_cpu(const at::Tensor& x, const at::Tensor& seed, double p, const at::Tensor& lora_A) {
+  check_dropout_project(x, lora_A);
+  return at::mm(kept_cpu(x, check_dropout_key(seed, p, x.device())), lora_A.t());
+}
+
+// dX += alpha * keep ∘ G for a row-major G (unit column stride).
+void add_kept_cpu(const at::Tensor& dx, const at::Tensor& g_rows, const DropoutKey& key, double alpha) {
+  ROSA_DISPATCH_VALUES(dx.scalar_type(), "lora_dropout_add_", [&] {
+    cpu::lora_dropout_add<scalar_t>(dx.mutable_data_ptr<scalar_t>(), dx.stride(0), g_rows.const_data_ptr<scalar_t>(),
+                                    g_rows.stride(0), dx.size(0), dx.size(1), alpha, key, at::get_num_threads());
+  });
 }
 
 void lora_dropout_addmm_cpu(const at::Tensor& dx, const at::Tensor& g, const at::Tensor& lora_A,
                             const at::Tensor& seed, double p, double alpha) {
   check_dropout_addmm(dx, g, lora_A);
   const DropoutKey key = check_dropout_key(seed, p, dx.device());
-  const auto product = at::mm(g, lora_A);  // contiguous
-  ROSA_DISPATCH_VALUES(dx.scalar_type(), "lora_dropout_addmm_", [&] {
-    cpu::lora_dropout_add<scalar_t>(dx.mutable_data_ptr<scalar_t>(), dx.stride(0), product.const_data_ptr<scalar_t>(),
-                                    product.stride(0), dx.size(0), dx.size(1), alpha, key, at::get_num_threads());
-  });
+  add_kept_cpu(dx, at::mm(g, lora_A), key, alpha);  // the product is contiguous
 }
 
 at::Tensor lora_dropout_grad_A_cpu(const at::Tensor& x, const at::Tensor& seed, double p, const at::Tensor& g,
                                    double alpha) {
   check_dropout_grad_A(x, g);
-  const DropoutKey key = check_dropout_key(seed, p, x.device());
-  const auto x_rows = rows_contiguous(x);
-  auto kept = at::empty(x.sizes(), x.options());
-  ROSA_DISPATCH_VALUES(x.scalar_type(), "lora_dropout_grad_A", [&] {
-    cpu::lora_dropout_apply<scalar_t>(x_rows.const_data_ptr<scalar_t>(), x_rows.stride(0),
-                                      kept.mutable_data_ptr<scalar_t>(), kept.size(1), x.size(0), x.size(1), key,
-                                      at::get_num_threads());
-  });
+  const auto kept = kept_cpu(x, check_dropout_key(seed, p, x.device()));
   // beta = 0: addmm reads only the shape of its first operand; alpha scales the product.
   return at::addmm(at::empty({g.size(1), x.size(1)}, x.options()), g.t(), kept, 0.0, alpha);
 }
 
 at::Tensor lora_dropout_apply_cpu(const at::Tensor& x, const at::Tensor& seed, double p) {
   check_floating(x, "x", 2);
-  const DropoutKey key = check_dropout_key(seed, p, x.device());
-  const auto x_rows = rows_contiguous(x);
-  auto out = at::empty(x.sizes(), x.options());
-  ROSA_DISPATCH_VALUES(x.scalar_type(), "lora_dropout_apply", [&] {
-    cpu::lora_dropout_apply<scalar_t>(x_rows.const_data_ptr<scalar_t>(), x_rows.stride(0),
-                                      out.mutable_data_ptr<scalar_t>(), out.size(1), x.size(0), x.size(1), key,
-                                      at::get_num_threads());
-  });
-  return out;
+  return kept_cpu(x, check_dropout_key(seed, p, x.device()));
 }
 
 void lora_dropout_add_cpu(const at::Tensor& dx, const at::Tensor& g, const at::Tensor& seed, double p,
                           double alpha) {
   check_dropout_add(dx, g);
   const DropoutKey key = check_dropout_key(seed, p, dx.device());
-  const auto g_rows = rows_contiguous(g);
-  ROSA_DISPATCH_VALUES(dx.scalar_type(), "lora_dropout_add_", [&] {
-    cpu::lora_dropout_add<scalar_t>(dx.mutable_data_ptr<scalar_t>(), dx.stride(0), g_rows.const_data_ptr<scalar_t>(),
-                                    g_rows.stride(0), dx.size(0), dx.size(1), alpha, key, at::get_num_threads());
-  });
+  add_kept_cpu(dx, rows_contiguous(g), key, alpha);
 }
 
 }  // namespace
