@@ -6,7 +6,7 @@ generator; while a CUDA graph is captured and in compiled graphs, :func:`draw_se
 read by the kernels, so each replay draws a new mask), and the ops (``torch.ops.rosa_kernels``, CPU
 and CUDA) rebuild the mask from it wherever it is needed:
 
-- ``lora_dropout_apply(x, seed, p)`` = ``X ∘ keep`` (forward; the LoRA down-projection and dA read it);
+- ``lora_dropout_apply(x, seed, p)`` = ``X ∘ keep`` (the unfused building block);
 - ``lora_dropout_add_(dx, g, seed, p, alpha)``: ``dX += alpha * keep ∘ G`` in place, so the mask
   is never saved;
 - ``lora_dropout_project(x, seed, p, lora_A)`` = ``(X ∘ keep) A^T`` (forward: the LoRA
