@@ -282,6 +282,41 @@ def test_rosa_linear_op_on_a_gpu_draws_its_seed_on_the_host():
     assert not torch.equal(first, no_dropout) and torch.isfinite(first).all()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["merged", "csr_add"])
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_recomputes_the_same_dropout(device, mode, use_reentrant):
+    """Under torch.utils.checkpoint (HF's gradient_checkpointing) the forward runs again in backward:
+    it must draw the same dropout seed, or dA, dB and dX would belong to another mask. checkpoint
+    restores the CPU and CUDA generators' states before recomputing; the seed comes from them."""
+    import copy
+
+    from torch.utils.checkpoint import checkpoint
+
+    first = make_layer(16, 12, mode=mode, dropout=0.4, seed=1, device=device)
+    second = make_layer(12, 10, mode=mode, dropout=0.4, seed=2, device=device)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 9, 16, generator=gen).to(device)
+    dy = torch.randn(4, 9, 10, generator=gen).to(device)
+
+    def run(layers, checkpointed):
+        a, b = layers
+        x_in = x.clone().requires_grad_()
+        torch.manual_seed(11)
+        block = lambda t: b(torch.relu(a(t)))  # noqa: E731
+        y = checkpoint(block, x_in, use_reentrant=use_reentrant) if checkpointed else block(x_in)
+        torch.manual_seed(12)  # the recompute must not read the generator's state at backward time
+        y.backward(dy)
+        return [x_in.grad] + [p.grad for layer in layers for p in (layer.lora_A, layer.lora_B, layer.sparse_values)]
+
+    plain = run((first, second), False)
+    again = run(copy.deepcopy((first, second)), True)
+    assert all(g is not None for g in again)
+    for got, want in zip(again, plain):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert plain[1].abs().sum() > 0  # dA saw a mask (dropout 0.4 keeps most inputs)
+
+
 # ----------------------------------------------------------------------------------------------
 # The registered layer op (merged mode and the warm-up: csrc/rosa_linear_ops.cpp)
 # ----------------------------------------------------------------------------------------------
