@@ -189,6 +189,14 @@ def fused_tolerance(dtype, reduce):
             torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
 
 
+def assert_matches(actual, expected, dtype, reduce):
+    """Within fused_tolerance of a float64 reference, relative to its largest magnitude (at least 1)."""
+    if not expected.numel():
+        return
+    scale = max(1.0, expected.abs().max().item())
+    assert (actual.double().cpu() - expected).abs().max().item() <= fused_tolerance(dtype, reduce) * scale
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", FUSED_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("layout", ["contiguous", "row_stride"])
@@ -200,10 +208,7 @@ def test_project_matches_the_float64_reference(device, gen, dtype, shape, layout
     h = ops.lora_dropout_project(x, seed, 0.3, lora_A)
     assert h.shape == (tokens, rank) and h.dtype == dtype and h.device == x.device
     kept = keep_mask(seed, tokens, n, 0.3).double() * x.double().cpu()
-    expected = kept @ lora_A.double().cpu().t()
-    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
-    error = (h.double().cpu() - expected).abs().max().item() if h.numel() else 0.0
-    assert error <= fused_tolerance(dtype, n) * scale
+    assert_matches(h, kept @ lora_A.double().cpu().t(), dtype, n)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -220,10 +225,7 @@ def test_addmm_matches_the_float64_reference(device, gen, dtype, shape, layout, 
     keep = keep_mask(seed, tokens, n, 0.3)
     expected = before + alpha * keep.double() * product
     ops.lora_dropout_addmm_(dx, g, lora_A, seed, 0.3, alpha)
-    if not dx.numel():
-        return
-    scale = max(1.0, expected.abs().max().item())
-    assert (dx.double().cpu() - expected).abs().max().item() <= fused_tolerance(dtype, rank) * scale
+    assert_matches(dx, expected, dtype, rank)
     assert torch.equal(dx.double().cpu()[~keep], before[~keep])  # dropped elements untouched, exactly
 
 
@@ -243,11 +245,7 @@ def test_grad_A_matches_the_float64_reference(device, gen, dtype, shape, layout,
     d_lora_A = ops.lora_dropout_grad_A(x, seed, 0.3, g, alpha)
     assert d_lora_A.shape == (rank, n) and d_lora_A.dtype == dtype and d_lora_A.device == x.device
     kept = keep_mask(seed, tokens, n, 0.3).double() * x.double().cpu()
-    expected = alpha * g.double().cpu().t() @ kept
-    if not expected.numel():
-        return
-    scale = max(1.0, expected.abs().max().item())
-    assert (d_lora_A.double().cpu() - expected).abs().max().item() <= fused_tolerance(dtype, tokens) * scale
+    assert_matches(d_lora_A, alpha * g.double().cpu().t() @ kept, dtype, tokens)
 
 
 def test_grad_A_is_deterministic(device, gen, fused_path):
