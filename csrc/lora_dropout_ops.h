@@ -26,8 +26,8 @@ void check_dropout_addmm(const at::Tensor& dx, const at::Tensor& g, const at::Te
 // The operands of lora_dropout_grad_A: x (T x N) and g (T x R), floating, one dtype and device.
 void check_dropout_grad_A(const at::Tensor& x, const at::Tensor& g);
 
-// A dropout seed for an eager call on a CUDA device, drawn on the host (no kernel, no dispatcher
-// call): set by the CUDA build (lora_dropout_ops_cuda.cpp); it returns nothing while the device's
+// A dropout seed for an eager call on a CUDA device, drawn on the host (no kernel): set by the CUDA
+// build (lora_dropout_ops_cuda.cpp); it returns nothing while the device's
 // current stream is being captured into a CUDA graph, where the seed must be drawn on the device so
 // that each replay draws a new one.
 using CudaHostSeed = std::optional<int64_t> (*)(c10::DeviceIndex device);

@@ -53,8 +53,9 @@ void lora_dropout_add_cuda(const at::Tensor& dx, const at::Tensor& g, const at::
 }
 
 // The tensor-core kernels take 16-bit values, a rank up to 64 and compute capability 8.0+; they are
-// the default there (measured on an H100, 2026-12-07: 0.8-0.98x the unfused time per call, the one
-// slower case a 2048 x 11008 projection at 1.16x). ROSA_KERNELS_FUSED_DROPOUT=0 in the environment
+// the default there (measured on an H100, 2026-12-07, bench/report.py --profile-dropout: 0.80-0.98x
+// the unfused time per call on 12 of 15 shapes, 1.06-1.08x on the others; docs/cuda.md).
+// ROSA_KERNELS_FUSED_DROPOUT=0 in the environment
 // (read at each call, so a test can switch it) turns them off: the ops then run the elementwise
 // kernel plus cuBLAS.
 bool use_mma(const at::Tensor& t, int64_t rank) {

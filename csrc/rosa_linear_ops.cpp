@@ -298,7 +298,7 @@ class RosaLinearFunction : public torch::autograd::Function<RosaLinearFunction> 
 // dispatcher call. On a GPU, eagerly, it is drawn on the host from the device's default CUDA
 // generator (cuda_host_seed: its Philox seed and offset, as torch's own dropout reads them, so
 // torch.manual_seed fixes it) into a CPU tensor that the kernels take by value: no randint kernel
-// and no dispatcher call per layer and step. While the device's stream is being captured into a
+// per layer and step. While the device's stream is being captured into a
 // CUDA graph it is torch.randint on the device instead (read by the kernels, so each replay draws
 // a new seed). Drawing it in the op saves a Python op call per layer and step; a traced graph
 // cannot draw at run time, so under torch.compile RosaLinear passes draw_seed(x.device)'s tensor
