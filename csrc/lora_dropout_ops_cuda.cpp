@@ -55,9 +55,8 @@ void lora_dropout_add_cuda(const at::Tensor& dx, const at::Tensor& g, const at::
 // The tensor-core kernels take 16-bit values, a rank up to 64 and compute capability 8.0+; they are
 // the default there (measured on an H100, 2026-12-07, bench/report.py --profile-dropout: 0.80-0.98x
 // the unfused time per call on 12 of 15 shapes, 1.06-1.08x on the others; docs/cuda.md).
-// ROSA_KERNELS_FUSED_DROPOUT=0 in the environment
-// (read at each call, so a test can switch it) turns them off: the ops then run the elementwise
-// kernel plus cuBLAS.
+// ROSA_KERNELS_FUSED_DROPOUT=0 in the environment (read at each call, so a test can switch it)
+// turns them off: the ops then run the elementwise kernel plus cuBLAS.
 bool use_mma(const at::Tensor& t, int64_t rank) {
   const char* value = std::getenv("ROSA_KERNELS_FUSED_DROPOUT");
   const bool disabled = value != nullptr && value[0] == '0' && value[1] == '\0';
