@@ -73,13 +73,6 @@ void check_dropout_addmm(const at::Tensor& dx, const at::Tensor& g, const at::Te
   ROSA_CHECK_VALUE(dx.stride(1) == 1 || dx.size(1) <= 1, "dx must have unit column stride");
 }
 
-namespace {
-CudaHostSeed registered_cuda_host_seed = nullptr;
-}  // namespace
-
-void set_cuda_host_seed(CudaHostSeed draw) { registered_cuda_host_seed = draw; }
-CudaHostSeed cuda_host_seed() { return registered_cuda_host_seed; }
-
 void check_dropout_grad_A(const at::Tensor& x, const at::Tensor& g) {
   check_floating(x, "x", 2);
   check_floating(g, "g", 2);
@@ -87,6 +80,13 @@ void check_dropout_grad_A(const at::Tensor& x, const at::Tensor& g) {
   check_same_device(x, "x", g, "g");
   ROSA_CHECK_VALUE(g.size(0) == x.size(0), "g must have x's ", x.size(0), " rows, got shape ", shape_of(g));
 }
+
+namespace {
+CudaHostSeed registered_cuda_host_seed = nullptr;
+}  // namespace
+
+void set_cuda_host_seed(CudaHostSeed draw) { registered_cuda_host_seed = draw; }
+CudaHostSeed cuda_host_seed() { return registered_cuda_host_seed; }
 
 namespace {
 

@@ -7,6 +7,7 @@
 #include <utility>
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -74,14 +75,11 @@ at::Tensor lora_dropout_project_cuda(const at::Tensor& x, const at::Tensor& seed
   const auto a = lora_A.contiguous();
   auto h = at::empty({x.size(0), rank}, x.options());
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
-  if (x.scalar_type() == at::kBFloat16) {
-    cuda::lora_dropout_project<__nv_bfloat16>(cuda_ptr<c10::BFloat16>(x_rows), x_rows.stride(0),
-                                              cuda_ptr<c10::BFloat16>(a), cuda_mutable_ptr<c10::BFloat16>(h),
-                                              x.size(0), x.size(1), rank, key, stream);
-  } else {
-    cuda::lora_dropout_project<__half>(cuda_ptr<c10::Half>(x_rows), x_rows.stride(0), cuda_ptr<c10::Half>(a),
-                                       cuda_mutable_ptr<c10::Half>(h), x.size(0), x.size(1), rank, key, stream);
-  }
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "lora_dropout_project", [&] {
+    cuda::lora_dropout_project<typename CudaValue<scalar_t>::type>(cuda_ptr<scalar_t>(x_rows), x_rows.stride(0),
+                                                                   cuda_ptr<scalar_t>(a), cuda_mutable_ptr<scalar_t>(h),
+                                                                   x.size(0), x.size(1), rank, key, stream);
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return h;
 }
@@ -99,16 +97,12 @@ void lora_dropout_addmm_cuda(const at::Tensor& dx, const at::Tensor& g, const at
   const auto g_rows = rows_contiguous(g);
   const auto a = lora_A.contiguous();
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
-  if (dx.scalar_type() == at::kBFloat16) {
-    cuda::lora_dropout_addmm<__nv_bfloat16>(cuda_mutable_ptr<c10::BFloat16>(dx), dx.stride(0),
-                                            cuda_ptr<c10::BFloat16>(g_rows), g_rows.stride(0),
-                                            cuda_ptr<c10::BFloat16>(a), dx.size(0), dx.size(1), rank, alpha, key,
-                                            stream);
-  } else {
-    cuda::lora_dropout_addmm<__half>(cuda_mutable_ptr<c10::Half>(dx), dx.stride(0), cuda_ptr<c10::Half>(g_rows),
-                                     g_rows.stride(0), cuda_ptr<c10::Half>(a), dx.size(0), dx.size(1), rank, alpha,
-                                     key, stream);
-  }
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(dx.scalar_type(), "lora_dropout_addmm_", [&] {
+    cuda::lora_dropout_addmm<typename CudaValue<scalar_t>::type>(cuda_mutable_ptr<scalar_t>(dx), dx.stride(0),
+                                                                 cuda_ptr<scalar_t>(g_rows), g_rows.stride(0),
+                                                                 cuda_ptr<scalar_t>(a), dx.size(0), dx.size(1), rank,
+                                                                 alpha, key, stream);
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -129,16 +123,11 @@ at::Tensor lora_dropout_grad_A_cuda(const at::Tensor& x, const at::Tensor& seed,
   const int64_t splits = cuda::lora_dropout_grad_A_splits(tokens, n);
   auto partial = at::empty({splits, rank, n}, x.options().dtype(at::kFloat));
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
-  if (x.scalar_type() == at::kBFloat16) {
-    cuda::lora_dropout_grad_A<__nv_bfloat16>(cuda_ptr<c10::BFloat16>(x_rows), x_rows.stride(0),
-                                             cuda_ptr<c10::BFloat16>(g_rows), g_rows.stride(0),
-                                             cuda_mutable_ptr<c10::BFloat16>(out), partial.mutable_data_ptr<float>(),
-                                             splits, tokens, n, rank, alpha, key, stream);
-  } else {
-    cuda::lora_dropout_grad_A<__half>(cuda_ptr<c10::Half>(x_rows), x_rows.stride(0), cuda_ptr<c10::Half>(g_rows),
-                                      g_rows.stride(0), cuda_mutable_ptr<c10::Half>(out),
-                                      partial.mutable_data_ptr<float>(), splits, tokens, n, rank, alpha, key, stream);
-  }
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "lora_dropout_grad_A", [&] {
+    cuda::lora_dropout_grad_A<typename CudaValue<scalar_t>::type>(
+        cuda_ptr<scalar_t>(x_rows), x_rows.stride(0), cuda_ptr<scalar_t>(g_rows), g_rows.stride(0),
+        cuda_mutable_ptr<scalar_t>(out), partial.mutable_data_ptr<float>(), splits, tokens, n, rank, alpha, key, stream);
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
