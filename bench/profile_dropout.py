@@ -17,6 +17,7 @@ sums taken in another order); the tests compare both with float64 references.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -54,22 +55,22 @@ def _median_ms(fn, device: torch.device, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _with_fused(enabled: bool, fn):
-    """fn() with the fused kernels on (the default) or off."""
-    def call():
-        before = os.environ.get(FUSED_ENV)
-        if enabled:
+@contextlib.contextmanager
+def _fused(enabled: bool):
+    """The fused kernels on (the default) or off, around a whole measurement (not inside the timed
+    calls: setting the environment there would add host time between the CUDA events)."""
+    before = os.environ.get(FUSED_ENV)
+    if enabled:
+        os.environ.pop(FUSED_ENV, None)
+    else:
+        os.environ[FUSED_ENV] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
             os.environ.pop(FUSED_ENV, None)
         else:
-            os.environ[FUSED_ENV] = "0"
-        try:
-            return fn()
-        finally:
-            if before is None:
-                os.environ.pop(FUSED_ENV, None)
-            else:
-                os.environ[FUSED_ENV] = before
-    return call
+            os.environ[FUSED_ENV] = before
 
 
 def _relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -98,18 +99,19 @@ def measure(tokens: int, features: int, rank: int, dtype: torch.dtype, device: t
     }
     rows = []
     for name, (fn, moved) in cases.items():
-        if name == "addmm_":  # compare on copies: the timed calls keep adding into dx
-            fused_out = _with_fused(True, lambda: addmm(dx.clone()))()
-            unfused_out = _with_fused(False, lambda: addmm(dx.clone()))()
-        else:
-            fused_out, unfused_out = _with_fused(True, fn)(), _with_fused(False, fn)()
-        rows.append({
-            "op": name, "tokens": tokens, "features": features, "rank": rank, "dtype": str(dtype).replace("torch.", ""),
-            "fused_ms": _median_ms(_with_fused(True, fn), device, repeats),
-            "unfused_ms": _median_ms(_with_fused(False, fn), device, repeats),
-            "bytes_ms": moved / (bandwidth_gbs * 1e9) * 1e3,
-            "relative_difference": _relative_difference(fused_out, unfused_out),
-        })
+        check = (lambda: addmm(dx.clone())) if name == "addmm_" else fn  # addmm_: on copies, dx keeps changing
+        row = {"op": name, "tokens": tokens, "features": features, "rank": rank,
+               "dtype": str(dtype).replace("torch.", ""), "bytes_ms": moved / (bandwidth_gbs * 1e9) * 1e3}
+        forms = ((True, "fused"), (False, "unfused"))
+        outputs = {}
+        for enabled, key in forms:  # both before any timed call (those change dx)
+            with _fused(enabled):
+                outputs[key] = check()
+        row["relative_difference"] = _relative_difference(outputs["fused"], outputs["unfused"])
+        for enabled, key in forms:
+            with _fused(enabled):
+                row[f"{key}_ms"] = _median_ms(fn, device, repeats)
+        rows.append(row)
     return rows
 
 
